@@ -1,0 +1,27 @@
+# Everyday commands. `make setup` once, then `make test`.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: setup test test-fast lint style gpu-check clean
+
+setup:  ## create .venv and install aat-serve with its dev tools (torch from local wheels)
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.14.1 torchaudio==2.11.0
+	$(BIN)/pip install -q -e '.[dev]'
+
+test:  ## the whole test suite (what CI runs after lint)
+	$(BIN)/python -m pytest -q
+
+lint:  ## ruff, check only
+	$(BIN)/ruff check .
+
+style:  ## ruff, fix what it can
+	$(BIN)/ruff check --fix .
+
+gpu-check:  ## kernel tests at real sizes and the kernel benchmark (needs a CUDA GPU)
+	bash scripts/gpu_check.sh
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

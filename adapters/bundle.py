@@ -1,0 +1,320 @@
+"""Task bundles: one safetensors file holding a task's trainable weights and its manifest.
+
+Layout::
+
+    tensors       head.norm.{weight,bias}, head.fc.{weight,bias},
+                  blocks.{i}.mlp_adapter.fc{1,2}.{weight,bias},      (aat_m, aat_ms, joint)
+                  blocks.{i}.spatial_adapter.fc{1,2}.{weight,bias},  (aat_ms, joint)
+                  prompts  (depth, P, D)                             (prompt, joint)
+    __metadata__  format = "aat-bundle/1", manifest = JSON (see ``Manifest``)
+
+No pickle, no code, no paths: loading parses the safetensors header itself, checks the
+manifest schema, every tensor name, shape and dtype, and that every value is finite.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import struct
+import tempfile
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from adapters.backbone import AST
+from adapters.config import AdapterConfig, BackboneConfig, FeatureConfig
+from adapters.errors import BackboneMismatchError, BundleError, ConfigError
+from adapters.methods import METHODS, get_method
+from adapters.model import AudioClassifier
+
+FORMAT = "aat-bundle/1"
+TASK_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+_MAX_HEADER = 16 * 1024 * 1024
+
+
+def check_task_name(name: str) -> str:
+    """Return ``name`` if it is a valid task name, else raise ``ConfigError``."""
+    if not isinstance(name, str) or not TASK_NAME_RE.fullmatch(name):
+        raise ConfigError(
+            f"invalid task name {name!r}: expected 1-64 characters of a-z, 0-9, '_' or '-', "
+            "starting with a letter or digit")
+    return name
+
+
+@dataclass
+class Manifest:
+    """What a bundle is: its task, method, labels, feature settings and the backbone it fits."""
+
+    task: str
+    method: str
+    labels: list[str]
+    backbone_fingerprint: str
+    backbone: dict[str, Any]
+    features: dict[str, Any]
+    adapter: dict[str, Any] = field(default_factory=dict)
+    multi_label: bool = False
+    version: str = ""
+    recipe: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    created_at: str = ""
+    format: str = FORMAT
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.labels)
+
+    @property
+    def feature_config(self) -> FeatureConfig:
+        return FeatureConfig.from_dict(self.features)
+
+    @property
+    def adapter_config(self) -> AdapterConfig:
+        return AdapterConfig.from_dict(self.adapter)
+
+    @property
+    def backbone_config(self) -> BackboneConfig:
+        return BackboneConfig.from_dict(self.backbone)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Manifest:
+        """Parse and validate a manifest dict, raising ``BundleError`` naming the bad field."""
+        if not isinstance(data, dict):
+            raise BundleError(f"bundle manifest must be a JSON object, got {type(data).__name__}")
+        required = {"task": str, "method": str, "labels": list, "backbone_fingerprint": str,
+                    "backbone": dict, "features": dict}
+        optional = {"adapter": dict, "multi_label": bool, "version": str, "recipe": dict,
+                    "metrics": dict, "created_at": str, "format": str}
+        for key in required:
+            if key not in data:
+                raise BundleError(f"bundle manifest is missing field {key!r}")
+        for key, typ in {**required, **optional}.items():
+            if key in data and not isinstance(data[key], typ):
+                raise BundleError(f"bundle manifest field {key!r} must be {typ.__name__}, "
+                                  f"got {type(data[key]).__name__}")
+        if data.get("format", FORMAT) != FORMAT:
+            raise BundleError(f"unsupported bundle format {data.get('format')!r}; "
+                              f"expected {FORMAT!r}")
+        try:
+            check_task_name(data["task"])
+        except ConfigError as e:
+            raise BundleError(f"bundle manifest: {e}") from None
+        if data["method"] not in METHODS:
+            raise BundleError(f"bundle manifest names unknown method {data['method']!r}; "
+                              f"expected one of {', '.join(METHODS)}")
+        if not get_method(data["method"]).exports_bundle:
+            raise BundleError(f"method {data['method']!r} trains the backbone and has no bundle")
+        labels = data["labels"]
+        if not labels or not all(isinstance(x, str) for x in labels):
+            raise BundleError("bundle manifest field 'labels' must be a non-empty list of strings")
+        known = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in data.items() if k in known}
+        m = cls(**kwargs)
+        try:  # the nested configs must parse too
+            m.feature_config, m.backbone_config, m.adapter_config  # noqa: B018
+        except (ConfigError, TypeError) as e:
+            raise BundleError(f"bundle manifest has an invalid config: {e}") from None
+        return m
+
+
+def expected_tensor_shapes(method: str, adapter: AdapterConfig, backbone: BackboneConfig,
+                           num_classes: int) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of every tensor a bundle of this method must hold."""
+    spec = get_method(method)
+    d, r = backbone.embed_dim, adapter.bottleneck
+    shapes: dict[str, tuple[int, ...]] = {
+        "head.norm.weight": (d,), "head.norm.bias": (d,),
+        "head.fc.weight": (num_classes, d), "head.fc.bias": (num_classes,),
+    }
+    if spec.adapters.num_prompts:
+        shapes["prompts"] = (backbone.depth, adapter.num_prompts, d)
+    kinds = [k for k, on in (("mlp_adapter", spec.adapters.mlp),
+                             ("spatial_adapter", spec.adapters.spatial)) if on]
+    for i in range(backbone.depth):
+        for kind in kinds:
+            shapes[f"blocks.{i}.{kind}.fc1.weight"] = (r, d)
+            shapes[f"blocks.{i}.{kind}.fc1.bias"] = (r,)
+            shapes[f"blocks.{i}.{kind}.fc2.weight"] = (d, r)
+            shapes[f"blocks.{i}.{kind}.fc2.bias"] = (d,)
+    return shapes
+
+
+def _read_header(data: bytes) -> dict[str, Any]:
+    if len(data) < 8:
+        raise BundleError("not a safetensors file: fewer than 8 bytes")
+    (n,) = struct.unpack("<Q", data[:8])
+    if n <= 0 or n > _MAX_HEADER or 8 + n > len(data):
+        raise BundleError("not a safetensors file: bad header length")
+    try:
+        header = json.loads(data[8:8 + n].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise BundleError("not a safetensors file: header is not JSON") from None
+    if not isinstance(header, dict):
+        raise BundleError("not a safetensors file: header is not an object")
+    return header
+
+
+def _content_version(tensors: dict[str, torch.Tensor], manifest: Manifest) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(name.encode())
+        h.update(str(t.dtype).encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    stable = {k: v for k, v in manifest.to_dict().items() if k not in ("version", "created_at")}
+    h.update(json.dumps(stable, sort_keys=True).encode())
+    return h.hexdigest()[:16]
+
+
+@dataclass
+class TaskBundle:
+    """A task's manifest and trainable tensors."""
+
+    manifest: Manifest
+    tensors: dict[str, torch.Tensor]
+
+    # -- construction ---------------------------------------------------------------------
+    @classmethod
+    def from_model(cls, model: AudioClassifier, task: str, labels: list[str],
+                   features: FeatureConfig, multi_label: bool = False,
+                   recipe: dict[str, Any] | None = None, metrics: dict[str, Any] | None = None,
+                   ) -> TaskBundle:
+        """Package a trained single-task model's task weights."""
+        if not model.method.exports_bundle:
+            raise BundleError(f"method {model.method.name!r} trains the backbone; "
+                              "save a whole-model checkpoint instead of a bundle")
+        if len(labels) != model.num_classes:
+            raise BundleError(f"{len(labels)} labels given for a head with "
+                              f"{model.num_classes} classes")
+        manifest = Manifest(
+            task=check_task_name(task), method=model.method.name, labels=list(labels),
+            backbone_fingerprint=model.backbone.fingerprint(),
+            backbone=model.backbone.cfg.to_dict(), features=features.to_dict(),
+            adapter=model.adapter_cfg.to_dict(), multi_label=multi_label,
+            recipe=dict(recipe or {}), metrics=dict(metrics or {}),
+            created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+        tensors = {k: v.detach().to("cpu", torch.float32).contiguous()
+                   for k, v in model.task_state_dict().items()}
+        manifest.version = _content_version(tensors, manifest)
+        return cls(manifest, tensors)
+
+    # -- bytes and files ------------------------------------------------------------------
+    def to_bytes(self) -> bytes:
+        meta = {"format": FORMAT, "manifest": json.dumps(self.manifest.to_dict(), sort_keys=True)}
+        return st_save({k: v.contiguous() for k, v in self.tensors.items()}, metadata=meta)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write atomically (temporary file in the same folder, fsync, rename)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = self.to_bytes()
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> TaskBundle:
+        """Parse and validate a bundle (everything that does not need the backbone)."""
+        header = _read_header(data)
+        meta = header.get("__metadata__") or {}
+        if meta.get("format") != FORMAT:
+            raise BundleError(f"not an aat bundle: metadata 'format' is {meta.get('format')!r}, "
+                              f"expected {FORMAT!r}")
+        if "manifest" not in meta:
+            raise BundleError("bundle has no 'manifest' in its metadata")
+        try:
+            raw = json.loads(meta["manifest"])
+        except (TypeError, json.JSONDecodeError):
+            raise BundleError("bundle manifest is not valid JSON") from None
+        manifest = Manifest.from_dict(raw)
+        for name, info in header.items():
+            if name != "__metadata__" and info.get("dtype") not in _DTYPES:
+                raise BundleError(f"bundle tensor {name!r} has dtype {info.get('dtype')!r}; "
+                                  f"expected one of {', '.join(_DTYPES)}")
+        try:
+            tensors = st_load(data)
+        except Exception as e:  # safetensors raises its own error types
+            raise BundleError(f"bundle tensors cannot be read: {e}") from None
+        bundle = cls(manifest, tensors)
+        bundle.validate()
+        return bundle
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> TaskBundle:
+        try:
+            data = Path(path).read_bytes()
+        except OSError as e:
+            raise BundleError(f"cannot read bundle {str(path)!r}: {e.strerror}") from None
+        return cls.from_bytes(data)
+
+    # -- validation -----------------------------------------------------------------------
+    def validate(self) -> None:
+        """Names, shapes and finiteness against the manifest's own backbone config."""
+        m = self.manifest
+        expected = expected_tensor_shapes(m.method, m.adapter_config, m.backbone_config,
+                                          m.num_classes)
+        missing = sorted(set(expected) - set(self.tensors))
+        if missing:
+            raise BundleError(f"bundle for method {m.method!r} is missing tensor {missing[0]!r}"
+                              + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+        unexpected = sorted(set(self.tensors) - set(expected))
+        if unexpected:
+            raise BundleError(f"bundle for method {m.method!r} has unexpected tensor "
+                              f"{unexpected[0]!r}")
+        for name, shape in expected.items():
+            t = self.tensors[name]
+            if tuple(t.shape) != shape:
+                raise BundleError(f"bundle tensor {name!r} has shape {tuple(t.shape)}, "
+                                  f"expected {shape}")
+            if t.dtype not in _DTYPES.values():
+                raise BundleError(f"bundle tensor {name!r} has dtype {t.dtype}")
+            if not torch.isfinite(t).all():
+                raise BundleError(f"bundle tensor {name!r} has non-finite values")
+
+    def check_backbone(self, backbone: AST, fingerprint: str | None = None) -> None:
+        """Raise ``BackboneMismatchError`` unless the bundle was trained on this backbone."""
+        fp = fingerprint if fingerprint is not None else backbone.fingerprint()
+        if self.manifest.backbone_fingerprint != fp:
+            raise BackboneMismatchError(
+                f"bundle {self.manifest.task!r} was trained on backbone "
+                f"{self.manifest.backbone_fingerprint}, but this backbone is {fp}")
+        expected = expected_tensor_shapes(self.manifest.method, self.manifest.adapter_config,
+                                          backbone.cfg, self.manifest.num_classes)
+        for name, shape in expected.items():
+            if tuple(self.tensors[name].shape) != shape:
+                raise BackboneMismatchError(
+                    f"bundle tensor {name!r} has shape {tuple(self.tensors[name].shape)}, "
+                    f"this backbone needs {shape}")
+
+    # -- use ------------------------------------------------------------------------------
+    def build_model(self, backbone: AST, fingerprint: str | None = None) -> AudioClassifier:
+        """A single-task model on ``backbone`` with this bundle applied.
+
+        The adapters are attached to ``backbone``'s blocks, so give each model its own backbone
+        (``copy.deepcopy``) when several must coexist; ``MultiTaskModel`` shares one instead.
+        """
+        self.check_backbone(backbone, fingerprint)
+        m = self.manifest
+        model = AudioClassifier(backbone, m.method, m.num_classes, adapter_cfg=m.adapter_config)
+        model.load_task_state_dict(self.tensors)
+        return model

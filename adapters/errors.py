@@ -1,0 +1,42 @@
+"""One small exception hierarchy for the model package.
+
+Every error names the offending thing and what was expected. The service maps each class to
+one HTTP status (see ``service``); nothing here knows about HTTP.
+"""
+
+from __future__ import annotations
+
+
+class AATError(Exception):
+    """Base class of every error raised on purpose by aat-serve."""
+
+
+class ConfigError(AATError, ValueError):
+    """A configuration value is out of range or inconsistent with another."""
+
+
+class CheckpointError(AATError, ValueError):
+    """A backbone checkpoint cannot be read or does not match the expected layout."""
+
+
+class AudioError(AATError, ValueError):
+    """Audio could not be decoded, or decoded to something unusable (empty, NaN, too long)."""
+
+
+class BundleError(AATError, ValueError):
+    """A task bundle is malformed: wrong format, manifest, tensor names, shapes or values."""
+
+
+class BackboneMismatchError(BundleError):
+    """A task bundle was trained on a different backbone than the one it is applied to."""
+
+
+class SlotsFullError(AATError, RuntimeError):
+    """No free adapter slot is left in a multi-task model."""
+
+
+class UnknownTaskError(AATError, KeyError):
+    """A task name is not known to the registry or model."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; keep it readable
+        return str(self.args[0]) if self.args else "unknown task"

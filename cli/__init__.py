@@ -1,0 +1,1 @@
+"""The ``aat`` command line: a thin layer over adapters, training and service."""

@@ -1,0 +1,61 @@
+"""``aat``: one entry point; each subcommand lives in its own module under ``cli/``.
+
+A subcommand module defines ``register(subparsers)``, which adds its parser and sets
+``func`` (called with the parsed namespace, returning an exit status).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import logging
+import sys
+
+from adapters.errors import AATError
+
+# Order is the order in ``aat --help``. Modules that are not present are skipped.
+SUBCOMMAND_MODULES = (
+    "cli.predict",
+    "cli.bundle",
+    "cli.methods",
+    "cli.train",
+    "cli.serve",
+    "cli.bench",
+    "cli.demo",
+    "cli.export",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="aat",
+        description="Serve many audio classification tasks from one frozen Audio Spectrogram "
+                    "Transformer with AAT adapters.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in SUBCOMMAND_MODULES:
+        if importlib.util.find_spec(name) is not None:
+            importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except AATError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,36 @@
+"""Test helpers shared across packages: tiny backbones and external-tool checks."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+import torch
+
+from adapters.backbone import AST
+from adapters.config import BackboneConfig
+
+
+def tiny_config(**overrides) -> BackboneConfig:
+    """A 2-block, 32-wide AST with 16x16 patches at stride 16 on 32 mel bins x 64 frames."""
+    base = dict(embed_dim=32, depth=2, num_heads=2, mlp_hidden=64, patch_freq=16,
+                patch_time=16, freq_stride=16, time_stride=16, num_mel_bins=32,
+                target_length=64)
+    base.update(overrides)
+    return BackboneConfig(**base)
+
+
+def tiny_backbone(seed: int = 0, **overrides) -> AST:
+    torch.manual_seed(seed)
+    return AST(tiny_config(**overrides)).eval()
+
+
+def require_tool(name: str) -> str:
+    """Path of an external tool; skip without it, unless CI demands it (AAT_REQUIRE_TOOLS=1)."""
+    path = shutil.which(name)
+    if path is None:
+        if os.environ.get("AAT_REQUIRE_TOOLS") == "1":
+            pytest.fail(f"{name} is required (AAT_REQUIRE_TOOLS=1) but not installed")
+        pytest.skip(f"{name} not installed")
+    return path
