@@ -1,0 +1,132 @@
+"""Export one task (backbone + bundle, or a checkpoint's own head) as a standalone ONNX model.
+
+The exported graph takes normalised log-mel features ``(batch, frames, mel)`` at the task's
+target length and returns ``logits (batch, classes)``. Two things are folded at export time:
+
+* the positional embedding is resampled once for the task's grid and stored as a constant;
+* the MLP adapter reads the same LN2 output and GELU as the MLP, so ``MLP(h) + A_m(h)`` is one
+  wider MLP (design.md): ``fc1 = [W1; W_down]``, ``fc2 = [W2 | W_up]``, ``b2 + b_up``.
+
+Labels, feature settings, task and backbone fingerprint go in the model's metadata, so the
+file is self-describing. Opset 17 (the TorchScript exporter; fast and supported by every
+current ONNX Runtime).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from adapters.backbone import AST, Block
+from adapters.errors import ConfigError
+from adapters.model import AudioClassifier
+
+OPSET = 17
+
+
+class _WidenedBlock(nn.Module):
+    """A block whose MLP adapter is folded into a widened MLP (one GEMM pair)."""
+
+    def __init__(self, block: Block) -> None:
+        super().__init__()
+        self.norm1, self.attn, self.norm2 = block.norm1, block.attn, block.norm2
+        self.spatial_adapter = block.spatial_adapter
+        fc1, fc2 = block.mlp.fc1, block.mlp.fc2
+        w1, b1, w2, b2 = fc1.weight, fc1.bias, fc2.weight, fc2.bias
+        if block.mlp_adapter is not None:
+            a = block.mlp_adapter
+            w1 = torch.cat([w1, a.fc1.weight], dim=0)
+            b1 = torch.cat([b1, a.fc1.bias], dim=0)
+            w2 = torch.cat([w2, a.fc2.weight], dim=1)
+            b2 = b2 + a.fc2.bias
+        self.fc1 = nn.Linear(w1.shape[1], w1.shape[0])
+        self.fc2 = nn.Linear(w2.shape[1], w2.shape[0])
+        with torch.no_grad():
+            self.fc1.weight.copy_(w1)
+            self.fc1.bias.copy_(b1)
+            self.fc2.weight.copy_(w2)
+            self.fc2.bias.copy_(b2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.attn(self.norm1(x))
+        if self.spatial_adapter is not None:
+            a = a + self.spatial_adapter(a)
+        x = x + a
+        return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
+
+
+class ExportableClassifier(nn.Module):
+    """A fixed-length, graph-friendly copy of a single-task ``AudioClassifier``."""
+
+    def __init__(self, model: AudioClassifier, num_frames: int) -> None:
+        super().__init__()
+        bb: AST = model.backbone
+        self.cfg = bb.cfg
+        self.num_frames = num_frames
+        self.patch_embed = bb.patch_embed
+        prefix = [bb.cls_token] + ([bb.dist_token] if bb.dist_token is not None else [])
+        self.register_buffer("prefix", torch.cat(prefix, dim=1).detach().clone())
+        grid = bb.cfg.grid(num_frames)
+        self.register_buffer("pos", bb.pos_embed_for(grid).detach().clone())
+        prompts = model.prompts.tokens.detach().clone() if model.prompts is not None else None
+        self.register_buffer("prompts", prompts)
+        self.blocks = nn.ModuleList(_WidenedBlock(b) for b in bb.blocks)
+        self.norm = bb.norm
+        self.head = model.head
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        b = features.shape[0]
+        n = self.prefix.shape[1]
+        tokens = self.patch_embed(features)
+        h = torch.cat([self.prefix.expand(b, -1, -1), tokens], dim=1) + self.pos
+        for i, block in enumerate(self.blocks):
+            if self.prompts is None:
+                h = block(h)
+            else:
+                p = self.prompts[i].unsqueeze(0).expand(b, -1, -1)
+                k = p.shape[1]
+                h = block(torch.cat([h[:, :n], p, h[:, n:]], dim=1))
+                h = torch.cat([h[:, :n], h[:, n + k:]], dim=1)
+        pooled = self.norm(h)[:, :n].mean(dim=1)
+        return self.head(pooled)
+
+
+def export_onnx(model: AudioClassifier, out: str | os.PathLike, *, num_frames: int,
+                metadata: dict[str, Any] | None = None,
+                dtype: Literal["float32", "float16"] = "float32",
+                batch: int | Literal["dynamic"] = "dynamic") -> Path:
+    """Write ``model`` as ONNX to ``out``; returns the path. ``metadata`` values become JSON."""
+    if dtype not in ("float32", "float16"):
+        raise ConfigError(f"ONNX export dtype must be float32 or float16, got {dtype!r}")
+    if batch != "dynamic" and (not isinstance(batch, int) or batch <= 0):
+        raise ConfigError(f"ONNX export batch must be 'dynamic' or a positive int, got {batch!r}")
+    # A deep copy: the exportable module shares submodules and is cast to ``dtype``.
+    module = ExportableClassifier(copy.deepcopy(model), num_frames).eval()
+    tdtype = torch.float32 if dtype == "float32" else torch.float16
+    module = module.to(tdtype)
+    example = torch.zeros(1 if batch == "dynamic" else batch, num_frames,
+                          model.backbone.cfg.num_mel_bins, dtype=tdtype)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    dynamic = {"features": {0: "batch"}, "logits": {0: "batch"}} if batch == "dynamic" else None
+    with torch.no_grad():
+        torch.onnx.export(module, (example,), str(out), dynamo=False, opset_version=OPSET,
+                          input_names=["features"], output_names=["logits"],
+                          dynamic_axes=dynamic, do_constant_folding=True)
+    if metadata:
+        import onnx
+
+        proto = onnx.load(str(out))
+        for key, value in metadata.items():
+            entry = proto.metadata_props.add()
+            entry.key = key
+            entry.value = value if isinstance(value, str) else json.dumps(value)
+        onnx.save(proto, str(out))
+    return out
