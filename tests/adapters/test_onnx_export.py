@@ -24,7 +24,7 @@ def _trained(method: str, seed: int = 0) -> AudioClassifier:
     model = AudioClassifier(tiny_backbone(seed=seed), method, 5).eval()
     g = torch.Generator().manual_seed(seed + 100)
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.requires_grad:
                 p.add_(0.05 * torch.randn(p.shape, generator=g))
     return model
@@ -81,7 +81,7 @@ def test_fixed_batch_and_bad_arguments(tmp_path):
     model = _trained("head")
     path = export_onnx(model, tmp_path / "m.onnx", num_frames=FRAMES, batch=2)
     assert _run(path, torch.randn(2, FRAMES, 32)).shape == (2, 5)
-    with pytest.raises(Exception, match="(?i)dimension|shape|index"):
+    with pytest.raises(Exception, match=r"(?i)dimension|shape|index"):
         _run(path, torch.randn(3, FRAMES, 32))
     with pytest.raises(ConfigError, match="dtype must be float32 or float16"):
         export_onnx(model, tmp_path / "x.onnx", num_frames=FRAMES, dtype="int8")
