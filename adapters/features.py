@@ -176,6 +176,12 @@ def _decode(source: AudioSource, max_duration_s: float, mono: bool) -> tuple[np.
             info = _info(f, name)
             _check_declared_length(info, name, max_duration_s)
             limit = math.floor(max_duration_s * info.sample_rate)
+            budget = math.floor(max_duration_s * MAX_SAMPLE_RATE)
+            if not mono and min(info.frames, limit) * info.channels > budget:
+                raise AudioError(
+                    f"{name} is too large to decode with all channels: {info.channels} channels "
+                    f"x {info.frames} frames exceeds {budget} samples; load_audio down-mixes "
+                    "as it decodes")
             block = max(1, _BLOCK_SAMPLES // info.channels)
             parts: list[np.ndarray] = []
             got = 0
@@ -215,6 +221,8 @@ def decode_audio(source: AudioSource, *, max_duration_s: float = 600.0
     """Decode WAV/FLAC/OGG/MP3 bytes or a file to float32 ``(frames, channels)`` and its rate.
 
     Integer PCM is scaled to [-1, 1) as ``torchaudio.load`` (and so AST's training data) did.
+    All channels are kept, so frames x channels is capped at ``max_duration_s`` of mono audio
+    at ``MAX_SAMPLE_RATE``.
     """
     return _decode(source, max_duration_s, mono=False)
 

@@ -458,6 +458,19 @@ def test_decoding_stops_at_the_limit_when_the_header_understates(monkeypatch):
     assert F.decode_audio(data, max_duration_s=2.0)[0].shape == (32000, 1)
 
 
+def test_many_channels_capped_when_kept_but_downmixed_by_load_audio():
+    x = np.zeros((4800, 16), np.float32)
+    x[:, 5] = 0.64
+    data = _encode(x, 48000, "WAV", "PCM_16")  # 0.1 s, 16 channels x 4800 frames
+    with pytest.raises(AudioError, match=r"^audio data is too large to decode with all channels: "
+                                         r"16 channels x 4800 frames exceeds 38400 samples; "
+                                         r"load_audio down-mixes as it decodes$"):
+        F.decode_audio(data, max_duration_s=0.1)  # 0.1 s x 384 kHz = 38400 samples
+    assert F.decode_audio(data, max_duration_s=0.2)[0].shape == (4800, 16)
+    wave = F.load_audio(data, sample_rate=48000, max_duration_s=0.1)
+    torch.testing.assert_close(wave, torch.full((4800,), 0.04), rtol=0, atol=1e-4)
+
+
 @pytest.mark.parametrize(("wave", "message"), [
     (torch.zeros(2, 100), r"waveform must be 1-D \(mono samples\), got shape \(2, 100\)"),
     (torch.zeros(0), r"waveform is empty \(0 samples\)"),
