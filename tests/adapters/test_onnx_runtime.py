@@ -1,0 +1,83 @@
+"""The onnxruntime backbone: per-clip adapters bound as inputs equal the torch model."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from adapters.errors import ConfigError
+from adapters.model import AudioClassifier
+from adapters.onnx_runtime import OrtBackbone, TaskArrays
+from tests.helpers import tiny_backbone
+
+pytest.importorskip("onnxruntime")
+
+
+def _task(backbone, method: str, classes: int, seed: int) -> AudioClassifier:
+    model = AudioClassifier(copy.deepcopy(backbone), method, classes).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def _arrays(model: AudioClassifier) -> TaskArrays:
+    cfg = model.backbone.cfg
+    return TaskArrays.from_tensors(model.task_state_dict(), cfg.depth, cfg.embed_dim,
+                                   model.adapter_cfg.bottleneck)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    bb = tiny_backbone()
+    models = [_task(bb, m, 3 + i, seed=i) for i, m in enumerate(["aat_ms", "aat_m", "head"])]
+    return bb, models, OrtBackbone(bb)
+
+
+def test_mixed_batch_equals_each_task_alone(setup):
+    _, models, ort = setup
+    x = torch.randn(6, 48, 32)
+    rows = [2, 0, 1, 0, 2, 1]
+    pooled = ort.pooled(x, [_arrays(m) for m in models], rows)
+    with torch.no_grad():
+        for i, r in enumerate(rows):
+            ref = models[r].forward_features(x[i:i + 1])[0]
+            assert (pooled[i] - ref).abs().max().item() < 1e-5
+            # Differs: the clip run with another task's adapters is not the same.
+            other = models[(r + 1) % 3].forward_features(x[i:i + 1])[0]
+            assert (pooled[i] - other).abs().max().item() > 1e-4
+
+
+def test_swapping_weights_needs_no_rebuild(setup):
+    bb, models, ort = setup
+    x = torch.randn(2, 48, 32)
+    before = ort.pooled(x, [_arrays(models[0])], [0, 0])
+    sessions = dict(ort._sessions)
+    replaced = _task(bb, "aat_ms", 3, seed=99)
+    after = ort.pooled(x, [_arrays(replaced)], [0, 0])
+    assert ort._sessions == sessions  # same graph, new weights
+    with torch.no_grad():
+        assert (after - replaced.forward_features(x)).abs().max().item() < 1e-5
+    assert (after - before).abs().max().item() > 1e-4
+
+
+def test_prompt_tasks_run_in_their_own_graph(setup):
+    bb, _, ort = setup
+    joint = _task(bb, "joint", 4, seed=5)
+    prompt = _task(bb, "prompt", 2, seed=6)
+    x = torch.randn(3, 48, 32)
+    pooled = ort.pooled(x, [_arrays(joint), _arrays(prompt)], [1, 0, 1])
+    with torch.no_grad():
+        for i, m in enumerate([prompt, joint, prompt]):
+            assert (pooled[i] - m.forward_features(x[i:i + 1])[0]).abs().max().item() < 1e-5
+
+
+def test_prompt_and_plain_tasks_cannot_share_a_group(setup):
+    bb, models, ort = setup
+    joint = _task(bb, "joint", 4, seed=5)
+    with pytest.raises(ConfigError, match="separate groups"):
+        ort.pooled(torch.randn(2, 48, 32), [_arrays(joint), _arrays(models[0])], [0, 1])
