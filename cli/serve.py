@@ -1,0 +1,53 @@
+"""``aat serve``: run the HTTP service (settings from ``AAT_*``; flags override them)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+log = logging.getLogger("aat.serve")
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from service.app import create_app
+    from service.logs import configure_logging
+    from service.runtime import load_backbone
+    from service.settings import load_settings
+
+    settings = load_settings(host=args.host, port=args.port, checkpoint=args.checkpoint,
+                             bundle_dir=args.bundle_dir, log_level=args.log_level)
+    configure_logging(settings.log_level)
+    # Load the backbone before binding the port: a bad checkpoint stops start-up right here.
+    checkpoint = load_backbone(settings)
+    app = create_app(settings, checkpoint=checkpoint)
+    log.info("serving", extra={"host": settings.host, "port": settings.port,
+                               "checkpoint": str(settings.checkpoint),
+                               "bundle_dir": str(settings.bundle_dir),
+                               "management": settings.management_enabled,
+                               "api_token": settings.api_token is not None})
+    uvicorn.run(app, host=settings.host, port=settings.port, log_config=None,
+                log_level=settings.log_level, access_log=False, timeout_graceful_shutdown=30)
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve", help="run the HTTP classification service",
+        description="Serve /classify/{task} for every task bundle in the store. Every setting "
+                    "comes from an AAT_* environment variable (AAT_CHECKPOINT, AAT_BUNDLE_DIR, "
+                    "AAT_ADMIN_TOKEN, AAT_API_TOKEN, AAT_DEVICE, AAT_DTYPE, AAT_MAX_BATCH, "
+                    "AAT_MAX_WAIT_MS, AAT_MAX_QUEUE, AAT_REQUEST_TIMEOUT_S, AAT_MAX_AUDIO_MB, "
+                    "AAT_MAX_AUDIO_SECONDS, AAT_MAX_BUNDLE_MB, AAT_MAX_TASKS, AAT_PRELOAD, "
+                    "AAT_REFRESH_S, AAT_LOG_LEVEL, ...); these flags override them.")
+    p.add_argument("--host", help="address to bind (AAT_HOST, default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (AAT_PORT, default 8000)")
+    p.add_argument("--checkpoint", type=Path,
+                   help="backbone: AST/SSAST .pth or Hugging Face directory (AAT_CHECKPOINT)")
+    p.add_argument("--bundle-dir", type=Path,
+                   help="bundle store directory, shared by replicas (AAT_BUNDLE_DIR)")
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
+                   help="log level (AAT_LOG_LEVEL, default info)")
+    p.set_defaults(func=run)

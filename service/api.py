@@ -1,0 +1,225 @@
+"""The HTTP routes (design.md, Service). Handlers are thin: checks, then the service parts.
+
+Paths take the rest of the URL as the task name (``{task:path}``) so that ``a/b`` or ``../x``
+reach the name check and get 400 instead of slipping past it as some other route.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated
+
+import torch
+from fastapi import APIRouter, Depends, Query, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from adapters.bundle import check_task_name
+from adapters.errors import AATError, ConfigError
+from service.auth import require_admin_token, require_api_token
+from service.bodies import check_media_type, read_payload
+from service.engine import Job
+from service.errors import ServiceError, error_responses, not_ready, timed_out
+from service.metrics import UNKNOWN_TASK
+from service.runtime import Service
+from service.schemas import (
+    ClassifyResponse,
+    DeleteResult,
+    Health,
+    Prediction,
+    PutResult,
+    Readiness,
+    TaskDetail,
+    TaskList,
+    TaskSummary,
+)
+
+router = APIRouter()
+
+_BINARY = {"schema": {"type": "string", "format": "binary"}}
+_MULTIPART = {"schema": {"type": "object", "required": ["file"],
+                         "properties": {"file": {"type": "string", "format": "binary"}}}}
+AUDIO_BODY = {"requestBody": {
+    "required": True,
+    "description": "Audio bytes (WAV, FLAC, OGG/Vorbis, MP3; any rate, any channels), raw or as "
+                   "the multipart field `file`. At most AAT_MAX_AUDIO_MB and "
+                   "AAT_MAX_AUDIO_SECONDS.",
+    "content": {"audio/*": _BINARY, "application/octet-stream": _BINARY,
+                "multipart/form-data": _MULTIPART}}}
+BUNDLE_BODY = {"requestBody": {
+    "required": True,
+    "description": "A task bundle (`.safetensors`, format aat-bundle/1), raw or as the multipart "
+                   "field `file`. At most AAT_MAX_BUNDLE_MB. Validated completely before "
+                   "anything changes.",
+    "content": {"application/octet-stream": _BINARY, "multipart/form-data": _MULTIPART}}}
+
+
+def get_service(request: Request) -> Service:
+    return request.app.state.service
+
+
+ServiceDep = Annotated[Service, Depends(get_service)]
+
+
+def valid_task(task: str) -> str:
+    try:
+        return check_task_name(task)
+    except ConfigError as e:
+        raise ServiceError(400, "invalid_task_name", str(e)) from None
+
+
+def top_predictions(logits: torch.Tensor, labels: list[str], multi_label: bool, k: int
+                    ) -> list[Prediction]:
+    """Softmax (or sigmoid for multi-label) scores, best first; ties keep label order."""
+    scores = torch.sigmoid(logits) if multi_label else torch.softmax(logits, dim=-1)
+    order = torch.sort(scores, descending=True, stable=True).indices[:k]
+    return [Prediction(label=labels[i], score=float(scores[i])) for i in order.tolist()]
+
+
+# -- classification ----------------------------------------------------------------------------
+
+@router.post(
+    "/classify/{task:path}", tags=["classify"], response_model=ClassifyResponse,
+    dependencies=[Depends(require_api_token)], openapi_extra=AUDIO_BODY,
+    responses=error_responses(400, 401, 404, 413, 415, 500, 503, 504),
+    summary="Classify one audio clip with a task")
+async def classify(
+    task: str, request: Request, svc: ServiceDep,
+    top_k: Annotated[int, Query(ge=1, le=10_000, description="How many labels to return.")] = 5,
+) -> ClassifyResponse:
+    """Decode the audio, batch it with other requests (of any task) and return the top-k."""
+    started = time.monotonic()
+    known = task in svc.engine.tasks or task in svc.registry.catalogue
+    label = task if known else UNKNOWN_TASK  # bounded label values
+    try:
+        out = await _classify(task, request, svc, top_k)
+    except (ServiceError, AATError) as e:
+        kind = e.type if isinstance(e, ServiceError) else type(e).__name__
+        svc.metrics.requests.labels(label, kind).inc()
+        raise
+    svc.metrics.requests.labels(out.task, "ok").inc()
+    svc.metrics.request_seconds.labels(out.task).observe(time.monotonic() - started)
+    return out
+
+
+async def _classify(task: str, request: Request, svc: Service, top_k: int) -> ClassifyResponse:
+    fields = request.state.log
+    task = valid_task(task)
+    fields["task"] = task
+    if not svc.ready:
+        raise not_ready(svc.startup_error or not_ready().message)
+    kind = check_media_type(request, audio=True)
+    info = await svc.registry.resolve(task)
+    s = svc.settings
+    audio = await read_payload(request, kind, s.max_audio_bytes, "audio", "AAT_MAX_AUDIO_MB")
+    deadline = time.monotonic() + s.request_timeout_s
+    admission = svc.engine.admit()
+    try:
+        feats, duration = await svc.features(audio, svc.feature_config(info.manifest.features))
+        if time.monotonic() >= deadline:
+            raise timed_out(s.request_timeout_s)
+        job = Job(task=task, features=feats, version=info.version,
+                  feature_settings=info.manifest.features, deadline=deadline,
+                  timeout_s=s.request_timeout_s, future=svc.engine.new_future())
+        result = await svc.engine.submit(job, admission)
+    finally:
+        admission.release()
+    m = result.task.manifest
+    fields.update(version=m.version, queue_ms=round(result.queue_s * 1000, 3),
+                  inference_ms=round(result.inference_s * 1000, 3),
+                  batch_size=result.batch_size)
+    return ClassifyResponse(
+        task=task, version=m.version, multi_label=m.multi_label,
+        predictions=top_predictions(result.logits, m.labels, m.multi_label, top_k),
+        duration_s=round(duration, 6), queue_ms=round(result.queue_s * 1000, 3),
+        inference_ms=round(result.inference_s * 1000, 3), batch_size=result.batch_size,
+        batch_tasks=result.batch_tasks)
+
+
+# -- tasks ---------------------------------------------------------------------------------------
+
+@router.get("/tasks", tags=["tasks"], response_model=TaskList,
+            dependencies=[Depends(require_api_token)], responses=error_responses(401, 500),
+            summary="List the tasks")
+async def list_tasks(svc: ServiceDep) -> TaskList:
+    """Every task in the store or resident: version, method, labels, metrics."""
+    resident = svc.engine.tasks
+    names = sorted(set(resident) | set(svc.registry.catalogue))
+    items = [TaskSummary.of(svc.registry.manifest(n), n in resident) for n in names]
+    return TaskList(tasks=items, count=len(items))
+
+
+@router.get("/tasks/{task:path}", tags=["tasks"], response_model=TaskDetail,
+            dependencies=[Depends(require_api_token)],
+            responses=error_responses(400, 401, 404, 500), summary="One task's manifest")
+async def get_task(task: str, svc: ServiceDep) -> TaskDetail:
+    """The task's bundle manifest (looked up in the store if this replica lacks it)."""
+    task = valid_task(task)
+    m = svc.registry.manifest(task)
+    if m is None:
+        m = (await svc.registry.resolve(task)).manifest
+    return TaskDetail(task=task, version=m.version, resident=task in svc.engine.tasks,
+                      manifest=m.to_dict())
+
+
+@router.put("/tasks/{task:path}", tags=["management"], response_model=PutResult,
+            dependencies=[Depends(require_admin_token)], openapi_extra=BUNDLE_BODY,
+            responses={201: {"model": PutResult, "description": "Task created."},
+                       **error_responses(400, 401, 403, 409, 413, 415, 422, 500, 503, 507)},
+            summary="Upload a bundle: validate, store, activate")
+async def put_task(task: str, request: Request, response: Response, svc: ServiceDep
+                   ) -> PutResult:
+    """Replace (200) or create (201) a task; a refused bundle changes nothing."""
+    task = valid_task(task)
+    request.state.log["task"] = task
+    kind = check_media_type(request, audio=False)
+    s = svc.settings
+    with svc.upload_slot():
+        data = await read_payload(request, kind, s.max_bundle_bytes, "bundle",
+                                  "AAT_MAX_BUNDLE_MB")
+        r = await svc.registry.put(task, data)
+    response.status_code = 201 if r.created else 200
+    request.state.log["version"] = r.version
+    return PutResult(task=r.task, version=r.version, previous_version=r.previous_version,
+                     created=r.created, unchanged=r.unchanged)
+
+
+@router.delete("/tasks/{task:path}", tags=["management"], response_model=DeleteResult,
+               dependencies=[Depends(require_admin_token)],
+               responses=error_responses(400, 401, 403, 404, 500), summary="Remove a task")
+async def delete_task(task: str, request: Request, svc: ServiceDep) -> DeleteResult:
+    """Deactivate the task and remove every stored version of it."""
+    task = valid_task(task)
+    request.state.log["task"] = task
+    version = await svc.registry.delete(task)
+    return DeleteResult(task=task, version=version)
+
+
+# -- operations --------------------------------------------------------------------------------
+
+@router.get("/healthz", tags=["operations"], response_model=Health,
+            responses=error_responses(503), summary="Liveness")
+async def healthz(svc: ServiceDep) -> Health:
+    """200 while the process serves and its inference worker runs."""
+    if svc.engine is None or not svc.engine.alive:
+        raise ServiceError(503, "not_ready", "the inference worker is not running",
+                           {"Retry-After": "1"})
+    return Health(status="ok")
+
+
+@router.get("/readyz", tags=["operations"], response_model=Readiness,
+            responses=error_responses(503), summary="Readiness")
+async def readyz(svc: ServiceDep) -> Readiness:
+    """200 once the backbone and the preloaded tasks have run a warm-up batch."""
+    if not svc.ready:
+        raise not_ready(svc.startup_error or not_ready().message)
+    return Readiness(status="ready", tasks=len(svc.engine.tasks), device=str(svc.device),
+                     dtype=svc.settings.dtype)
+
+
+@router.get("/metrics", tags=["operations"], response_class=Response,
+            responses={200: {"content": {CONTENT_TYPE_LATEST: {}},
+                             "description": "Prometheus text format."}},
+            summary="Prometheus metrics")
+async def metrics(svc: ServiceDep) -> Response:
+    """Counters and histograms, prefix ``aat_`` (bind privately; no auth)."""
+    return Response(svc.metrics.render(), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,106 @@
+"""``create_app()``: the FastAPI application with its lifespan, error handlers and middleware.
+
+The lifespan loads the backbone (a failure stops start-up), builds the ``Service`` and starts
+loading bundles and warming up in the background; ``/readyz`` turns 200 when that is done.
+Every error, including unknown routes (404), wrong methods (405) and invalid parameters, is
+answered as ``{"error": {"type", "message"}}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from adapters.checkpoints import LoadedCheckpoint
+from adapters.errors import AATError
+from service.api import router
+from service.errors import ServiceError, error_response, from_aat_error
+from service.logs import RequestContextMiddleware
+from service.runtime import Service, load_backbone
+from service.settings import Settings, load_settings
+
+DESCRIPTION = """\
+One frozen Audio Spectrogram Transformer serves many audio classification tasks; each task is a
+small bundle of AAT adapters and a head. Requests of different tasks share a batch.
+
+Every error has the body `{"error": {"type": ..., "message": ...}}`. Set `AAT_API_TOKEN` to
+require `Authorization: Bearer <token>` on classification and listing; task management
+(`PUT`/`DELETE /tasks/{task}`) is off (403) unless `AAT_ADMIN_TOKEN` is set.
+"""
+
+
+def _validation_message(exc: RequestValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = [str(p) for p in err.get("loc", ())]
+        where = f"{loc[0]} parameter {loc[-1]!r}" if len(loc) >= 2 else ".".join(loc)
+        parts.append(f"{where}: {err.get('msg')}")
+    return "invalid request: " + "; ".join(parts)
+
+
+def _count(request: Request, type_: str) -> None:
+    svc = getattr(request.app.state, "service", None)
+    if svc is not None:
+        svc.metrics.rejections.labels(type_).inc()
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ServiceError)
+    async def _service_error(request: Request, exc: ServiceError):
+        _count(request, exc.type)
+        return exc.response()
+
+    @app.exception_handler(AATError)
+    async def _aat_error(request: Request, exc: AATError):
+        err = from_aat_error(exc)
+        if err.status == 500:
+            raise exc  # not a client error: logged with the request id by the middleware
+        _count(request, err.type)
+        return err.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        _count(request, "invalid_request")
+        return error_response(400, "invalid_request", _validation_message(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        headers = dict(exc.headers or {})
+        if exc.status_code == 404:
+            return error_response(404, "not_found",
+                                  f"no route {request.method} {request.url.path}", headers)
+        if exc.status_code == 405:
+            return error_response(405, "method_not_allowed",
+                                  f"method {request.method} is not allowed on "
+                                  f"{request.url.path}", headers)
+        return error_response(exc.status_code, "http_error", str(exc.detail), headers)
+
+
+def create_app(settings: Settings | None = None, *,
+               checkpoint: LoadedCheckpoint | None = None) -> FastAPI:
+    """The application; ``checkpoint`` skips loading the backbone from ``settings``."""
+    settings = settings if settings is not None else load_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        ckpt = checkpoint if checkpoint is not None else await asyncio.to_thread(
+            load_backbone, settings)
+        svc = await asyncio.to_thread(Service, settings, ckpt)
+        svc.start()
+        app.state.service = svc
+        try:
+            yield
+        finally:
+            await svc.stop()
+
+    app = FastAPI(title="aat-serve", version="0.1.0", description=DESCRIPTION,
+                  lifespan=lifespan)
+    app.state.settings = settings
+    install_error_handlers(app)
+    app.include_router(router)
+    app.add_middleware(RequestContextMiddleware)
+    return app

@@ -1,0 +1,347 @@
+"""The batching engine: an asyncio front end feeding one inference worker thread.
+
+Requests are admitted into a bounded queue (``max_queue``; beyond it 503). The batcher takes the
+oldest clip, waits at most ``max_wait_ms`` after that clip arrived for others of the same
+feature shape, of any task, up to ``max_batch`` clips, orders them by task and runs them as one
+``MultiTaskModel.classify`` call on the worker thread.
+
+Model changes (load, replace, unload a task) travel through the same queue as clips and run on
+the same thread between batches. A clip queued before a change is computed before it, a clip
+queued after it is computed after it; no batch ever sees a half-applied change, and the version
+that computed each clip is known exactly.
+
+A clip whose deadline has passed when its batch forms is answered 504 and not computed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from adapters.bundle import Manifest, TaskBundle
+from adapters.errors import UnknownTaskError
+from service.errors import ServiceError, overloaded, timed_out
+from service.metrics import Metrics
+
+log = logging.getLogger("aat.service.engine")
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    """What the front end needs to know about a resident task."""
+
+    manifest: Manifest
+
+    @property
+    def version(self) -> str:
+        return self.manifest.version
+
+
+@dataclass
+class Result:
+    """One clip's answer and how it was computed."""
+
+    logits: torch.Tensor
+    task: TaskInfo
+    """The version that computed it (labels, multi-label flag)."""
+    queue_s: float
+    inference_s: float
+    batch_size: int
+    batch_tasks: int
+
+
+@dataclass(eq=False)
+class Job:
+    """One clip waiting for its batch."""
+
+    task: str
+    features: torch.Tensor
+    """(frames, mel bins), the model's input for this clip."""
+    version: str
+    """The version whose feature settings produced ``features``."""
+    feature_settings: dict[str, Any]
+    """Those settings (``Manifest.features``)."""
+    deadline: float
+    """``time.monotonic()`` after which the clip is answered 504 and not computed."""
+    timeout_s: float
+    future: asyncio.Future
+    enqueued: float = field(default_factory=time.monotonic)
+    cancelled: bool = False
+
+    @property
+    def key(self) -> tuple[int, ...]:
+        return tuple(self.features.shape)
+
+
+@dataclass(eq=False)
+class Control:
+    """A model change, applied on the worker thread between batches, in queue order."""
+
+    fn: Callable[[], Any]
+    future: asyncio.Future
+
+
+class Admission:
+    """A place in the bounded queue, held from admission until the clip is batched or fails."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self._held = True
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            self._engine._admitted -= 1
+            self._engine.metrics.queue_depth.set(self._engine._admitted)
+
+
+class Engine:
+    """Dynamic batching over a ``MultiTaskModel``; all methods are called on the event loop."""
+
+    def __init__(self, model: Any, metrics: Metrics, *, max_batch: int, max_wait_s: float,
+                 max_queue: int, max_tasks: int) -> None:
+        self.model = model
+        self.metrics = metrics
+        self.max_batch = max_batch
+        self.max_wait_s = max_wait_s
+        self.max_queue = max_queue
+        self.max_tasks = max_tasks
+        self.tasks: dict[str, TaskInfo] = {}
+        """Resident tasks; replaced as a whole (never mutated) so readers see a snapshot."""
+        self._pending: deque[Job | Control] = deque()
+        self._wakeup = asyncio.Event()
+        self._admitted = 0
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="aat-infer")
+        self._task: asyncio.Task | None = None
+        self._admissions: dict[Job, Admission] = {}
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="aat-batcher")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        err = ServiceError(503, "not_ready", "the service is shutting down", {"Retry-After": "1"})
+        while self._pending:
+            item = self._pending.popleft()
+            if not item.future.done():
+                item.future.set_exception(err)
+        self._worker.shutdown(wait=True)
+
+    @property
+    def alive(self) -> bool:
+        """The batcher runs (it only stops on shutdown)."""
+        return self._task is not None and not self._task.done()
+
+    # -- front end ------------------------------------------------------------------------
+    def admit(self) -> Admission:
+        """Reserve a place in the queue or raise 503 ``overloaded``."""
+        if self._admitted >= self.max_queue:
+            raise overloaded(f"the queue is full ({self.max_queue} requests, AAT_MAX_QUEUE); "
+                             "retry later")
+        self._admitted += 1
+        self.metrics.queue_depth.set(self._admitted)
+        return Admission(self)
+
+    async def submit(self, job: Job, admission: Admission) -> Result:
+        """Queue an admitted clip and wait for its result (or 504 at its deadline)."""
+        self._admissions[job] = admission
+        self._pending.append(job)
+        self._wakeup.set()
+        try:
+            remaining = job.deadline - time.monotonic()
+            return await asyncio.wait_for(asyncio.shield(job.future), max(remaining, 0.0))
+        except (asyncio.TimeoutError, TimeoutError):
+            job.cancelled = True
+            raise timed_out(job.timeout_s) from None
+        finally:
+            self._forget(job)
+
+    def new_future(self) -> asyncio.Future:
+        return asyncio.get_running_loop().create_future()
+
+    async def control(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` on the worker thread after every clip queued before it."""
+        c = Control(fn, self.new_future())
+        self._pending.append(c)
+        self._wakeup.set()
+        return await asyncio.shield(c.future)
+
+    async def run_on_worker(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` on the worker thread now (between batches), outside queue order."""
+        return await asyncio.get_running_loop().run_in_executor(self._worker, fn)
+
+    # -- model changes (run on the worker thread through ``control``) ----------------------
+    async def load(self, bundle: TaskBundle) -> None:
+        """Make ``bundle`` its task's active version (after the clips queued before it)."""
+        await self.control(lambda: self._load(bundle))
+
+    async def unload(self, task: str) -> bool:
+        return await self.control(lambda: self._unload(task))
+
+    def _load(self, bundle: TaskBundle) -> None:
+        self.model.load_task(bundle)
+        tasks = dict(self.tasks)
+        tasks[bundle.manifest.task] = TaskInfo(bundle.manifest)
+        self.tasks = tasks
+        self.metrics.tasks_resident.set(len(tasks))
+
+    def _unload(self, task: str) -> bool:
+        if task not in self.tasks:
+            return False
+        self.model.unload_task(task)
+        tasks = dict(self.tasks)
+        del tasks[task]
+        self.tasks = tasks
+        self.metrics.tasks_resident.set(len(tasks))
+        return True
+
+    # -- the batcher ----------------------------------------------------------------------
+    def _forget(self, job: Job) -> None:
+        adm = self._admissions.pop(job, None)
+        if adm is not None:
+            adm.release()
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                if not self._pending:
+                    self._wakeup.clear()
+                    await self._wakeup.wait()
+                    continue
+                head = self._pending[0]
+                if isinstance(head, Control):
+                    self._pending.popleft()
+                    await self._apply(loop, head)
+                    continue
+                batch = await self._form_batch(head)
+                if batch:
+                    await self._compute(loop, batch)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # the batcher must survive anything; the jobs already got errors
+                log.exception("batcher: unexpected error")
+
+    async def _apply(self, loop: asyncio.AbstractEventLoop, c: Control) -> None:
+        try:
+            result = await loop.run_in_executor(self._worker, c.fn)
+        except Exception as e:  # handed to the waiting caller
+            if not c.future.done():
+                c.future.set_exception(e)
+        else:
+            if not c.future.done():
+                c.future.set_result(result)
+
+    def _barrier(self) -> int:
+        """Index of the first model change in the queue (clips behind it must wait)."""
+        for i, item in enumerate(self._pending):
+            if isinstance(item, Control):
+                return i
+        return len(self._pending)
+
+    async def _form_batch(self, head: Job) -> list[Job]:
+        key = head.key
+        until = head.enqueued + self.max_wait_s
+        while True:
+            stop = self._barrier()
+            ready = sum(1 for i in range(stop) if self._pending[i].key == key)
+            if ready >= self.max_batch or stop < len(self._pending):
+                break
+            remaining = until - time.monotonic()
+            if remaining <= 0:
+                break
+            self._wakeup.clear()
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), remaining)
+            except (asyncio.TimeoutError, TimeoutError):
+                break
+        now = time.monotonic()
+        batch: list[Job] = []
+        keep: deque[Job | Control] = deque()
+        stop = self._barrier()
+        for i, item in enumerate(self._pending):
+            if i >= stop:
+                keep.append(item)
+                continue
+            if item.cancelled or item.future.done():
+                self._forget(item)
+                continue
+            if now >= item.deadline:  # too old: answer 504, do not compute
+                item.future.set_exception(timed_out(item.timeout_s))
+                self._forget(item)
+                continue
+            if item.key == key and len(batch) < self.max_batch:
+                batch.append(item)
+                self._forget(item)  # batched: its place in the queue is free again
+            else:
+                keep.append(item)
+        self._pending = keep
+        return batch
+
+    async def _compute(self, loop: asyncio.AbstractEventLoop, batch: list[Job]) -> None:
+        batch.sort(key=lambda j: j.task)  # one contiguous segment per task
+        start = time.monotonic()
+        for j in batch:
+            self.metrics.queue_seconds.labels(j.task).observe(start - j.enqueued)
+        try:
+            outcome = await loop.run_in_executor(self._worker, self._forward, batch)
+        except Exception as e:
+            for j in batch:
+                if not j.future.done():
+                    j.future.set_exception(e)
+            raise
+        elapsed = time.monotonic() - start
+        done = [o for o in outcome if not isinstance(o, BaseException)]
+        n_tasks = len({j.task for j, o in zip(batch, outcome, strict=True)
+                       if not isinstance(o, BaseException)})
+        if done:
+            self.metrics.inference_seconds.observe(elapsed)
+            self.metrics.batch_size.observe(len(done))
+            self.metrics.batch_tasks.observe(n_tasks)
+        for j, o in zip(batch, outcome, strict=True):
+            if j.future.done():
+                continue
+            if isinstance(o, BaseException):
+                j.future.set_exception(o)
+            else:
+                logits, info = o
+                j.future.set_result(Result(logits, info, start - j.enqueued, elapsed,
+                                           len(done), n_tasks))
+
+    def _forward(self, batch: list[Job]) -> list[Any]:
+        """On the worker thread: one classify call for every clip whose task is resident."""
+        out: list[Any] = [None] * len(batch)
+        rows: list[int] = []
+        tasks = self.tasks
+        for i, j in enumerate(batch):
+            info = tasks.get(j.task)
+            if info is None:
+                out[i] = UnknownTaskError(f"unknown task {j.task!r}")
+            elif info.version != j.version and info.manifest.features != j.feature_settings:
+                out[i] = ServiceError(503, "task_changed",
+                                      f"task {j.task!r} changed its feature settings while this "
+                                      "request waited; retry", {"Retry-After": "0"})
+            else:
+                rows.append(i)
+        if rows:
+            feats = torch.stack([batch[i].features for i in rows])
+            with torch.inference_mode():
+                logits = self.model.classify(feats, [batch[i].task for i in rows])
+            for i, lg in zip(rows, logits, strict=True):
+                out[i] = (lg.detach().float().cpu(), tasks[batch[i].task])
+        return out
+

@@ -1,0 +1,52 @@
+"""Prometheus metrics (prefix ``aat_``), one registry per app so several apps can share a process.
+
+Labels are bounded: ``task`` is a task the server knows (anything else is reported as
+``_unknown``), ``outcome`` and ``reason`` come from the fixed error types.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+UNKNOWN_TASK = "_unknown"
+
+_SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+_BATCH = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+_TASKS = (1, 2, 3, 4, 6, 8, 16, 32, 64)
+
+
+class Metrics:
+    """The service's metric catalogue."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter("aat_requests_total", "Classification requests by task and "
+                                "outcome (ok or the error type).", ["task", "outcome"], registry=r)
+        self.request_seconds = Histogram("aat_request_seconds", "Classification request time "
+                                         "from body received to answer.", ["task"],
+                                         buckets=_SECONDS, registry=r)
+        self.queue_seconds = Histogram("aat_queue_seconds", "Time a clip waited for its batch.",
+                                       ["task"], buckets=_SECONDS, registry=r)
+        self.inference_seconds = Histogram("aat_inference_seconds", "Forward time of one batch.",
+                                           buckets=_SECONDS, registry=r)
+        self.batch_size = Histogram("aat_batch_size", "Clips per forward batch.",
+                                    buckets=_BATCH, registry=r)
+        self.batch_tasks = Histogram("aat_batch_tasks", "Distinct tasks per forward batch "
+                                     "(above 1 means batches mix tasks).", buckets=_TASKS,
+                                     registry=r)
+        self.queue_depth = Gauge("aat_queue_depth", "Requests admitted and not yet computed.",
+                                 registry=r)
+        self.tasks_resident = Gauge("aat_tasks_resident", "Tasks loaded in the model.",
+                                    registry=r)
+        self.bundle_loads = Counter("aat_bundle_loads_total", "Bundle loads into the model by "
+                                    "source (upload, store) and outcome.", ["source", "outcome"],
+                                    registry=r)
+        self.bundle_load_seconds = Histogram("aat_bundle_load_seconds", "Time to validate and "
+                                             "activate a bundle.", buckets=_SECONDS, registry=r)
+        self.rejections = Counter("aat_rejections_total", "Requests refused, by reason (the "
+                                  "error type).", ["reason"], registry=r)
+        self.ready = Gauge("aat_ready", "1 once the backbone and preloaded tasks are warm.",
+                           registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

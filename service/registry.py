@@ -1,0 +1,231 @@
+"""The task registry: keeps the model's resident tasks in step with the bundle store.
+
+* ``put`` validates an upload completely (format, manifest, names, shapes, finite values,
+  content-hash version, backbone fingerprint) before anything changes, then writes it to the
+  store atomically and activates it; a failed activation rolls the store back.
+* ``refresh`` rescans the store (periodically, and for one task on a miss), loading new or
+  changed bundles and unloading deleted ones, so replicas sharing a store converge.
+* With ``preload="lazy"`` a task is loaded on its first request instead of at start-up.
+
+Store, model and catalogue changes are serialised by one lock; validation runs before it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from adapters.bundle import Manifest, TaskBundle, _content_version
+from adapters.errors import AATError, BundleError, SlotsFullError, UnknownTaskError
+from service.engine import Engine, TaskInfo
+from service.metrics import Metrics
+from service.store import BundleStore, StoreEntry, read_manifest
+
+log = logging.getLogger("aat.service.registry")
+
+
+@dataclass(frozen=True)
+class PutResult:
+    task: str
+    version: str
+    previous_version: str | None
+    created: bool
+    unchanged: bool
+
+
+class Registry:
+    """Bundle store <-> resident tasks."""
+
+    def __init__(self, engine: Engine, store: BundleStore | None, backbone: Any,
+                 fingerprint: str, metrics: Metrics, *, lazy: bool, max_tasks: int) -> None:
+        self.engine = engine
+        self.store = store
+        self.backbone = backbone
+        self.fingerprint = fingerprint
+        self.metrics = metrics
+        self.lazy = lazy
+        self.max_tasks = max_tasks
+        self.catalogue: dict[str, Manifest] = {}
+        """Every task the store holds (resident or not), by name."""
+        self._stamps: dict[str, tuple[int, int]] = {}
+        self._bad: dict[str, tuple[int, int]] = {}
+        self._lock = asyncio.Lock()
+
+    # -- validation (no side effects; runs in a thread) -----------------------------------
+    def validate(self, data: bytes, task: str) -> TaskBundle:
+        """Parse and check a bundle for ``task`` against this backbone, or raise."""
+        bundle = TaskBundle.from_bytes(data)  # format, manifest, names, shapes, finite values
+        m = bundle.manifest
+        if m.task != task:
+            raise BundleError(f"the bundle is for task {m.task!r}, not {task!r}")
+        actual = _content_version(bundle.tensors, m)
+        if m.version != actual:
+            raise BundleError(f"the bundle's version {m.version!r} does not match its content "
+                              f"hash {actual!r}")
+        bundle.check_backbone(self.backbone, self.fingerprint)  # BackboneMismatchError
+        return bundle
+
+    def _read(self, entry: StoreEntry) -> TaskBundle:
+        try:
+            data = entry.path.read_bytes()
+        except OSError as e:
+            raise BundleError(f"cannot read {entry.path}: {e.strerror}") from None
+        return self.validate(data, entry.task)
+
+    # -- upload and delete ----------------------------------------------------------------
+    async def put(self, task: str, data: bytes) -> PutResult:
+        """Validate, store and activate an uploaded bundle; nothing changes if it is refused."""
+        started = time.monotonic()
+        try:
+            bundle = await asyncio.to_thread(self.validate, data, task)
+        except AATError:
+            self.metrics.bundle_loads.labels("upload", "refused").inc()
+            raise
+        version = bundle.manifest.version
+        async with self._lock:
+            current = self.engine.tasks.get(task)
+            entry = await asyncio.to_thread(self.store.entry, task)
+            if (current is not None and current.version == version and entry is not None
+                    and entry.version == version):
+                return PutResult(task, version, version, created=False, unchanged=True)
+            if current is None and len(self.engine.tasks) >= self.max_tasks:
+                raise SlotsFullError(f"cannot add task {task!r}: all {self.max_tasks} task "
+                                     "slots are in use (AAT_MAX_TASKS); delete a task first")
+            previous = current.version if current is not None else (
+                self.catalogue[task].version if task in self.catalogue else None)
+            new_entry = await asyncio.to_thread(self.store.put, task, version, data)
+            try:
+                await self.engine.load(bundle)
+            except BaseException:
+                await asyncio.to_thread(self._roll_back, task, entry)
+                self.metrics.bundle_loads.labels("upload", "failed").inc()
+                raise
+            await asyncio.to_thread(self.store.drop_seed, task)
+            self.catalogue[task] = bundle.manifest
+            self._stamps[task] = new_entry.stamp
+            self._bad.pop(task, None)
+        self.metrics.bundle_loads.labels("upload", "ok").inc()
+        self.metrics.bundle_load_seconds.observe(time.monotonic() - started)
+        log.info("task activated", extra={"task": task, "version": version,
+                                          "previous_version": previous, "source": "upload"})
+        return PutResult(task, version, previous, created=previous is None, unchanged=False)
+
+    def _roll_back(self, task: str, previous: StoreEntry | None) -> None:
+        try:
+            if previous is not None and previous.version:
+                self.store.activate(task, previous.version)
+            elif previous is None:
+                self.store.delete(task)
+        except (OSError, AATError):
+            log.exception("could not roll back the store for task %s", task)
+
+    async def delete(self, task: str) -> str:
+        """Deactivate and remove ``task`` from the store and the model; its last version."""
+        async with self._lock:
+            entry = await asyncio.to_thread(self.store.entry, task)
+            info = self.engine.tasks.get(task)
+            if entry is None and info is None:
+                raise UnknownTaskError(f"unknown task {task!r}")
+            version = info.version if info is not None else self.catalogue[task].version \
+                if task in self.catalogue else (entry.version or "")
+            await asyncio.to_thread(self.store.delete, task)
+            await self.engine.unload(task)
+            self.catalogue.pop(task, None)
+            self._stamps.pop(task, None)
+            self._bad.pop(task, None)
+        log.info("task deleted", extra={"task": task, "version": version})
+        return version
+
+    # -- lookups --------------------------------------------------------------------------
+    async def resolve(self, task: str) -> TaskInfo:
+        """The resident task, loading it from the store on a miss; else ``UnknownTaskError``."""
+        info = self.engine.tasks.get(task)
+        if info is not None:
+            return info
+        if self.store is not None:
+            await self.refresh(only=task)
+        info = self.engine.tasks.get(task)
+        if info is None:
+            raise UnknownTaskError(f"unknown task {task!r}")
+        return info
+
+    def manifest(self, task: str) -> Manifest | None:
+        info = self.engine.tasks.get(task)
+        if info is not None:
+            return info.manifest
+        return self.catalogue.get(task)
+
+    # -- store synchronisation ------------------------------------------------------------
+    async def refresh(self, only: str | None = None) -> None:
+        """Bring the catalogue and the resident tasks in line with the store.
+
+        ``only`` limits the scan to one task and loads it even in lazy mode (a miss).
+        """
+        if self.store is None:
+            return
+        async with self._lock:
+            if only is None:
+                entries = await asyncio.to_thread(self.store.scan)
+                names = set(entries) | set(self.engine.tasks) | set(self.catalogue)
+            else:
+                e = await asyncio.to_thread(self.store.entry, only)
+                entries = {only: e} if e is not None else {}
+                names = {only}
+            for task in sorted(names):
+                entry = entries.get(task)
+                if entry is None:
+                    await self._forget(task)
+                else:
+                    await self._sync(entry, load=not self.lazy or only == task)
+
+    async def _forget(self, task: str) -> None:
+        if task in self.engine.tasks:
+            await self.engine.unload(task)
+            log.info("task removed from the store; unloaded", extra={"task": task})
+        self.catalogue.pop(task, None)
+        self._stamps.pop(task, None)
+
+    async def _sync(self, entry: StoreEntry, *, load: bool) -> None:
+        task = entry.task
+        resident = self.engine.tasks.get(task)
+        if self._stamps.get(task) == entry.stamp and (resident is not None or not load):
+            return
+        if self._bad.get(task) == entry.stamp:
+            return  # already reported; wait for the file to change
+        try:
+            manifest = await asyncio.to_thread(read_manifest, entry.path)
+            if resident is not None and resident.version == manifest.version:
+                self._stamps[task] = entry.stamp
+                self.catalogue[task] = resident.manifest
+                return
+            if resident is None and not load:
+                if manifest.task != task:
+                    raise BundleError(f"the bundle is for task {manifest.task!r}, not {task!r}")
+                self.catalogue[task] = manifest
+                self._stamps[task] = entry.stamp
+                return
+            if resident is None and len(self.engine.tasks) >= self.max_tasks:
+                log.warning("no free task slot for %s (AAT_MAX_TASKS=%d)", task, self.max_tasks,
+                            extra={"task": task})
+                self.metrics.bundle_loads.labels("store", "slots_full").inc()
+                return
+            started = time.monotonic()
+            bundle = await asyncio.to_thread(self._read, entry)
+            await self.engine.load(bundle)
+        except AATError as e:
+            self._bad[task] = entry.stamp
+            self.metrics.bundle_loads.labels("store", "refused").inc()
+            log.error("store bundle refused: %s", e, extra={"task": task,
+                                                            "path": str(entry.path)})
+            return
+        self.metrics.bundle_loads.labels("store", "ok").inc()
+        self.metrics.bundle_load_seconds.observe(time.monotonic() - started)
+        self.catalogue[task] = bundle.manifest
+        self._stamps[task] = entry.stamp
+        self._bad.pop(task, None)
+        log.info("task activated", extra={"task": task, "version": bundle.manifest.version,
+                                          "previous_version": resident.version if resident
+                                          else None, "source": "store"})

@@ -1,0 +1,181 @@
+"""The running service: backbone, multi-task model, engine, registry, pools; start and stop.
+
+Start-up has two phases. ``Service.create`` loads the backbone and builds the model (errors
+here stop the server with a clear message). ``Service.start`` then loads the store's bundles,
+runs one warm-up batch of every preloaded task and only then reports ready; it runs in the
+background so ``/healthz`` answers (and ``/readyz`` says 503) while it works.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import torch
+
+from adapters.checkpoints import LoadedCheckpoint, load_checkpoint
+from adapters.config import FeatureConfig
+from adapters.errors import ConfigError
+from adapters.features import fbank, load_audio
+from adapters.multitask import MultiTaskModel
+from service.engine import Engine
+from service.errors import overloaded
+from service.metrics import Metrics
+from service.registry import Registry
+from service.settings import Settings
+from service.store import BundleStore
+
+log = logging.getLogger("aat.service")
+
+NO_CHECKPOINT = (
+    "no backbone configured: set AAT_CHECKPOINT (or pass --checkpoint) to an AST/SSAST .pth "
+    "file or a Hugging Face AST directory, and AAT_BUNDLE_DIR (or --bundle-dir) to the "
+    "directory holding the task bundles")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("AAT_DEVICE is 'cuda' but no CUDA device is available; use 'auto' "
+                          "or 'cpu'")
+    return torch.device(name)
+
+
+def load_backbone(settings: Settings) -> LoadedCheckpoint:
+    """The configured checkpoint, or ``ConfigError`` saying what to configure."""
+    if settings.checkpoint is None:
+        raise ConfigError(NO_CHECKPOINT)
+    return load_checkpoint(settings.checkpoint)
+
+
+def _featurise(audio: bytes, cfg: FeatureConfig) -> tuple[torch.Tensor, float]:
+    """``features_from_audio`` in its two steps, keeping the decoded duration."""
+    wave = load_audio(audio, sample_rate=cfg.sample_rate, max_duration_s=cfg.max_duration_s)
+    return fbank(wave, cfg), wave.numel() / cfg.sample_rate
+
+
+class Service:
+    """Everything a request needs, owned by the app's lifespan."""
+
+    def __init__(self, settings: Settings, checkpoint: LoadedCheckpoint,
+                 metrics: Metrics | None = None) -> None:
+        self.settings = settings
+        self.checkpoint = checkpoint
+        self.metrics = metrics or Metrics()
+        self.device = resolve_device(settings.device)
+        self.dtype = torch.bfloat16 if settings.dtype == "bfloat16" else torch.float32
+        self.backbone = checkpoint.backbone
+        self.fingerprint = self.backbone.fingerprint()
+        self.model = MultiTaskModel(self.backbone, max_tasks=settings.max_tasks, dtype=self.dtype,
+                                    device=self.device, fingerprint=self.fingerprint)
+        self.store = BundleStore(settings.bundle_dir) if settings.bundle_dir else None
+        self.engine: Engine | None = None
+        self.registry: Registry | None = None
+        self.decode_pool = ThreadPoolExecutor(settings.decode_workers,
+                                              thread_name_prefix="aat-decode")
+        self.ready = False
+        self.startup_error: str | None = None
+        self.started_at = time.time()
+        self._uploads = 0
+        self._background: list[asyncio.Task] = []
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def start(self) -> None:
+        """Create the engine and registry on the running loop; load and warm up behind."""
+        s = self.settings
+        self.engine = Engine(self.model, self.metrics, max_batch=s.max_batch,
+                             max_wait_s=s.max_wait_ms / 1000.0, max_queue=s.max_queue,
+                             max_tasks=s.max_tasks)
+        self.engine.start()
+        self.registry = Registry(self.engine, self.store, self.backbone, self.fingerprint,
+                                 self.metrics, lazy=s.preload == "lazy", max_tasks=s.max_tasks)
+        loop = asyncio.get_running_loop()
+        self._background.append(loop.create_task(self._startup(), name="aat-startup"))
+
+    async def _startup(self) -> None:
+        try:
+            await self.registry.refresh()
+            await self.engine.control(self._warm_up)
+        except Exception as e:
+            self.startup_error = f"start-up failed: {e}"
+            log.exception("start-up failed")
+            return
+        self.ready = True
+        self.metrics.ready.set(1)
+        log.info("ready", extra={"tasks": sorted(self.engine.tasks), "device": str(self.device),
+                                 "dtype": self.settings.dtype, "fingerprint": self.fingerprint})
+        if self.store is not None:
+            self._background.append(asyncio.get_running_loop().create_task(
+                self._refresh_forever(), name="aat-refresh"))
+
+    async def _refresh_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.refresh_s)
+            try:
+                await self.registry.refresh()
+            except Exception:
+                log.exception("store rescan failed")
+
+    def _warm_up(self) -> None:
+        """One batch per feature shape through every resident task (on the worker thread)."""
+        started = time.monotonic()
+        tasks = self.engine.tasks
+        with torch.inference_mode():
+            if not tasks:  # the backbone alone
+                cfg = self.backbone.cfg
+                p = next(self.backbone.parameters())
+                self.backbone(torch.zeros(1, cfg.target_length, cfg.num_mel_bins,
+                                          device=p.device, dtype=p.dtype))
+            else:
+                by_shape: dict[tuple[int, int], list[str]] = {}
+                for name, info in sorted(tasks.items()):
+                    f = info.manifest.feature_config
+                    by_shape.setdefault((f.target_length, f.num_mel_bins), []).append(name)
+                for shape, names in by_shape.items():
+                    for i in range(0, len(names), self.settings.max_batch):
+                        chunk = names[i:i + self.settings.max_batch]
+                        self.model.classify(torch.zeros(len(chunk), *shape), chunk)
+        log.info("warm-up done", extra={"tasks": len(tasks),
+                                        "seconds": round(time.monotonic() - started, 3)})
+
+    async def stop(self) -> None:
+        self.ready = False
+        self.metrics.ready.set(0)
+        for t in self._background:
+            t.cancel()
+        for t in self._background:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        if self.engine is not None:
+            await self.engine.stop()
+        self.decode_pool.shutdown(wait=False, cancel_futures=True)
+
+    # -- helpers for the routes -----------------------------------------------------------
+    def feature_config(self, features: dict[str, Any]) -> FeatureConfig:
+        """A task's feature settings with the service's duration limit applied."""
+        cfg = FeatureConfig.from_dict(features)
+        limit = min(cfg.max_duration_s, self.settings.max_audio_seconds)
+        return dataclasses.replace(cfg, max_duration_s=limit)
+
+    async def features(self, audio: bytes, cfg: FeatureConfig) -> tuple[torch.Tensor, float]:
+        """Model input and duration (s), decoded in the decode pool, off the event loop."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.decode_pool, _featurise, audio, cfg)
+
+    @contextlib.contextmanager
+    def upload_slot(self):
+        """Bound concurrent bundle uploads (AAT_MAX_UPLOADS); 503 beyond."""
+        if self._uploads >= self.settings.max_uploads:
+            raise overloaded(f"too many bundle uploads in progress ({self.settings.max_uploads}, "
+                             "AAT_MAX_UPLOADS); retry later", retry_after_s=5)
+        self._uploads += 1
+        try:
+            yield
+        finally:
+            self._uploads -= 1

@@ -1,0 +1,81 @@
+"""Response bodies of the HTTP API (they document themselves in OpenAPI)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from adapters.bundle import Manifest
+
+
+class Prediction(BaseModel):
+    label: str
+    score: float = Field(description="Softmax probability, or sigmoid for multi-label tasks.")
+
+
+class ClassifyResponse(BaseModel):
+    task: str
+    version: str = Field(description="Content hash of the bundle version that computed this.")
+    multi_label: bool
+    predictions: list[Prediction] = Field(description="The top-k labels, best first.")
+    duration_s: float = Field(description="Decoded audio duration in seconds.")
+    queue_ms: float = Field(description="Time waiting for the batch.")
+    inference_ms: float = Field(description="Forward time of the batch.")
+    batch_size: int = Field(description="Clips in the batch that computed this one.")
+    batch_tasks: int = Field(description="Distinct tasks in that batch.")
+
+
+class TaskSummary(BaseModel):
+    task: str
+    version: str
+    method: str
+    labels: list[str]
+    num_classes: int
+    multi_label: bool
+    metrics: dict[str, Any]
+    created_at: str
+    resident: bool = Field(description="Loaded in this replica's model (else loaded on use).")
+
+    @classmethod
+    def of(cls, m: Manifest, resident: bool) -> TaskSummary:
+        return cls(task=m.task, version=m.version, method=m.method, labels=m.labels,
+                   num_classes=m.num_classes, multi_label=m.multi_label, metrics=m.metrics,
+                   created_at=m.created_at, resident=resident)
+
+
+class TaskList(BaseModel):
+    tasks: list[TaskSummary]
+    count: int
+
+
+class TaskDetail(BaseModel):
+    task: str
+    version: str
+    resident: bool
+    manifest: dict[str, Any] = Field(description="The bundle's manifest as stored.")
+
+
+class PutResult(BaseModel):
+    task: str
+    version: str
+    previous_version: str | None
+    created: bool = Field(description="True when the task did not exist before (201).")
+    unchanged: bool = Field(description="True when this version was already active.")
+
+
+class DeleteResult(BaseModel):
+    task: str
+    version: str = Field(description="The version that was active.")
+    deleted: bool = True
+
+
+class Health(BaseModel):
+    status: str
+
+
+class Readiness(BaseModel):
+    status: str
+    tasks: int
+    device: str
+    dtype: str

@@ -1,0 +1,125 @@
+"""Service settings from the environment (``AAT_`` prefix), validated before anything starts.
+
+Every field is one environment variable, e.g. ``max_batch`` is ``AAT_MAX_BATCH``. ``aat serve``
+flags override the environment; a bad value stops start-up with a message naming the variable.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from adapters.errors import ConfigError
+
+# Values people leave in example files; a token equal to one of these is refused.
+PLACEHOLDER_SECRETS = frozenset({
+    "changeme", "changethis", "change-me", "change_me", "secret", "password", "token",
+    "admin", "example", "default", "xxx", "test", "todo", "replace-me", "your-token",
+})
+MIN_TOKEN_LENGTH = 16
+
+
+class Settings(BaseSettings):
+    """Everything the service can be told; the docstring of each field is its documentation."""
+
+    model_config = SettingsConfigDict(env_prefix="AAT_", env_ignore_empty=True, extra="ignore",
+                                      validate_default=True)
+
+    checkpoint: Path | None = None
+    """Backbone checkpoint: original AST/SSAST ``.pth`` or a Hugging Face directory."""
+    bundle_dir: Path | None = None
+    """The bundle store (a directory, shareable between replicas); None serves no uploads."""
+    admin_token: str | None = None
+    """Bearer token for PUT/DELETE /tasks/{task}; unset disables management (403)."""
+    api_token: str | None = None
+    """Bearer token for /classify and /tasks; unset leaves them open."""
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    max_batch: int = Field(8, ge=1, le=1024)
+    """Most clips in one forward pass."""
+    max_wait_ms: float = Field(5.0, ge=0, le=10_000)
+    """Longest a clip waits for others to fill its batch."""
+    max_queue: int = Field(256, ge=1, le=1_000_000)
+    """Most requests admitted (decoding or waiting for a batch); beyond it 503."""
+    request_timeout_s: float = Field(30.0, gt=0, le=3600)
+    """A request not answered this long after its body arrived gets 504 (and is not computed)."""
+    max_audio_mb: float = Field(25.0, gt=0)
+    max_audio_seconds: float = Field(600.0, gt=0)
+    max_bundle_mb: float = Field(200.0, gt=0)
+    max_uploads: int = Field(2, ge=1, le=64)
+    """Bundle uploads processed at the same time; more get 503."""
+    max_tasks: int = Field(64, ge=1, le=4096)
+    """Task slots resident in the model."""
+    preload: Literal["eager", "lazy"] = "eager"
+    """eager: load every bundle of the store at start-up; lazy: on a task's first request."""
+    refresh_s: float = Field(5.0, gt=0, le=3600)
+    """Interval of the store rescan that makes replicas converge."""
+    decode_workers: int = Field(2, ge=1, le=64)
+    """Threads that decode audio and compute features, off the event loop."""
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("log_level", "device", "dtype", "preload", mode="before")
+    @classmethod
+    def _lower(cls, v: Any) -> Any:
+        return v.lower() if isinstance(v, str) else v
+
+    @field_validator("admin_token", "api_token")
+    @classmethod
+    def _real_secret(cls, v: str | None) -> str | None:
+        if v is None:
+            return None
+        if v.strip().lower() in PLACEHOLDER_SECRETS:
+            raise ValueError(f"is a placeholder ({v!r}); set a real secret")
+        if len(v) < MIN_TOKEN_LENGTH:
+            raise ValueError(f"is too short ({len(v)} characters); use at least "
+                             f"{MIN_TOKEN_LENGTH} random characters")
+        if any(c.isspace() for c in v) or not v.isprintable():
+            raise ValueError("must not contain whitespace or control characters")
+        return v
+
+    @model_validator(mode="after")
+    def _distinct_tokens(self) -> Settings:
+        if self.admin_token is not None and self.admin_token == self.api_token:
+            raise ValueError("AAT_ADMIN_TOKEN and AAT_API_TOKEN must differ")
+        if self.admin_token is not None and self.bundle_dir is None:
+            raise ValueError("AAT_ADMIN_TOKEN is set but AAT_BUNDLE_DIR is not: uploaded "
+                             "bundles need a store directory")
+        return self
+
+    @property
+    def management_enabled(self) -> bool:
+        return self.admin_token is not None
+
+    @property
+    def max_audio_bytes(self) -> int:
+        return int(self.max_audio_mb * 1024 * 1024)
+
+    @property
+    def max_bundle_bytes(self) -> int:
+        return int(self.max_bundle_mb * 1024 * 1024)
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Settings from the environment with ``overrides`` (None values ignored) on top.
+
+    Raises ``ConfigError`` naming the variable and the problem, e.g.
+    ``AAT_MAX_BATCH: Input should be greater than or equal to 1 (got '0')``.
+    """
+    given = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        return Settings(**given)
+    except ValidationError as e:
+        problems = []
+        for err in e.errors():
+            loc = "_".join(str(p) for p in err["loc"]).upper()
+            name = f"AAT_{loc}" if loc else "settings"
+            msg = err["msg"].removeprefix("Value error, ")
+            secret = not loc or "TOKEN" in loc  # never echo secrets (or the whole input)
+            shown = "" if secret else f" (got {err.get('input')!r})"
+            problems.append(f"{name}: {msg}{shown}")
+        raise ConfigError("invalid configuration: " + "; ".join(problems)) from None

@@ -1,0 +1,217 @@
+"""The bundle store: a directory, shareable between replicas, that is the source of truth.
+
+Layout::
+
+    <store>/<task>.safetensors             a bundle placed by hand (seed); optional
+    <store>/<task>/<version>.safetensors   versions uploaded through PUT, named by content hash
+    <store>/<task>/ACTIVE                  the version the task serves (one line)
+
+A task directory with an ``ACTIVE`` file takes precedence over a hand-placed file. Every write
+is atomic (temporary file in the same directory, fsync, rename, fsync of the directory), so a
+reader sees the old or the new state and never a partial file. The previous version is kept
+until a newer one is active; older ones are pruned. Other files (dotfiles, temporaries) are
+ignored. Nothing here loads tensors: ``read_manifest`` parses only the safetensors header.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import struct
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from adapters.bundle import FORMAT, TASK_NAME_RE, Manifest
+from adapters.errors import BundleError
+
+log = logging.getLogger("aat.service.store")
+
+ACTIVE = "ACTIVE"
+SUFFIX = ".safetensors"
+_VERSION_RE = TASK_NAME_RE  # content hashes are lowercase hex; the same charset is safe
+_MAX_HEADER = 16 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class StoreEntry:
+    """Where a task's active bundle lives in the store."""
+
+    task: str
+    path: Path
+    version: str | None
+    """From ``ACTIVE`` for uploaded bundles; None for hand-placed files (read the manifest)."""
+    stamp: tuple[int, int]
+    """(mtime_ns, size) of the file: a cheap change detector."""
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):  # not every filesystem lets a directory be fsynced
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically: temp file in the same folder, fsync, rename."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def read_manifest(path: Path) -> Manifest:
+    """The manifest of a bundle file, from its safetensors header alone (no tensors read)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise BundleError(f"{path.name}: not a safetensors file (fewer than 8 bytes)")
+            (n,) = struct.unpack("<Q", head)
+            if n <= 0 or n > _MAX_HEADER:
+                raise BundleError(f"{path.name}: not a safetensors file (bad header length)")
+            raw = f.read(n)
+    except OSError as e:
+        raise BundleError(f"cannot read bundle {path.name}: {e.strerror}") from None
+    try:
+        header = json.loads(raw.decode("utf-8"))
+        meta = header.get("__metadata__") or {}
+        if meta.get("format") != FORMAT:
+            raise BundleError(f"{path.name}: not an aat bundle (format {meta.get('format')!r})")
+        return Manifest.from_dict(json.loads(meta["manifest"]))
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, AttributeError, TypeError):
+        raise BundleError(f"{path.name}: bundle header or manifest is not valid JSON") from None
+
+
+class BundleStore:
+    """File operations on the store directory; no model, no HTTP."""
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        if not os.access(self.root, os.R_OK | os.X_OK):
+            raise BundleError(f"bundle store {str(self.root)!r} is not readable")
+
+    # -- reading --------------------------------------------------------------------------
+    def entry(self, task: str) -> StoreEntry | None:
+        """The active bundle of ``task``, or None if the store has none."""
+        if not TASK_NAME_RE.fullmatch(task):
+            return None
+        managed = self.root / task
+        try:
+            version = (managed / ACTIVE).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError):
+            version = ""
+        if version and _VERSION_RE.fullmatch(version):
+            path = managed / f"{version}{SUFFIX}"
+            stamp = self._stamp(path)
+            if stamp is not None:
+                return StoreEntry(task, path, version, stamp)
+            log.warning("store: %s/ACTIVE names version %s but its file is missing", task,
+                        version)
+        flat = self.root / f"{task}{SUFFIX}"
+        stamp = self._stamp(flat)
+        return StoreEntry(task, flat, None, stamp) if stamp is not None else None
+
+    def scan(self) -> dict[str, StoreEntry]:
+        """Every task with an active bundle."""
+        names: set[str] = set()
+        try:
+            children = list(os.scandir(self.root))
+        except OSError as e:
+            raise BundleError(f"cannot list bundle store {str(self.root)!r}: {e.strerror}"
+                              ) from None
+        for child in children:
+            name = child.name
+            if name.endswith(SUFFIX):
+                name = name[: -len(SUFFIX)]
+            if TASK_NAME_RE.fullmatch(name):
+                names.add(name)
+        out = {}
+        for name in sorted(names):
+            e = self.entry(name)
+            if e is not None:
+                out[name] = e
+        return out
+
+    @staticmethod
+    def _stamp(path: Path) -> tuple[int, int] | None:
+        try:
+            st = path.stat()
+        except OSError:
+            return None
+        if not path.is_file():
+            return None
+        return (st.st_mtime_ns, st.st_size)
+
+    # -- writing --------------------------------------------------------------------------
+    def put(self, task: str, version: str, data: bytes) -> StoreEntry:
+        """Store ``data`` as ``task``'s version ``version`` and make it active, atomically."""
+        if not TASK_NAME_RE.fullmatch(task) or not _VERSION_RE.fullmatch(version):
+            raise BundleError(f"cannot store task {task!r} version {version!r}: bad name")
+        d = self.root / task
+        d.mkdir(exist_ok=True)
+        target = d / f"{version}{SUFFIX}"
+        if not target.is_file():
+            atomic_write(target, data)
+        atomic_write(d / ACTIVE, (version + "\n").encode())
+        entry = self.entry(task)
+        if entry is None or entry.version != version:
+            raise BundleError(f"store {str(self.root)!r}: task {task!r} version {version} was "
+                              "written but does not read back")
+        self._prune(d, keep={version, self._previous(d, version)})
+        return entry
+
+    def drop_seed(self, task: str) -> None:
+        """Remove a hand-placed ``<task>.safetensors`` once an uploaded version is active."""
+        with contextlib.suppress(FileNotFoundError, PermissionError):
+            (self.root / f"{task}{SUFFIX}").unlink()
+
+    def activate(self, task: str, version: str) -> None:
+        """Point ``task`` back at a stored version (used to roll back a failed activation)."""
+        d = self.root / task
+        if not (d / f"{version}{SUFFIX}").is_file():
+            raise BundleError(f"store has no version {version} of task {task!r}")
+        atomic_write(d / ACTIVE, (version + "\n").encode())
+
+    def delete(self, task: str) -> bool:
+        """Deactivate and remove every version of ``task``; False if there was none."""
+        found = False
+        d = self.root / task
+        if (d / ACTIVE).exists():
+            (d / ACTIVE).unlink(missing_ok=True)  # deactivation first: readers see "gone"
+            found = True
+        flat = self.root / f"{task}{SUFFIX}"
+        if flat.exists():
+            flat.unlink(missing_ok=True)
+            found = True
+        if d.is_dir():
+            shutil.rmtree(d, ignore_errors=True)
+        _fsync_dir(self.root)
+        return found
+
+    @staticmethod
+    def _previous(d: Path, current: str) -> str | None:
+        """The most recently written version other than ``current``."""
+        others = [p for p in d.glob(f"*{SUFFIX}") if p.stem != current]
+        if not others:
+            return None
+        return max(others, key=lambda p: p.stat().st_mtime_ns).stem
+
+    @staticmethod
+    def _prune(d: Path, keep: set[str | None]) -> None:
+        for p in d.glob(f"*{SUFFIX}"):
+            if p.stem not in keep:
+                p.unlink(missing_ok=True)

@@ -1,0 +1,49 @@
+"""Fixtures for the service tests: one tiny checkpoint per session and bundles on it."""
+
+from __future__ import annotations
+
+import pytest
+
+from service.app import create_app
+from service.settings import Settings
+from tests.service.helpers import load_tiny, make_bundle, write_tiny_checkpoint
+
+
+@pytest.fixture(scope="session")
+def ckpt_dir(tmp_path_factory):
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-ast")
+
+
+@pytest.fixture(scope="session")
+def ckpt(ckpt_dir):
+    return load_tiny(ckpt_dir)
+
+
+@pytest.fixture(scope="session")
+def bundles(ckpt):
+    """Three tasks of different methods and class counts."""
+    return {
+        "birds": make_bundle(ckpt, "birds", method="aat_ms", num_classes=4, seed=1),
+        "words": make_bundle(ckpt, "words", method="aat_m", num_classes=5, seed=2),
+        "tags": make_bundle(ckpt, "tags", method="head", num_classes=3, seed=3,
+                            multi_label=True),
+    }
+
+
+@pytest.fixture
+def store(tmp_path):
+    d = tmp_path / "store"
+    d.mkdir()
+    return d
+
+
+@pytest.fixture
+def make_app(ckpt_dir, store):
+    """``make_app(**settings)``: an app on the tiny checkpoint and the test's store."""
+
+    def factory(**overrides):
+        base = dict(checkpoint=ckpt_dir, bundle_dir=store, max_wait_ms=2.0, refresh_s=0.2)
+        base.update(overrides)
+        return create_app(Settings(**base))
+
+    return factory
