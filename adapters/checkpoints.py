@@ -273,7 +273,8 @@ def _orig_to_canonical(sd: dict[str, torch.Tensor]) -> tuple[dict, dict, list[st
     return out, origin, dropped, extras
 
 
-def _to_canonical(state_dict: dict[str, torch.Tensor], source_format: str | None = None):
+def _to_canonical(state_dict: dict[str, torch.Tensor], source_format: str | None = None,
+                  path: str = "state dict"):
     """(canonical, origin names, dropped keys, extras, format) for a state dict of any layout."""
     fmt = source_format or detect_format(state_dict)
     if fmt == "hf":
@@ -281,8 +282,8 @@ def _to_canonical(state_dict: dict[str, torch.Tensor], source_format: str | None
         dropped: list[str] = []
         extras: dict[str, torch.Tensor] = {}
         if unknown:
-            raise CheckpointError(f"unexpected tensors in a Hugging Face AST checkpoint: "
-                                  f"{_few(sorted(unknown))}")
+            raise CheckpointError(f"{path!r}: unexpected tensors in a Hugging Face AST "
+                                  f"checkpoint: {_few(sorted(unknown))}")
     elif fmt in ("ast", "ssast"):
         canon, origin, dropped, extras = _orig_to_canonical(state_dict)
     else:
@@ -606,7 +607,7 @@ def load_checkpoint(path: str | os.PathLike, *, target_length: int | None = None
     if not p.exists():
         raise CheckpointError(f"checkpoint {spath!r} does not exist")
     sd = _read_tensor_file(p)
-    canon, origin, dropped, extras, fmt = _to_canonical(sd)
+    canon, origin, dropped, extras, fmt = _to_canonical(sd, path=spath)
     fields = _shape_config(canon, spath, num_heads)
     n_patch = int(canon["pos_embed"].shape[1]) - fields["num_prefix_tokens"]
     if fmt == "ssast":
@@ -663,7 +664,7 @@ def _load_hf_dir(directory: Path, target_length: int | None, freq_stride: int | 
     except ConfigError as e:
         raise CheckpointError(f"{spath!r}: inconsistent config.json: {e}") from None
     sd = _read_hf_weights(directory)
-    canon, origin, dropped, _, fmt = _to_canonical(sd, "hf")
+    canon, origin, dropped, _, fmt = _to_canonical(sd, "hf", spath)
     cfg = _backbone_cfg(fields, native, target_length or native_len)
     backbone = build_backbone(cfg, canon, fmt=fmt, origin=origin, path=spath)
     labels = _hf_labels(config, spath)
