@@ -124,7 +124,7 @@ class Manifest:
         m = cls(**kwargs)
         try:  # the nested configs must parse too
             m.feature_config, m.backbone_config, m.adapter_config  # noqa: B018
-        except (ConfigError, TypeError) as e:
+        except (TypeError, ValueError) as e:  # ConfigError is a ValueError
             raise BundleError(f"bundle manifest has an invalid config: {e}") from None
         return m
 
@@ -237,6 +237,8 @@ class TaskBundle:
         """Parse and validate a bundle (everything that does not need the backbone)."""
         header = _read_header(data)
         meta = header.get("__metadata__") or {}
+        if not isinstance(meta, dict):
+            raise BundleError("not a safetensors file: '__metadata__' is not an object")
         if meta.get("format") != FORMAT:
             raise BundleError(f"not an aat bundle: metadata 'format' is {meta.get('format')!r}, "
                               f"expected {FORMAT!r}")
@@ -248,7 +250,11 @@ class TaskBundle:
             raise BundleError("bundle manifest is not valid JSON") from None
         manifest = Manifest.from_dict(raw)
         for name, info in header.items():
-            if name != "__metadata__" and info.get("dtype") not in _DTYPES:
+            if name == "__metadata__":
+                continue
+            if not isinstance(info, dict):
+                raise BundleError(f"not a safetensors file: entry {name!r} is not an object")
+            if info.get("dtype") not in _DTYPES:
                 raise BundleError(f"bundle tensor {name!r} has dtype {info.get('dtype')!r}; "
                                   f"expected one of {', '.join(_DTYPES)}")
         try:
@@ -271,6 +277,9 @@ class TaskBundle:
     def validate(self) -> None:
         """Names, shapes and finiteness against the manifest's own backbone config."""
         m = self.manifest
+        if get_method(m.method).adapters.num_prompts and m.adapter_config.num_prompts < 1:
+            raise BundleError(f"bundle for method {m.method!r} needs adapter.num_prompts >= 1, "
+                              f"got {m.adapter_config.num_prompts}")
         expected = expected_tensor_shapes(m.method, m.adapter_config, m.backbone_config,
                                           m.num_classes)
         missing = sorted(set(expected) - set(self.tensors))
@@ -300,6 +309,12 @@ class TaskBundle:
                 f"{self.manifest.backbone_fingerprint}, but this backbone is {fp}")
         expected = expected_tensor_shapes(self.manifest.method, self.manifest.adapter_config,
                                           backbone.cfg, self.manifest.num_classes)
+        missing = sorted(set(expected) - set(self.tensors))
+        extra = sorted(set(self.tensors) - set(expected))
+        if missing or extra:
+            raise BackboneMismatchError(
+                f"bundle tensors do not fit this backbone ({backbone.cfg.depth} blocks): "
+                f"missing {missing[:3]}, unexpected {extra[:3]}")
         for name, shape in expected.items():
             if tuple(self.tensors[name].shape) != shape:
                 raise BackboneMismatchError(
