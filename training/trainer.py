@@ -1,0 +1,507 @@
+"""One training run: a method's model on one split (or fold) of a data set, as the AAT code.
+
+- AdamW (weight decay 0.05, betas 0.9/0.999) over the trainable parameters only;
+  MultiStepLR stepped per epoch; AAT's optional linear warm-up; mixed precision on CUDA;
+  gradient accumulation.
+- After each epoch: validation metrics, ``metrics.csv``/``metrics.json``, the best checkpoint
+  (task bundle or whole-model file) when the recipe's metric improves, the training-state
+  checkpoint and ``curves.png``. Optionally also a state checkpoint every N steps.
+- A run directory that already holds a state continues from it: data order and augmentation
+  depend only on (seed, epoch, index), so an interrupted run resumes to the same result.
+- At the end the best checkpoint is evaluated on the test split, single-label tasks get
+  ``confusion.png``, and the output (bundle or whole-model checkpoint) carries the metrics.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import hashlib
+import json
+import logging
+import math
+import os
+import resource
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from adapters.bundle import TaskBundle
+from adapters.checkpoints import checkpoint_filter_fn
+from adapters.config import FeatureConfig
+from adapters.errors import ConfigError
+from adapters.model import AudioClassifier, count_trainable
+from training.data.base import Example
+from training.dataset import Augment, ClipDataset, EpochSampler
+from training.export import save_model_checkpoint
+from training.losses import compute_loss
+from training.metrics import class_report, compute_metrics, confusion_matrix
+from training.plots import plot_confusion, plot_curves
+from training.recipes import Recipe, check_fits
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "state.pt"
+BEST_FILE = "best.safetensors"
+RUN_FILES = (STATE_FILE, BEST_FILE, "config.json", "metrics.csv", "metrics.json",
+             "summary.json", "curves.png", "confusion.png")
+_EVAL_CACHE_BYTES = 512 * 1024 * 1024
+
+
+@dataclass
+class RunOptions:
+    """How to run (not what to learn): device, workers, progress, checkpoint frequency."""
+
+    device: str = "auto"
+    num_workers: int = 0
+    progress: bool = True
+    checkpoint_every: int = 0
+    """Also save the training state every this many optimiser steps (0: after each epoch)."""
+    cache_waveforms: bool = False
+    """Keep decoded training waveforms in memory (fast for small data sets)."""
+    fresh: bool = False
+    """Discard a previous run in the run directory instead of resuming it."""
+
+
+@dataclass
+class EvalOutput:
+    """Scores (sigmoid of the logits, as AAT), targets, masks and mean loss of one split."""
+
+    scores: np.ndarray
+    targets: np.ndarray
+    masks: np.ndarray
+    loss: float
+
+    def metrics(self, masked: bool) -> dict[str, Any]:
+        out = compute_metrics(self.scores, self.targets, self.masks if masked else None)
+        out["loss"] = self.loss
+        return out
+
+
+@dataclass
+class TrainResult:
+    """What a run produced and how it went."""
+
+    best_epoch: int
+    metric: str
+    best_metric: float
+    valid: dict[str, Any]
+    test: dict[str, Any] | None
+    history: list[dict[str, Any]]
+    run_dir: Path
+    out_path: Path | None
+    trainable_params: int
+    total_params: int
+    epoch_time_s: float
+    clips_per_s: float
+    peak_memory_mb: float
+    test_report: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"best_epoch": self.best_epoch, "metric": self.metric,
+                "best_metric": self.best_metric, "valid": self.valid, "test": self.test,
+                "run_dir": str(self.run_dir),
+                "out": str(self.out_path) if self.out_path else None,
+                "trainable_params": self.trainable_params, "total_params": self.total_params,
+                "epoch_time_s": self.epoch_time_s, "clips_per_s": self.clips_per_s,
+                "peak_memory_mb": self.peak_memory_mb, "epochs": len(self.history)}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"unknown device {name!r}; expected auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} requested but CUDA is not available")
+    return dev
+
+
+def _json_safe(x: Any) -> Any:
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_json_safe(v) for v in x]
+    return x
+
+
+def write_json(path: Path, data: Any) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(_json_safe(data), f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def _digest(examples: list[Example]) -> dict[str, Any]:
+    """Count and hash of a split's clips and labels (to recognise the same data on resume)."""
+    h = hashlib.sha256()
+    for e in examples:
+        h.update(f"{e.key or e.path}|{e.labels}|{e.mask}\n".encode())
+    return {"count": len(examples), "sha256": h.hexdigest()[:16]}
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak CUDA memory allocated by tensors, or this process's peak RSS on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+class Trainer:
+    """Train ``model`` on ``splits`` (``train``/``valid``/``test`` examples) with ``recipe``."""
+
+    def __init__(self, model: AudioClassifier, splits: dict[str, list[Example]],
+                 labels: list[str], *, recipe: Recipe, features: FeatureConfig,
+                 run_dir: str | os.PathLike, task: str, multi_label: bool = False,
+                 options: RunOptions | None = None, config: dict[str, Any] | None = None,
+                 ) -> None:
+        recipe.validate()
+        self.masked = any(e.mask is not None for s in splits.values() for e in s)
+        check_fits(recipe, multi_label, self.masked)
+        if not splits.get("train"):
+            raise ConfigError("the training split is empty")
+        if not splits.get("valid"):
+            raise ConfigError("the validation split is empty; the best epoch cannot be chosen")
+        if model.num_classes != len(labels):
+            raise ConfigError(f"model has {model.num_classes} classes but the data set has "
+                              f"{len(labels)} labels")
+        if features.target_length != recipe.target_length:
+            raise ConfigError(f"features.target_length {features.target_length} differs from "
+                              f"the recipe's {recipe.target_length}")
+        self.model = model
+        self.splits = splits
+        self.labels = list(labels)
+        self.recipe = recipe
+        self.features = features
+        self.run_dir = Path(run_dir)
+        self.task = task
+        self.multi_label = multi_label
+        self.options = options or RunOptions()
+        self.device = resolve_device(self.options.device)
+        self.config = dict(config or {})
+        self.callbacks: list[Callable[[Trainer, dict[str, Any]], None]] = []
+        self._eval_cache: dict[str, list[dict[str, torch.Tensor]]] = {}
+        self._setup()
+
+    # -- setup --------------------------------------------------------------------------
+    def _setup(self) -> None:
+        r = self.recipe
+        self.model.to(self.device)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        if not self.params:
+            raise ConfigError(f"method {self.model.method.name!r} leaves nothing to train")
+        self.optimizer = torch.optim.AdamW(self.params, lr=r.lr, weight_decay=r.weight_decay,
+                                           betas=(0.9, 0.999))
+        self.scheduler = torch.optim.lr_scheduler.MultiStepLR(
+            self.optimizer, milestones=r.milestones(), gamma=r.lr_scheduler_decay)
+        cuda = self.device.type == "cuda"
+        self.amp_dtype = None
+        if r.amp and cuda:
+            self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+        aug = Augment(freqm=r.freqm, timem=r.timem, mixup=r.mixup, noise=r.noise)
+        n = len(self.labels)
+        self.train_set = ClipDataset(self.splits["train"], n, self.features, aug, seed=r.seed,
+                                     cache_waveforms=self.options.cache_waveforms)
+        self.sampler = EpochSampler(len(self.train_set), seed=r.seed)
+        self.train_loader = DataLoader(
+            self.train_set, batch_size=r.batch_size, sampler=self.sampler,
+            num_workers=self.options.num_workers, pin_memory=cuda)
+
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type="cuda", dtype=self.amp_dtype)
+
+    # -- run directory ------------------------------------------------------------------
+    def _prepare_run_dir(self) -> dict[str, Any] | None:
+        """Write or check ``config.json``; return the saved state to resume from, if any."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        config = _json_safe({**self.config, "recipe": self.recipe.to_dict(),
+                             "method": self.model.method.name, "task": self.task,
+                             "labels": self.labels, "features": self.features.to_dict(),
+                             "examples": {k: _digest(v) for k, v in self.splits.items()}})
+        cfg_path = self.run_dir / "config.json"
+        if self.options.fresh:
+            for name in RUN_FILES:
+                (self.run_dir / name).unlink(missing_ok=True)
+        if cfg_path.exists() and (self.run_dir / STATE_FILE).exists():
+            old = json.loads(cfg_path.read_text())
+            diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
+            if diff:
+                detail = "; ".join(self._describe_diff(k, old.get(k), config.get(k))
+                                   for k in diff[:4])
+                raise ConfigError(
+                    f"run directory {self.run_dir} holds a run with a different configuration "
+                    f"({detail}); pass --fresh to start over or choose another --run-dir")
+            state = torch.load(self.run_dir / STATE_FILE, map_location="cpu", weights_only=True)
+            log.info("resuming %s at epoch %d, step %d", self.run_dir, state["epoch"] + 1,
+                     state["global_step"])
+            return state
+        write_json(cfg_path, config)
+        return None
+
+    @staticmethod
+    def _describe_diff(key: str, old: Any, new: Any) -> str:
+        if isinstance(old, dict) and isinstance(new, dict):
+            keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+            return ", ".join(f"{key}.{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys[:3])
+        if isinstance(old, list) or isinstance(new, list):
+            return f"{key} differs"
+        return f"{key}: {old!r} -> {new!r}"
+
+    def _state(self, epoch: int, batches_done: int, global_step: int, running: dict[str, float],
+               history: list[dict[str, Any]], best: dict[str, Any]) -> dict[str, Any]:
+        return {"epoch": epoch, "batches_done": batches_done, "global_step": global_step,
+                "running": dict(running), "history": history, "best": dict(best),
+                "model": {n: p.detach().to("cpu").clone()
+                          for n, p in self.model.named_parameters() if p.requires_grad},
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict()}
+
+    def _save_state(self, state: dict[str, Any]) -> None:
+        fd, tmp = tempfile.mkstemp(prefix=".state.", dir=self.run_dir)
+        os.close(fd)
+        try:
+            torch.save(state, tmp)
+            os.replace(tmp, self.run_dir / STATE_FILE)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for name, t in state["model"].items():
+                if name not in params or not params[name].requires_grad:
+                    raise ConfigError(f"saved state has parameter {name!r}, which this "
+                                      "method does not train")
+                params[name].copy_(t.to(params[name].device))
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+
+    # -- outputs ------------------------------------------------------------------------
+    def manifest_recipe(self) -> dict[str, Any]:
+        keep = ("dataset", "fold", "checkpoint")
+        return {**self.recipe.to_dict(), **{k: self.config[k] for k in keep if k in self.config}}
+
+    def save_trained(self, path: str | os.PathLike, metrics: dict[str, Any]) -> Path:
+        """Task bundle for frozen-backbone methods, whole-model checkpoint otherwise."""
+        recipe = self.manifest_recipe()
+        metrics = _json_safe(metrics)
+        if self.model.method.exports_bundle:
+            bundle = TaskBundle.from_model(self.model, self.task, self.labels, self.features,
+                                           multi_label=self.multi_label, recipe=recipe,
+                                           metrics=metrics)
+            return bundle.save(path)
+        return save_model_checkpoint(self.model, path, task=self.task, labels=self.labels,
+                                     features=self.features, multi_label=self.multi_label,
+                                     recipe=recipe, metrics=metrics)
+
+    def load_trained_weights(self, path: str | os.PathLike) -> None:
+        """Put the weights of a file written by ``save_trained`` back into the model."""
+        if self.model.method.exports_bundle:
+            self.model.load_task_state_dict(TaskBundle.load(path).tensors)
+            return
+        canon = checkpoint_filter_fn(load_file(str(path)), source_format="ast")
+        with torch.no_grad():
+            head = {k.removeprefix("head."): v for k, v in canon.items() if k.startswith("head.")}
+            self.model.head.load_state_dict(head, strict=True)
+            body = {k: v for k, v in canon.items() if not k.startswith("head.")}
+            self.model.backbone.load_state_dict(body, strict=True)
+
+    def _write_metrics(self, history: list[dict[str, Any]]) -> None:
+        write_json(self.run_dir / "metrics.json", history)
+        cols = list(history[0])
+        tmp = self.run_dir / ".metrics.csv.tmp"
+        with tmp.open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=cols)
+            w.writeheader()
+            w.writerows(history)
+        os.replace(tmp, self.run_dir / "metrics.csv")
+        try:
+            plot_curves(history, self.recipe.metric, self.run_dir / "curves.png")
+        except Exception as e:  # a plot must never cost a run
+            log.warning("could not plot training curves: %s", e)
+
+    # -- evaluation ---------------------------------------------------------------------
+    def evaluate(self, split: str) -> EvalOutput:
+        """Scores, targets and loss of the model on ``split`` (no augmentation)."""
+        examples = self.splits.get(split) or []
+        if not examples:
+            raise ConfigError(f"the {split} split is empty")
+        batches = self._eval_cache.get(split)
+        if batches is None:
+            ds = ClipDataset(examples, len(self.labels), self.features)
+            loader = DataLoader(ds, batch_size=self.recipe.batch_size,
+                                num_workers=self.options.num_workers)
+            batches = list(loader) if self._cacheable(len(ds)) else None
+            if batches is not None:
+                self._eval_cache[split] = batches
+            else:
+                batches = loader
+        self.model.eval()
+        scores, targets, masks = [], [], []
+        loss_sum = 0.0
+        with torch.no_grad():
+            for batch in batches:
+                x = batch["features"].to(self.device)
+                with self._autocast():
+                    logits = self.model(x)
+                y, m = batch["target"].to(self.device), batch["mask"].to(self.device)
+                loss = compute_loss(self.recipe.loss, logits, y, m if self.masked else None)
+                loss_sum += float(loss) * len(x)
+                scores.append(torch.sigmoid(logits.float()).cpu().numpy())
+                targets.append(batch["target"].numpy())
+                masks.append(batch["mask"].numpy())
+        return EvalOutput(np.concatenate(scores), np.concatenate(targets),
+                          np.concatenate(masks), loss_sum / len(examples))
+
+    def _cacheable(self, n: int) -> bool:
+        per_item = self.features.target_length * self.features.num_mel_bins * 4
+        return n * per_item <= _EVAL_CACHE_BYTES
+
+    # -- training -----------------------------------------------------------------------
+    def train(self, out_path: str | os.PathLike | None = None) -> TrainResult:
+        """Run (or resume) every epoch, then test the best checkpoint and write ``out_path``."""
+        r = self.recipe
+        state = self._prepare_run_dir()
+        history: list[dict[str, Any]] = []
+        best: dict[str, Any] = {"epoch": 0, "metric": -math.inf, "valid": {}}
+        start_epoch, batches_done, global_step = 0, 0, 0
+        running = {"loss_sum": 0.0, "clips": 0, "seconds": 0.0}
+        if state is not None:
+            self._restore(state)
+            start_epoch, batches_done = state["epoch"], state["batches_done"]
+            global_step, running = state["global_step"], state["running"]
+            history, best = state["history"], state["best"]
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        accum = r.grad_accum
+        for epoch in range(start_epoch, r.epochs):
+            self.model.train()
+            self.train_set.set_epoch(epoch)
+            self.sampler.set_epoch(epoch, start=batches_done * r.batch_size)
+            total_batches = math.ceil(len(self.train_set) / r.batch_size)
+            bar = tqdm(total=total_batches, initial=batches_done, unit="batch", leave=False,
+                       desc=f"epoch {epoch + 1}/{r.epochs}", disable=not self.options.progress,
+                       dynamic_ncols=True)
+            t0 = time.perf_counter() - running["seconds"]
+            self.optimizer.zero_grad(set_to_none=True)
+            pending = 0
+            for batch in self.train_loader:
+                x = batch["features"].to(self.device, non_blocking=True)
+                y = batch["target"].to(self.device, non_blocking=True)
+                m = batch["mask"].to(self.device, non_blocking=True) if self.masked else None
+                with self._autocast():
+                    logits = self.model(x)
+                loss = compute_loss(r.loss, logits, y, m)
+                if not torch.isfinite(loss):
+                    raise ConfigError(f"loss became {float(loss)} at epoch {epoch + 1}, step "
+                                      f"{global_step}; lower the learning rate (--lr)")
+                self.scaler.scale(loss / accum).backward()
+                pending += 1
+                batches_done += 1
+                running["loss_sum"] += loss.item() * len(x)
+                running["clips"] += len(x)
+                if pending == accum or batches_done == total_batches:
+                    global_step = self._step(global_step)
+                    pending = 0
+                    running["seconds"] = time.perf_counter() - t0
+                    info = {"epoch": epoch, "global_step": global_step,
+                            "batches_done": batches_done, "loss": float(loss)}
+                    if (self.options.checkpoint_every
+                            and global_step % self.options.checkpoint_every == 0
+                            and batches_done < total_batches):
+                        self._save_state(self._state(epoch, batches_done, global_step, running,
+                                                     history, best))
+                    for cb in self.callbacks:
+                        cb(self, info)
+                bar.update(1)
+                if self.options.progress:
+                    rate = running["clips"] / max(time.perf_counter() - t0, 1e-9)
+                    bar.set_postfix(loss=f"{float(loss):.4f}", clips_s=f"{rate:.1f}",
+                                    lr=f"{self.optimizer.param_groups[0]['lr']:.2e}")
+            bar.close()
+            seconds = time.perf_counter() - t0
+            valid = self.evaluate("valid").metrics(self.masked)
+            row = {"epoch": epoch + 1, "train_loss": running["loss_sum"] / running["clips"],
+                   "valid_loss": valid["loss"], "acc": valid["acc"], "mAP": valid["mAP"],
+                   "mAUC": valid["mAUC"], "d_prime": valid["d_prime"],
+                   "lr": self.optimizer.param_groups[0]["lr"], "epoch_time_s": seconds,
+                   "clips_per_s": running["clips"] / max(seconds, 1e-9),
+                   "global_step": global_step}
+            history.append(row)
+            log.info("epoch %d/%d: train loss %.4f, valid loss %.4f, %s %.4f (%.1f s)",
+                     epoch + 1, r.epochs, row["train_loss"], row["valid_loss"], r.metric,
+                     valid[r.metric], seconds)
+            if valid[r.metric] > best["metric"] or best["epoch"] == 0:
+                best = {"epoch": epoch + 1, "metric": valid[r.metric], "valid": valid}
+                self.save_trained(self.run_dir / BEST_FILE,
+                                  {"valid": valid, "best_epoch": epoch + 1})
+            self.scheduler.step()
+            batches_done = 0
+            running = {"loss_sum": 0.0, "clips": 0, "seconds": 0.0}
+            self._save_state(self._state(epoch + 1, 0, global_step, running, history, best))
+            self._write_metrics(history)
+        return self._finish(history, best, out_path)
+
+    def _step(self, global_step: int) -> int:
+        r = self.recipe
+        if r.warmup and global_step <= r.warmup_steps and global_step % r.warmup_every == 0:
+            for g in self.optimizer.param_groups:  # AAT: lr = step / warmup_steps * base lr
+                g["lr"] = global_step / r.warmup_steps * r.lr
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return global_step + 1
+
+    def _finish(self, history: list[dict[str, Any]], best: dict[str, Any],
+                out_path: str | os.PathLike | None) -> TrainResult:
+        r = self.recipe
+        self.load_trained_weights(self.run_dir / BEST_FILE)
+        test, report = None, []
+        if self.splits.get("test"):
+            out = self.evaluate("test")
+            test = out.metrics(self.masked)
+            report = class_report(out.scores, out.targets, self.labels, self.multi_label,
+                                  out.masks if self.masked else None)
+            if not self.multi_label:
+                cm = confusion_matrix(out.scores, out.targets, len(self.labels))
+                try:
+                    plot_confusion(cm, self.labels, self.run_dir / "confusion.png",
+                                   title=f"{self.task}: test, epoch {best['epoch']}")
+                except Exception as e:  # a plot must never cost a run
+                    log.warning("could not plot the confusion matrix: %s", e)
+        metrics = {"valid": best["valid"], "best_epoch": best["epoch"], "metric": r.metric}
+        if test is not None:
+            metrics["test"] = test
+        written = None
+        if out_path is not None:
+            written = self.save_trained(out_path, metrics)
+        total = sum(p.numel() for p in self.model.parameters())
+        times = [h["epoch_time_s"] for h in history] or [float("nan")]
+        result = TrainResult(
+            best_epoch=best["epoch"], metric=r.metric, best_metric=best["metric"],
+            valid=best["valid"], test=test, history=history, run_dir=self.run_dir,
+            out_path=written, trainable_params=count_trainable(self.model), total_params=total,
+            epoch_time_s=float(np.mean(times)),
+            clips_per_s=float(np.mean([h["clips_per_s"] for h in history] or [float("nan")])),
+            peak_memory_mb=peak_memory_mb(self.device), test_report=report)
+        write_json(self.run_dir / "summary.json", {**result.to_dict(), "test_report": report})
+        return result
