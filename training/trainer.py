@@ -42,9 +42,10 @@ from adapters.errors import ConfigError
 from adapters.model import AudioClassifier, count_trainable
 from training.data.base import Example
 from training.dataset import Augment, ClipDataset, EpochSampler
+from training.evaluate import EvalOutput, score_batches
 from training.export import save_model_checkpoint
 from training.losses import compute_loss
-from training.metrics import class_report, compute_metrics, confusion_matrix
+from training.metrics import confusion_matrix
 from training.plots import plot_confusion, plot_curves
 from training.recipes import Recipe, check_fits
 
@@ -70,21 +71,6 @@ class RunOptions:
     """Keep decoded training waveforms in memory (fast for small data sets)."""
     fresh: bool = False
     """Discard a previous run in the run directory instead of resuming it."""
-
-
-@dataclass
-class EvalOutput:
-    """Scores (sigmoid of the logits, as AAT), targets, masks and mean loss of one split."""
-
-    scores: np.ndarray
-    targets: np.ndarray
-    masks: np.ndarray
-    loss: float
-
-    def metrics(self, masked: bool) -> dict[str, Any]:
-        out = compute_metrics(self.scores, self.targets, self.masks if masked else None)
-        out["loss"] = self.loss
-        return out
 
 
 @dataclass
@@ -194,7 +180,7 @@ class Trainer:
         self.device = resolve_device(self.options.device)
         self.config = dict(config or {})
         self.callbacks: list[Callable[[Trainer, dict[str, Any]], None]] = []
-        self._eval_cache: dict[str, list[dict[str, torch.Tensor]]] = {}
+        self._eval_cache: dict[int, list[dict[str, torch.Tensor]]] = {}
         self._setup()
 
     # -- setup --------------------------------------------------------------------------
@@ -345,32 +331,18 @@ class Trainer:
         examples = self.splits.get(split) or []
         if not examples:
             raise ConfigError(f"the {split} split is empty")
-        batches = self._eval_cache.get(split)
+        batches = self._eval_cache.get(id(examples))  # valid and test may be one list
         if batches is None:
             ds = ClipDataset(examples, len(self.labels), self.features)
             loader = DataLoader(ds, batch_size=self.recipe.batch_size,
                                 num_workers=self.options.num_workers)
             batches = list(loader) if self._cacheable(len(ds)) else None
             if batches is not None:
-                self._eval_cache[split] = batches
+                self._eval_cache[id(examples)] = batches
             else:
                 batches = loader
-        self.model.eval()
-        scores, targets, masks = [], [], []
-        loss_sum = 0.0
-        with torch.no_grad():
-            for batch in batches:
-                x = batch["features"].to(self.device)
-                with self._autocast():
-                    logits = self.model(x)
-                y, m = batch["target"].to(self.device), batch["mask"].to(self.device)
-                loss = compute_loss(self.recipe.loss, logits, y, m if self.masked else None)
-                loss_sum += float(loss) * len(x)
-                scores.append(torch.sigmoid(logits.float()).cpu().numpy())
-                targets.append(batch["target"].numpy())
-                masks.append(batch["mask"].numpy())
-        return EvalOutput(np.concatenate(scores), np.concatenate(targets),
-                          np.concatenate(masks), loss_sum / len(examples))
+        return score_batches(self.model, batches, self.device, self.recipe.loss, self.masked,
+                             self.amp_dtype)
 
     def _cacheable(self, n: int) -> bool:
         per_item = self.features.target_length * self.features.num_mel_bins * 4
@@ -479,8 +451,7 @@ class Trainer:
         if self.splits.get("test"):
             out = self.evaluate("test")
             test = out.metrics(self.masked)
-            report = class_report(out.scores, out.targets, self.labels, self.multi_label,
-                                  out.masks if self.masked else None)
+            report = out.report(self.labels, self.multi_label, self.masked)
             if not self.multi_label:
                 cm = confusion_matrix(out.scores, out.targets, len(self.labels))
                 try:

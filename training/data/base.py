@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-import soundfile as sf
 
-from adapters.errors import ConfigError
+from adapters.errors import AudioError, ConfigError
+from adapters.features import audio_info
 
 log = logging.getLogger(__name__)
 
@@ -164,13 +164,13 @@ def is_junk(path: Path) -> bool:
 
 
 def audio_problem(path: Path) -> str | None:
-    """Why ``path`` cannot be decoded (missing, empty, unreadable header), or None if it can."""
+    """Why ``path`` cannot be decoded (missing, empty, bad or truncated header), or None."""
     if not path.is_file():
         return "file does not exist"
     try:
-        info = sf.info(str(path))
-    except Exception as e:  # libsndfile raises its own error types
-        return f"not decodable audio ({str(e).strip() or type(e).__name__})"
+        info = audio_info(path)
+    except AudioError as e:
+        return f"not decodable audio ({e})"
     if info.frames <= 0:
         return "audio has no samples"
     return None
