@@ -14,6 +14,7 @@ import torch
 
 from adapters.bundle import TaskBundle
 from adapters.checkpoints import LoadedCheckpoint, load_checkpoint
+from adapters.config import FeatureConfig
 from adapters.features import features_from_audio
 from adapters.model import AudioClassifier
 from tests.adapters.ckpt_factory import random_canonical, write_hf_dir
@@ -31,7 +32,8 @@ def write_tiny_checkpoint(directory: Path, seed: int = 0, **overrides) -> Path:
 
 def make_bundle(ckpt: LoadedCheckpoint, task: str, *, method: str = "aat_ms",
                 num_classes: int = 4, seed: int = 0, multi_label: bool = False,
-                labels: list[str] | None = None) -> TaskBundle:
+                labels: list[str] | None = None, features: FeatureConfig | None = None,
+                ) -> TaskBundle:
     """A bundle with random (non-identity) task weights on ``ckpt``'s backbone."""
     model = AudioClassifier(copy.deepcopy(ckpt.backbone), method, num_classes)
     g = torch.Generator().manual_seed(seed)
@@ -40,7 +42,8 @@ def make_bundle(ckpt: LoadedCheckpoint, task: str, *, method: str = "aat_ms",
             if p.requires_grad:
                 p.copy_(torch.randn(p.shape, generator=g) * (0.5 if "head" in name else 0.3))
     labels = labels or [f"{task}-{i}" for i in range(num_classes)]
-    return TaskBundle.from_model(model, task, labels, ckpt.features, multi_label=multi_label)
+    return TaskBundle.from_model(model, task, labels, features or ckpt.features,
+                                 multi_label=multi_label)
 
 
 def reference_scores(ckpt: LoadedCheckpoint, bundle: TaskBundle, audio: bytes) -> torch.Tensor:
