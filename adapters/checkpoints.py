@@ -731,9 +731,11 @@ def head_bundle(ckpt: LoadedCheckpoint, task: str, labels: list[str] | None = No
         raise ConfigError(f"{len(names)} labels given for a head with {c} classes")
     if multi_label is None:
         multi_label = ckpt.multi_label if ckpt.multi_label is not None else c == AUDIOSET_CLASSES
-    model = AudioClassifier(ckpt.backbone, "head", c)
-    model.load_task_state_dict({f"head.{k}": v for k, v in ckpt.head.items()})
+    # AudioClassifier (re)sets the blocks' adapters; put back whatever the backbone carried.
+    attached = [(b.mlp_adapter, b.spatial_adapter) for b in ckpt.backbone.blocks]
     try:
+        model = AudioClassifier(ckpt.backbone, "head", c)
+        model.load_task_state_dict({f"head.{k}": v for k, v in ckpt.head.items()})
         return TaskBundle.from_model(
             model, task, names, ckpt.features, multi_label=multi_label,
             recipe={"origin": "checkpoint head", "source_format": ckpt.source_format})
@@ -741,3 +743,6 @@ def head_bundle(ckpt: LoadedCheckpoint, task: str, labels: list[str] | None = No
         raise
     except (TypeError, ValueError) as e:
         raise ConfigError(f"cannot export the head of {ckpt.path!r}: {e}") from None
+    finally:
+        for block, (mlp, spatial) in zip(ckpt.backbone.blocks, attached, strict=True):
+            block.mlp_adapter, block.spatial_adapter = mlp, spatial

@@ -30,7 +30,8 @@ def bundle_summary(path: str | Path, bundle: TaskBundle) -> dict[str, Any]:
 def _print_summary(info: dict[str, Any]) -> None:
     m = info["manifest"]
     labels = m["labels"]
-    shown = ", ".join(labels[:_SHOWN_LABELS]) + (", ..." if len(labels) > _SHOWN_LABELS else "")
+    # "; " because AudioSet names contain commas ("Male speech, man speaking").
+    shown = "; ".join(labels[:_SHOWN_LABELS]) + ("; ..." if len(labels) > _SHOWN_LABELS else "")
     b, f = m["backbone"], m["features"]
     print(f"bundle     {info['file']} ({info['file_bytes']:,} bytes)")
     print(f"task       {m['task']}  version {m['version']}  method {m['method']}")

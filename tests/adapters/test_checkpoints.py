@@ -220,6 +220,32 @@ def test_every_layout_gives_the_same_backbone_and_fingerprint(small, features):
     assert diff > 0
 
 
+def test_sharded_hf_directory_and_hf_layout_file(small, tmp_path):
+    canon, files, _ = small
+    hf = to_hf_state_dict(canon)
+    names = sorted(hf)
+    shards = {"model-00001-of-00002.safetensors": names[:10],
+              "model-00002-of-00002.safetensors": names[10:]}
+    d = write_hf_dir(tmp_path / "sharded", canon, SMALL, SC_LABELS)
+    (d / "model.safetensors").unlink()
+    for shard, keys in shards.items():
+        save_file({k: hf[k].contiguous() for k in keys}, str(d / shard))
+    index = {"metadata": {}, "weight_map": {k: f for f, ks in shards.items() for k in ks}}
+    (d / "model.safetensors.index.json").write_text(json.dumps(index))
+    expected = load_checkpoint(files["hf"]).backbone.fingerprint()
+    assert load_checkpoint(d).backbone.fingerprint() == expected
+    index["weight_map"][names[0]] = "../outside.safetensors"
+    (d / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="names a shard outside its directory"):
+        load_checkpoint(d)
+    # Hugging Face names in a lone file: architecture from shapes, HF epsilon, no labels.
+    save_file({k: v.contiguous() for k, v in hf.items()}, str(tmp_path / "hf.safetensors"))
+    lone = load_checkpoint(tmp_path / "hf.safetensors")
+    assert lone.source_format == "hf" and lone.labels is None
+    assert lone.backbone.cfg.norm_eps == lone.backbone.cfg.head_norm_eps == 1e-12
+    assert lone.backbone.fingerprint() == expected
+
+
 def test_target_length_keeps_the_stored_grid(small):
     files = small[1]
     ckpt = load_checkpoint(files["ast"], target_length=512)
@@ -486,6 +512,17 @@ def test_head_bundle_reproduces_the_checkpoint_logits_exactly(small, features, l
     bundle.tensors["head.fc.bias"] = bundle.tensors["head.fc.bias"] + 0.5
     with torch.no_grad():
         assert not torch.equal(bundle.build_model(fresh)(features), expected)
+
+
+def test_head_bundle_leaves_attached_adapters_in_place(small):
+    from adapters.modules import Adapter
+
+    ckpt = load_checkpoint(small[1]["hf"])
+    adapter = Adapter(64, 8)
+    ckpt.backbone.blocks[1].mlp_adapter = adapter
+    head_bundle(ckpt, "sc")
+    assert ckpt.backbone.blocks[1].mlp_adapter is adapter
+    assert ckpt.backbone.blocks[0].mlp_adapter is None
 
 
 def test_head_bundle_labels_and_multi_label(small, tmp_path):

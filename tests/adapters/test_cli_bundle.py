@@ -126,7 +126,7 @@ def test_inspect_text_and_json(capsys, ckpts, tmp_path):
     assert main(["bundle", "inspect", str(out)]) == 0
     text = capsys.readouterr().out
     assert "task       speech-commands" in text and "method head" in text
-    assert "35 (single-label): backward, follow, five" in text
+    assert "35 (single-label): backward; follow; five" in text
     assert "head.fc.weight" in text and "(35, 64)" in text
     assert bundle.manifest.backbone_fingerprint in text
 
