@@ -166,6 +166,21 @@ def _read_header(data: bytes) -> dict[str, Any]:
     return header
 
 
+def _sorted_metadata(data: bytes) -> bytes:
+    """Rewrite a safetensors header with its metadata keys sorted.
+
+    safetensors writes the metadata map in hash order, which differs between processes; the
+    rewritten header has the same length (padded with spaces), so tensor offsets are unchanged.
+    """
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + n])
+    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    if len(text) > n:  # cannot happen for the same content; keep safetensors' own bytes
+        return data
+    return data[:8] + text + b" " * (n - len(text)) + data[8 + n:]
+
+
 def _content_version(tensors: dict[str, torch.Tensor], manifest: Manifest) -> str:
     h = hashlib.sha256()
     for name in sorted(tensors):
@@ -212,8 +227,10 @@ class TaskBundle:
 
     # -- bytes and files ------------------------------------------------------------------
     def to_bytes(self) -> bytes:
+        """The bundle file's bytes; the same content always gives the same bytes."""
         meta = {"format": FORMAT, "manifest": json.dumps(self.manifest.to_dict(), sort_keys=True)}
-        return st_save({k: v.contiguous() for k, v in self.tensors.items()}, metadata=meta)
+        data = st_save({k: v.contiguous() for k, v in self.tensors.items()}, metadata=meta)
+        return _sorted_metadata(data)
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write atomically (temporary file in the same folder, fsync, rename)."""

@@ -7,6 +7,7 @@ import struct
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch.nn import functional as F
@@ -327,11 +328,24 @@ def test_version_is_a_content_hash():
     assert d.manifest.version == a.manifest.version
 
 
+def test_same_content_gives_the_same_bytes(tmp_path):
+    bundle = TaskBundle.from_model(trained("joint", steps=1), "esc50", LABELS, FEATURES)
+    # safetensors 0.x writes its metadata map in hash order (random per call); ours is sorted.
+    assert len({bundle.to_bytes() for _ in range(8)}) == 1
+    changed = TaskBundle(bundle.manifest, {**bundle.tensors, "prompts": bundle.tensors["prompts"]
+                                           + 1e-3})
+    assert changed.to_bytes() != bundle.to_bytes()
+    path = bundle.save(tmp_path / "b.safetensors")
+    with safe_open(path, "pt") as f:  # still a valid file for safetensors itself
+        assert f.metadata()["format"] == FORMAT
+        assert set(f.keys()) == set(bundle.tensors)
+        assert torch.equal(f.get_tensor("prompts"), bundle.tensors["prompts"])
+
+
 # -- atomic saving -----------------------------------------------------------------------------
 
 def assert_same_file_content(path, bundle: TaskBundle) -> None:
-    # safetensors orders its metadata keys arbitrarily, so compare sizes and parsed content.
-    assert path.stat().st_size == len(bundle.to_bytes())
+    assert path.read_bytes() == bundle.to_bytes()
     loaded = TaskBundle.load(path)
     assert loaded.manifest == TaskBundle.from_bytes(bundle.to_bytes()).manifest
     assert loaded.tensors.keys() == bundle.tensors.keys()
