@@ -35,7 +35,14 @@ import httpx
 import pytest
 
 from adapters.checkpoints import load_checkpoint
-from tests.deploy.manifests import NGINX_CONF, ROOT, template_nginx, upstream_servers
+from tests.deploy.manifests import (
+    NGINX_CONF,
+    ROOT,
+    dockerfile_stages,
+    load_yaml,
+    template_nginx,
+    upstream_servers,
+)
 from tests.helpers import require_tool
 from tests.service.helpers import ADMIN, make_bundle, wav_bytes, write_tiny_checkpoint
 
@@ -299,6 +306,29 @@ def test_templating_changes_only_addresses_and_paths(cluster):
                         r"\w+_temp_path )", ln) for ln in added), added
 
 
+def _healthcheck_commands() -> dict[str, list[str]]:
+    """The image's HEALTHCHECK and compose's healthcheck, as argument lists."""
+    _, stages = dockerfile_stages((ROOT / "Dockerfile").read_text())
+    (hc,) = stages[-1].all("HEALTHCHECK")
+    compose = load_yaml(ROOT / "docker-compose.yml")
+    return {"image": json.loads(hc.split("CMD", 1)[1]),
+            "compose": compose["services"]["aat"]["healthcheck"]["test"][1:]}
+
+
+def test_healthchecks_pass_on_a_live_replica_and_fail_on_a_dead_port(cluster):
+    (dead,) = free_ports(1)
+    for name, cmd in _healthcheck_commands().items():
+        assert cmd[0] == "python"
+        argv = [sys.executable, *cmd[1:]]
+        base = {k: v for k, v in os.environ.items() if not k.startswith("AAT_")}
+        ok = subprocess.run(argv, env=base | {"AAT_PORT": str(cluster.replicas[0].port)},
+                            capture_output=True, timeout=30)
+        assert ok.returncode == 0, (name, ok.stderr)
+        bad = subprocess.run(argv, env=base | {"AAT_PORT": str(dead)}, capture_output=True,
+                             timeout=30)
+        assert bad.returncode != 0 and b"Connection refused" in bad.stderr, name
+
+
 def test_ring_model_predicts_nginx_and_spreads_tasks(cluster):
     """Each task's requests, uploads included, go to the replica the ring predicts; tasks
     cover every replica; requests without a task are spread round robin."""
@@ -551,7 +581,10 @@ def test_sigterm_finishes_in_flight_requests_and_nginx_fails_over(cluster):
     def slow() -> None:
         held["r"] = classify(cluster.nginx_url, task, "held-1", audio=long_clip, timeout=60)
 
-    with Streamer(targets, threads=2, prefix="term") as s:
+    # Until SIGTERM only the held request goes to the victim, so its queue depth shows when
+    # that request is in flight there; the victim's task joins the stream right after.
+    background = [tg for tg in targets if tg[1] != task]
+    with Streamer(background, threads=2, prefix="term") as s:
         s.wait_for(lambda res: len(res) >= 8, CONVERGE_BOUND_S, "traffic flows")
         t = threading.Thread(target=slow, daemon=True)
         t.start()
@@ -562,6 +595,7 @@ def test_sigterm_finishes_in_flight_requests_and_nginx_fails_over(cluster):
             time.sleep(0.005)
         victim.proc.send_signal(signal.SIGTERM)
         t_term = time.monotonic()
+        s.targets.extend(tg for tg in targets if tg[1] == task)
         # graceful: uvicorn finishes its work, then re-raises SIGTERM (exit status 143)
         assert victim.proc.wait(40) in (0, -signal.SIGTERM)
         t_exit = time.monotonic()
