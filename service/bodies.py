@@ -12,6 +12,7 @@ from collections.abc import AsyncGenerator
 from fastapi import Request
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import ClientDisconnect
 
 from service.errors import ServiceError, bad_request, too_large
 
@@ -49,11 +50,15 @@ async def read_limited(request: Request, limit: int, what: str, setting: str) ->
             raise too_large(what, n, limit, setting)
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise too_large(what, None, limit, setting)
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_large(what, None, limit, setting)
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise bad_request(f"the {what} is incomplete: the client disconnected after {size} "
+                          "bytes") from None
     return b"".join(chunks)
 
 
