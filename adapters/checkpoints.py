@@ -381,11 +381,12 @@ def infer_grid(num_patches: int, patch: tuple[int, int], num_mel_bins: int = 128
     else:
         strides = list(STRIDE_PREFERENCE) + [s for s in range(1, max(pf, pt) + 1)
                                              if s not in STRIDE_PREFERENCE]
+    if num_patches < 1 or pf > num_mel_bins:
+        raise CheckpointError(f"a positional embedding of {num_patches} patch tokens with "
+                              f"{pf}x{pt} patches cannot cover {num_mel_bins} mel bins")
     for exact in (True, False):
         for fs in strides:
             ts = int(time_stride or fs)
-            if pf > num_mel_bins:
-                break
             f = _conv_grid(num_mel_bins, pf, fs)
             if num_patches % f:
                 continue
@@ -412,11 +413,16 @@ def _require(canon: dict, names: tuple[str, ...], path: str) -> None:
             f"{_few(missing)} (found {_few(sorted(canon), 5)})")
 
 
-def _shape_config(canon: dict[str, torch.Tensor], path: str, num_heads: int | None
-                  ) -> dict[str, Any]:
+def _shape_config(canon: dict[str, torch.Tensor], path: str, num_heads: int | None,
+                  origin: dict[str, str]) -> dict[str, Any]:
     """BackboneConfig fields that tensor shapes determine (width, depth, MLP, patch)."""
     _require(canon, ("cls_token", "pos_embed", "patch_embed.proj.weight", "blocks.0.mlp.fc1.weight",
                      "blocks.0.attn.qkv.weight"), path)
+    for name in ("cls_token", "pos_embed"):
+        t = canon[name]
+        if t.dim() != 3 or t.shape[0] != 1:
+            raise CheckpointError(f"{path!r}: {origin.get(name, name)!r} has shape "
+                                  f"{tuple(t.shape)}, expected (1, tokens, D)")
     d = int(canon["cls_token"].shape[-1])
     depth = 1 + max(int(m.group(1)) for k in canon if (m := re.match(r"blocks\.(\d+)\.", k)))
     w = canon["patch_embed.proj.weight"]
@@ -608,7 +614,7 @@ def load_checkpoint(path: str | os.PathLike, *, target_length: int | None = None
         raise CheckpointError(f"checkpoint {spath!r} does not exist")
     sd = _read_tensor_file(p)
     canon, origin, dropped, extras, fmt = _to_canonical(sd, path=spath)
-    fields = _shape_config(canon, spath, num_heads)
+    fields = _shape_config(canon, spath, num_heads, origin)
     n_patch = int(canon["pos_embed"].shape[1]) - fields["num_prefix_tokens"]
     if fmt == "ssast":
         for k in SSAST_DIM_KEYS:

@@ -368,6 +368,10 @@ def test_not_an_ast_checkpoint(small, tmp_path):
     (lambda sd: sd.update({"module.v.pos_embed": torch.zeros(1, 2 + 127, 64)}),
      r"127 patch tokens"),
     (lambda sd: sd.pop("module.v.cls_token"), r"it has no 'cls_token'"),
+    (lambda sd: sd.update({"module.v.pos_embed": torch.zeros(146, 64)}),
+     r"'module\.v\.pos_embed' has shape \(146, 64\), expected \(1, tokens, D\)"),
+    (lambda sd: sd.update({"module.v.pos_embed": torch.zeros(1, 2, 64)}),
+     r"a positional embedding of 0 patch tokens"),
 ])
 def test_original_strictness(small, tmp_path, mutate, message):
     sd = _orig(small)
