@@ -325,3 +325,16 @@ def test_scores_use_softmax_or_sigmoid_of_the_logits(client, ckpt, bundles):
     got = _scores(client.post("/classify/tags", content=audio, headers=WAV).json())
     for label, lg in zip(b.manifest.labels, logits.tolist(), strict=True):
         assert got[label] == pytest.approx(1 / (1 + np.exp(-lg)), abs=1e-5)
+
+
+def test_bfloat16_serving_agrees_with_float32(make_app, store, ckpt, bundles):
+    bundles["words"].save(store / "words.safetensors")
+    audio = wav_bytes(0.5, seed=2)
+    with served(make_app(dtype="bfloat16")) as c:
+        assert c.get("/readyz").json()["dtype"] == "bfloat16"
+        body = c.post("/classify/words?top_k=5", content=audio, headers=WAV).json()
+    expected = _expected(ckpt, bundles["words"], audio)
+    got = _scores(body)
+    # bf16 weights and activations (fp32 accumulation): scores within 0.02, not bit-equal
+    assert max(abs(got[k] - expected[k]) for k in expected) < 0.02
+    assert max(abs(got[k] - expected[k]) for k in expected) > 0
