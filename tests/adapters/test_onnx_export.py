@@ -98,3 +98,46 @@ def test_float16_export_is_close(tmp_path):
     with torch.no_grad():
         ref = model(x)
     assert (got - ref).abs().max().item() < 5e-2  # fp16 storage and math: ~3 decimal digits
+
+
+def test_cli_exports_a_plain_checkpoint_and_a_bundle(tmp_path, capsys):
+    """`aat export onnx` on a checkpoint's own head, then on a bundle: ORT equals torch."""
+    from adapters.bundle import TaskBundle
+    from adapters.checkpoints import load_checkpoint
+    from adapters.config import BackboneConfig, FeatureConfig
+    from cli.main import main
+    from tests.adapters.ckpt_factory import random_canonical, write_original
+
+    cfg = BackboneConfig(embed_dim=64, depth=2, num_heads=1, mlp_hidden=128,
+                         freq_stride=16, time_stride=16, target_length=128)
+    ckpt_path = write_original(tmp_path / "ast.pth", random_canonical(cfg, 7))
+    out = tmp_path / "plain.onnx"
+    assert main(["export", "onnx", "--checkpoint", str(ckpt_path), "--out", str(out),
+                 "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["classes"] == 7 and info["input"] == ["batch", 128, 128]
+    ckpt = load_checkpoint(ckpt_path)
+    x = torch.randn(2, 128, 128)
+    with torch.no_grad():
+        ref = ckpt.logits(x)
+    assert (_run(out, x) - ref).abs().max().item() < 1e-4
+
+    model = AudioClassifier(ckpt.backbone, "aat_ms", 3).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    bundle = TaskBundle.from_model(model, "dogs", ["a", "b", "c"],
+                                   FeatureConfig(target_length=96))
+    bundle.save(tmp_path / "dogs.safetensors")
+    out2 = tmp_path / "dogs.onnx"
+    assert main(["export", "onnx", "--checkpoint", str(ckpt_path), "--bundle",
+                 str(tmp_path / "dogs.safetensors"), "--out", str(out2)]) == 0
+    assert "task 'dogs' (aat_ms)" in capsys.readouterr().out
+    x = torch.randn(3, 96, 128)
+    with torch.no_grad():
+        ref = model(x)
+    assert (_run(out2, x) - ref).abs().max().item() < 1e-4
+    props = {p.key: p.value for p in onnx.load(str(out2)).metadata_props}
+    assert json.loads(props["aat.labels"]) == ["a", "b", "c"]
+    assert json.loads(props["aat.features"])["target_length"] == 96
