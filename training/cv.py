@@ -70,7 +70,17 @@ def run_cv(make_model: Callable[[], AudioClassifier], source: DataSource, *, rec
     if not source.folds:
         raise ConfigError(f"{source.name} has fixed splits; cross-validation needs a data set "
                           "with folds (esc50, us8k)")
-    folds = list(folds or source.folds)
+    if folds is None:
+        present = {e.fold for e in source.examples}
+        folds = [k for k in source.folds if k in present]
+        missing = [k for k in source.folds if k not in present]
+        if missing:
+            log.warning("%s: fold(s) %s have no clips and are left out of cross-validation",
+                        source.name, missing)
+    folds = list(folds)
+    if len(folds) < 2:
+        raise ConfigError(f"cross-validation needs at least 2 folds with clips; {source.name} "
+                          f"has {folds}")
     run_dir = Path(run_dir)
     results: dict[int, TrainResult] = {}
     first: Trainer | None = None

@@ -311,7 +311,7 @@ class Trainer:
             body = {k: v for k, v in canon.items() if not k.startswith("head.")}
             self.model.backbone.load_state_dict(body, strict=True)
 
-    def _write_metrics(self, history: list[dict[str, Any]]) -> None:
+    def _write_metrics(self, history: list[dict[str, Any]], plot: bool) -> None:
         write_json(self.run_dir / "metrics.json", history)
         cols = list(history[0])
         tmp = self.run_dir / ".metrics.csv.tmp"
@@ -320,6 +320,8 @@ class Trainer:
             w.writeheader()
             w.writerows(history)
         os.replace(tmp, self.run_dir / "metrics.csv")
+        if not plot:
+            return
         try:
             plot_curves(history, self.recipe.metric, self.run_dir / "curves.png")
         except Exception as e:  # a plot must never cost a run
@@ -396,7 +398,7 @@ class Trainer:
                     pending = 0
                     running["seconds"] = time.perf_counter() - t0
                     info = {"epoch": epoch, "global_step": global_step,
-                            "batches_done": batches_done, "loss": float(loss)}
+                            "batches_done": batches_done, "loss": loss.item()}
                     if (self.options.checkpoint_every
                             and global_step % self.options.checkpoint_every == 0
                             and batches_done < total_batches):
@@ -430,7 +432,8 @@ class Trainer:
             batches_done = 0
             running = {"loss_sum": 0.0, "clips": 0, "seconds": 0.0}
             self._save_state(self._state(epoch + 1, 0, global_step, running, history, best))
-            self._write_metrics(history)
+            # The curve is redrawn after slow epochs only (a plot costs about a second).
+            self._write_metrics(history, plot=seconds > 30 or epoch + 1 == r.epochs)
         return self._finish(history, best, out_path)
 
     def _step(self, global_step: int) -> int:
@@ -446,6 +449,8 @@ class Trainer:
     def _finish(self, history: list[dict[str, Any]], best: dict[str, Any],
                 out_path: str | os.PathLike | None) -> TrainResult:
         r = self.recipe
+        if history and not (self.run_dir / "curves.png").exists():
+            self._write_metrics(history, plot=True)
         self.load_trained_weights(self.run_dir / BEST_FILE)
         test, report = None, []
         if self.splits.get("test"):

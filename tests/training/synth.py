@@ -198,8 +198,10 @@ def make_openmic(base: Path, n: int = 8, pickled_keys: bool = False) -> Path:
 
 
 def make_folder(base: Path, labels=("cat", "dog"), per_label: int = 4,
-                lists: bool = False) -> Path:
-    """root/<label>/*.{wav,flac}; optional validation_list.txt / testing_list.txt."""
+                lists: bool = False, valid=(0,), test=(1,)) -> Path:
+    """root/<label>/*.{wav,flac}; optional validation_list.txt / testing_list.txt naming clip
+    numbers ``valid`` of the first label / ``test`` of the second (all labels when ``lists``
+    is ``"all"``)."""
     root = base / "mydata"
     for li, lab in enumerate(labels):
         for j in range(per_label):
@@ -207,10 +209,49 @@ def make_folder(base: Path, labels=("cat", "dog"), per_label: int = 4,
             write_audio(root / lab / f"clip{j}{ext}", li, 16000, 0.3, fmt=fmt, seed=li * 10 + j)
     (root / "_ignored").mkdir()
     write_audio(root / "_ignored" / "x.wav", 0, 16000, 0.2)
-    if lists:
-        (root / "validation_list.txt").write_text(f"{labels[0]}/clip0.wav\n")
-        (root / "testing_list.txt").write_text(f"{labels[1]}/clip1.flac\n")
+    def name(lab: str, j: int) -> str:
+        return f"{lab}/clip{j}{'.flac' if j % 2 else '.wav'}\n"
+
+    if lists == "all":
+        (root / "validation_list.txt").write_text("".join(name(lab, j) for lab in labels
+                                                          for j in valid))
+        (root / "testing_list.txt").write_text("".join(name(lab, j) for lab in labels
+                                                       for j in test))
+    elif lists:
+        (root / "validation_list.txt").write_text("".join(name(labels[0], j) for j in valid))
+        (root / "testing_list.txt").write_text("".join(name(labels[1], j) for j in test))
     return root
+
+
+def write_hf_checkpoint(directory: Path, seed: int = 0, num_classes: int = 3) -> Path:
+    """A tiny random backbone (tests.helpers.tiny_config) as a Hugging Face AST directory,
+    written without importing transformers."""
+    import torch
+    from safetensors.torch import save_file
+
+    from adapters.checkpoints import to_hf_state_dict
+    from tests.helpers import tiny_backbone, tiny_config
+
+    cfg = tiny_config()
+    canonical = dict(tiny_backbone(seed).state_dict())
+    g = torch.Generator().manual_seed(seed)
+    d = cfg.embed_dim
+    canonical.update({"head.norm.weight": torch.ones(d), "head.norm.bias": torch.zeros(d),
+                      "head.fc.weight": 0.02 * torch.randn(num_classes, d, generator=g),
+                      "head.fc.bias": torch.zeros(num_classes)})
+    directory.mkdir(parents=True, exist_ok=True)
+    config = {"model_type": "audio-spectrogram-transformer",
+              "architectures": ["ASTForAudioClassification"], "hidden_size": cfg.embed_dim,
+              "num_hidden_layers": cfg.depth, "num_attention_heads": cfg.num_heads,
+              "intermediate_size": cfg.mlp_hidden, "hidden_act": "gelu",
+              "patch_size": cfg.patch_freq, "frequency_stride": cfg.freq_stride,
+              "time_stride": cfg.time_stride, "max_length": cfg.target_length,
+              "num_mel_bins": cfg.num_mel_bins, "qkv_bias": True, "layer_norm_eps": 1e-12,
+              "id2label": {str(i): f"class {i}" for i in range(num_classes)}}
+    (directory / "config.json").write_text(json.dumps(config))
+    save_file({k: v.contiguous() for k, v in to_hf_state_dict(canonical).items()},
+              str(directory / "model.safetensors"), metadata={"format": "pt"})
+    return directory
 
 
 def make_csv(base: Path, multi: bool = False, with_split: bool = True,
