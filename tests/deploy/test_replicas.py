@@ -183,14 +183,17 @@ class Cluster:
                 out[entry["request_id"]] = entry
         return out
 
-    def upstreams(self, rid: str) -> list[str]:
-        """The replicas nginx tried for a request, in order (polls: the log line is written
-        right after the response)."""
+    def entry(self, rid: str) -> dict:
+        """A request's access log line (polls: nginx writes it right after the response)."""
         deadline = time.monotonic() + 5
         while (entry := self.access().get(rid)) is None:
             assert time.monotonic() < deadline, f"no access log line for {rid}"
             time.sleep(0.02)
-        return [u.strip() for u in entry["upstream"].split(",") if u.strip()]
+        return entry
+
+    def upstreams(self, rid: str) -> list[str]:
+        """The replicas nginx tried for a request, in order."""
+        return [u.strip() for u in self.entry(rid)["upstream"].split(",") if u.strip()]
 
 
 def classify(base: str, task: str, rid: str | None = None, audio: bytes = AUDIO,
@@ -557,8 +560,7 @@ def _check_failover(cluster, s: Streamer, task: str, victim: Replica, spare: Rep
     """No failed response; the victim's task ended on the victim or (retried) on the spare,
     and only on the spare once the victim was gone."""
     assert {r[2] for r in s.results} == {200}, [r for r in s.results if r[2] != 200][:5]
-    log = cluster.access()
-    mine = [r for r in s.results if log[r[4]]["task"] == task]
+    mine = [r for r in s.results if cluster.entry(r[4])["task"] == task]
     after = [r for r in mine if r[5] > gone_at]
     assert after and len(s.results) > len(mine)  # traffic went on, for every task
     retried = 0
