@@ -18,7 +18,13 @@ from adapters.errors import AATError, ConfigError
 from service.auth import require_admin_token, require_api_token
 from service.bodies import check_media_type, read_payload
 from service.engine import Job
-from service.errors import ServiceError, error_responses, not_ready, timed_out
+from service.errors import (
+    ServiceError,
+    error_responses,
+    from_aat_error,
+    not_ready,
+    timed_out,
+)
 from service.metrics import UNKNOWN_TASK
 from service.runtime import Service
 from service.schemas import (
@@ -93,7 +99,7 @@ async def classify(
     try:
         out = await _classify(task, request, svc, top_k)
     except (ServiceError, AATError) as e:
-        kind = e.type if isinstance(e, ServiceError) else type(e).__name__
+        kind = (e if isinstance(e, ServiceError) else from_aat_error(e)).type
         svc.metrics.requests.labels(label, kind).inc()
         raise
     svc.metrics.requests.labels(out.task, "ok").inc()

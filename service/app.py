@@ -80,6 +80,29 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(exc.status_code, "http_error", str(exc.detail), headers)
 
 
+def _openapi_without_default_422(app: FastAPI) -> None:
+    """Drop FastAPI's automatic 422 entries: invalid parameters are answered 400 here."""
+    original = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        spec = original()
+        for ops in spec.get("paths", {}).values():
+            for op in ops.values():
+                r422 = op.get("responses", {}).get("422", {})
+                ref = str(r422.get("content", {}).get("application/json", {}).get("schema"))
+                if "HTTPValidationError" in ref:
+                    del op["responses"]["422"]
+        schemas = spec.get("components", {}).get("schemas", {})
+        for name in ("HTTPValidationError", "ValidationError"):
+            schemas.pop(name, None)
+        app.openapi_schema = spec
+        return spec
+
+    app.openapi = openapi
+
+
 def create_app(settings: Settings | None = None, *,
                checkpoint: LoadedCheckpoint | None = None) -> FastAPI:
     """The application; ``checkpoint`` skips loading the backbone from ``settings``."""
@@ -102,5 +125,6 @@ def create_app(settings: Settings | None = None, *,
     app.state.settings = settings
     install_error_handlers(app)
     app.include_router(router)
+    _openapi_without_default_422(app)
     app.add_middleware(RequestContextMiddleware)
     return app
