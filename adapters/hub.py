@@ -1,0 +1,149 @@
+"""``--checkpoint`` as a Hugging Face model id: resolved to a local directory in the hub cache.
+
+A local file or directory is returned unchanged. Anything else that looks like ``owner/name``
+(for example ``MIT/ast-finetuned-audioset-10-10-0.4593``) is fetched with ``huggingface_hub``
+into its cache (``config.json``, the weights, ``preprocessor_config.json`` if present) when the
+machine is online, or looked up in that cache only when it is offline (``HF_HUB_OFFLINE=1``,
+or no network). A model that is neither local nor cached is a ``CheckpointError`` that says
+how to get it. Weights are then read by ``load_checkpoint`` like any local directory
+(safetensors preferred; ``.bin`` files only through ``torch.load(weights_only=True)``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+from adapters.errors import CheckpointError
+
+MODEL_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+"""``owner/name`` as the hub spells repository ids."""
+WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+SHARD_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+OPTIONAL = ("preprocessor_config.json",)
+
+
+def looks_like_model_id(value: str) -> bool:
+    """True for ``owner/name`` (no ``..``, no leading ``/``, nothing else in between)."""
+    return bool(MODEL_ID_RE.fullmatch(value)) and ".." not in value
+
+
+def env_offline() -> bool:
+    """``HF_HUB_OFFLINE`` (or ``TRANSFORMERS_OFFLINE``) set to a true value, read now."""
+    return any(os.environ.get(k, "").strip().lower() in ("1", "true", "yes", "on")
+               for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def resolve_checkpoint(path_or_id: str | os.PathLike, *, revision: str | None = None,
+                       cache_dir: str | os.PathLike | None = None,
+                       offline: bool | None = None) -> Path:
+    """A local path for ``path_or_id``: itself if it exists, else the hub cache's snapshot.
+
+    ``offline`` defaults to ``env_offline()``; ``cache_dir`` to huggingface_hub's cache
+    (``HF_HUB_CACHE`` / ``HF_HOME``).
+    """
+    path = Path(path_or_id)
+    if path.exists():
+        return path
+    text = os.fspath(path_or_id)
+    if not looks_like_model_id(text):
+        raise CheckpointError(f"checkpoint {text!r} does not exist: expected a local file or "
+                              "directory, or a Hugging Face model id such as "
+                              "'MIT/ast-finetuned-audioset-10-10-0.4593'")
+    offline = env_offline() if offline is None else offline
+    try:
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import (
+            EntryNotFoundError,
+            HfHubHTTPError,
+            LocalEntryNotFoundError,
+            RepositoryNotFoundError,
+            RevisionNotFoundError,
+        )
+    except ImportError:  # pragma: no cover - a declared dependency
+        raise CheckpointError(f"checkpoint {text!r} is not a local path, and resolving a Hugging "
+                              "Face model id needs huggingface_hub (pip install "
+                              "huggingface_hub)") from None
+    where = str(cache_dir) if cache_dir is not None else _default_cache()
+
+    def fetch(filename: str) -> Path | None:
+        """The cached file, or None when the repository has no such file."""
+        try:
+            return Path(hf_hub_download(text, filename, revision=revision, cache_dir=cache_dir,
+                                        local_files_only=offline))
+        except LocalEntryNotFoundError:
+            if offline:
+                return None  # not cached: maybe the repository simply lacks this file
+            raise
+        except EntryNotFoundError:
+            return None
+
+    try:
+        config = fetch("config.json")
+        if config is None:
+            if offline:
+                raise CheckpointError(
+                    f"checkpoint {text!r} is not a local path and is not in the Hugging Face "
+                    f"cache ({where}), and the hub is offline (HF_HUB_OFFLINE=1): download it "
+                    f"once with network access (huggingface-cli download {text}) or pass a "
+                    "local directory")
+            raise CheckpointError(f"Hugging Face model {text!r} has no config.json; expected an "
+                                  "ASTForAudioClassification repository")
+        weights = next((w for w in map(fetch, WEIGHTS) if w is not None), None)
+        if weights is None:
+            for index_name in SHARD_INDEXES:
+                index = fetch(index_name)
+                if index is not None:
+                    for shard in _shards(index):
+                        if fetch(shard) is None:
+                            raise CheckpointError(f"Hugging Face model {text!r}: shard "
+                                                  f"{shard!r} named by {index_name} is missing")
+                    weights = index
+                    break
+        if weights is None:
+            state = (f"in the Hugging Face cache ({where}) while offline" if offline
+                     else "in the repository")
+            raise CheckpointError(f"Hugging Face model {text!r} has no weights {state}: expected "
+                                  f"{' or '.join(WEIGHTS)}")
+        for name in OPTIONAL:
+            fetch(name)
+    except LocalEntryNotFoundError:
+        raise CheckpointError(
+            f"checkpoint {text!r} is not a local path, and the Hugging Face hub cannot be "
+            f"reached (no network?) while the model is not in the cache ({where}): connect "
+            f"and retry, download it elsewhere (huggingface-cli download {text}) and copy the "
+            "cache, or pass a local directory") from None
+    except (RepositoryNotFoundError, RevisionNotFoundError) as e:
+        kind = "revision" if isinstance(e, RevisionNotFoundError) else "model"
+        raise CheckpointError(f"Hugging Face {kind} not found for {text!r}"
+                              + (f" at revision {revision!r}" if revision else "")
+                              + " (a private or gated model needs HF_TOKEN)") from None
+    except HfHubHTTPError as e:
+        raise CheckpointError(f"downloading {text!r} from the Hugging Face hub failed: "
+                              f"{str(e).splitlines()[0][:200]}") from None
+    if config.parent != weights.parent:
+        raise CheckpointError(f"Hugging Face model {text!r}: config.json and the weights "
+                              "resolved to different snapshots")
+    return config.parent
+
+
+def _shards(index: Path) -> list[str]:
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        shards = sorted(set(weight_map.values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        raise CheckpointError(f"{str(index)!r} is not a valid shard index") from None
+    bad = [s for s in shards if not isinstance(s, str) or "/" in s or s.startswith(".")]
+    if bad:
+        raise CheckpointError(f"{str(index)!r} names shards outside its directory: {bad[:3]}")
+    return shards
+
+
+def _default_cache() -> str:
+    try:
+        from huggingface_hub import constants
+        return str(constants.HF_HUB_CACHE)
+    except ImportError:  # pragma: no cover
+        return "~/.cache/huggingface/hub"

@@ -1,0 +1,132 @@
+"""Demo corpus synthesis: speaker-disjoint splits, determinism under a seed, folder layout."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from adapters.errors import ConfigError
+from tests.helpers import require_tool
+from training.data.generic import load_folder
+from training.demo import corpus as C
+
+TINY = [
+    C.CorpusDef("words", words=("yes", "no"), per_class={"train": 2, "valid": 1, "test": 1}),
+    C.CorpusDef("sounds", sounds=("guitar", "bell"), per_class={"train": 2, "test": 1}),
+]
+
+
+def test_speakers_partition_the_variants_and_notes():
+    sp = C.make_speakers(0)
+    parts = [set(sp.variants[s]) for s in C.SPLITS]
+    assert sum(map(len, parts)) == len(C.VARIANTS) and set().union(*parts) == set(C.VARIANTS)
+    assert len(sp.variants["test"]) == 14 and len(sp.variants["valid"]) == 10
+    notes = [set(sp.notes[s]) for s in C.SPLITS]
+    assert sum(map(len, notes)) == len(C.NOTES) and set().union(*notes) == set(C.NOTES)
+    assert C.make_speakers(0) == sp
+    assert C.make_speakers(1).variants["test"] != sp.variants["test"]
+    with pytest.raises(ConfigError, match="nothing to train on"):
+        C.make_speakers(0, valid_variants=50, test_variants=50)
+
+
+def test_label_sets_are_disjoint():
+    upstream = set(C.UPSTREAM_WORDS) | set(C.UPSTREAM_SOUNDS)
+    for labels in (C.DIGITS, C.COMMANDS, tuple(C.INSTRUMENTS)):
+        assert not upstream & set(labels)
+    assert len(set(C.VARIANTS)) == len(C.VARIANTS)
+
+
+def test_plans_are_deterministic_and_use_only_their_split_speakers():
+    sp = C.make_speakers(3)
+    plans = C.plan_corpus(TINY[0], sp, seed=3)
+    assert plans == C.plan_corpus(TINY[0], sp, seed=3)
+    assert [p.params for p in plans] != [p.params for p in C.plan_corpus(TINY[0], sp, seed=4)]
+    assert len(plans) == 2 * (2 + 1 + 1)
+    for p in plans:
+        assert p.kind == "speech" and p.params["variant"] in sp.variants[p.split]
+        assert C.speaker_of(p.rel) == f"{p.params['voice']}+{p.params['variant']}"
+    for p in C.plan_corpus(TINY[1], sp, seed=3):
+        assert p.kind == "sound" and p.params["note"] in sp.notes[p.split]
+        assert C.speaker_of(p.rel) == f"note{p.params['note']}"
+    # A larger corpus only adds clips: the first ones keep their parameters.
+    bigger = C.CorpusDef("words", words=("yes", "no"), per_class={"train": 5, "valid": 1,
+                                                                    "test": 1})
+    big = {p.rel: p.params for p in C.plan_corpus(bigger, sp, seed=3)}
+    assert all(big[p.rel] == p.params for p in plans)
+
+
+def test_sound_recipes_build_valid_sox_arguments():
+    rng = random.Random(0)
+    for name, recipe in C.SOUND_RECIPES.items():
+        args = recipe(0.5, 440.0, rng)
+        assert args[0] == "synth", name
+        assert all(isinstance(a, str) and a for a in args), name
+
+
+def _digest(root):
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*.wav")):
+        h.update(p.relative_to(root).as_posix().encode())
+        h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def test_synthesize_tiny_corpus(tmp_path):
+    require_tool("espeak-ng")
+    require_tool("sox")
+    sp = C.make_speakers(0)
+    folders = C.synthesize(TINY, tmp_path / "a", seed=0, speakers=sp, workers=2, progress=False)
+    words = load_folder(folders["words"])
+    assert words.labels == ["no", "yes"]
+    assert words.counts() == {"train": 4, "valid": 2, "test": 2}
+    sounds = load_folder(folders["sounds"])
+    assert sounds.labels == ["bell", "guitar"] and sounds.counts() == {"train": 4, "valid": 0,
+                                                                        "test": 2}
+    by_split = {s: {C.speaker_of(e.key) for e in words.examples if e.split == s}
+                for s in C.SPLITS}
+    assert not by_split["train"] & (by_split["valid"] | by_split["test"])
+    for speaker in by_split["test"]:
+        assert speaker.split("+")[1] in sp.variants["test"]
+    for e in words.examples + sounds.examples:
+        w, sr = sf.read(e.path, dtype="float32")
+        assert sr == 16000 and w.shape == (16000,)
+        assert 0.05 < np.abs(w).max() <= 0.9  # peak level drawn in [-20, -1] dBFS
+        assert np.sqrt(np.mean(w ** 2)) > 1e-3
+    meta = json.loads((folders["words"] / "corpus.json").read_text())
+    assert meta["seed"] == 0 and meta["counts"] == {"train": 4, "valid": 2, "test": 2}
+    assert meta["speakers"]["variants"]["test"] == list(sp.variants["test"])
+
+    # Same seed: the same bytes, whatever the worker count; another seed: other clips.
+    again = C.synthesize(TINY, tmp_path / "b", seed=0, speakers=sp, workers=1, progress=False)
+    assert _digest(again["words"]) == _digest(folders["words"])
+    assert _digest(again["sounds"]) == _digest(folders["sounds"])
+    other = C.synthesize(TINY[:1], tmp_path / "c", seed=1, speakers=sp, workers=2,
+                         progress=False)
+    assert _digest(other["words"]) != _digest(folders["words"])
+
+
+def test_speech_is_placed_inside_the_clip():
+    """The word is in the 1-s clip (not trimmed away, not clipped)."""
+    require_tool("espeak-ng")
+    require_tool("sox")
+    sp = C.make_speakers(0)
+    plan = C.plan_corpus(TINY[0], sp, seed=0)[0]
+    quiet = {**plan.params, "noise": None, "reverb": None, "onset": 0.0, "peak_db": -6.0}
+    w = C.render(C.ClipPlan(plan.corpus, plan.label, plan.split, plan.rel, plan.kind, quiet),
+                 C.noise_beds(1.0))
+    active = np.flatnonzero(np.abs(w) > 0.01)
+    assert active.size > 1600  # at least 0.1 s of speech
+    assert active[0] < 800 and active[-1] < 16000  # starts at the onset
+    assert np.isclose(np.abs(w).max(), 10 ** (-6 / 20), rtol=1e-4)
+
+
+def test_missing_tool_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(C.shutil, "which", lambda name: None if name == "sox" else "/bin/x")
+    with pytest.raises(ConfigError, match=r"sox is not installed; the demo corpus is "
+                                          r"synthesized with espeak-ng and sox"):
+        C.require_tools()
