@@ -52,6 +52,7 @@ class Registry:
         """Every task the store holds (resident or not), by name."""
         self._stamps: dict[str, tuple[int, int]] = {}
         self._bad: dict[str, tuple[int, int]] = {}
+        self._no_slot: set[str] = set()
         self._lock = asyncio.Lock()
 
     # -- validation (no side effects; runs in a thread) -----------------------------------
@@ -149,6 +150,9 @@ class Registry:
             await self.refresh(only=task)
         info = self.engine.tasks.get(task)
         if info is None:
+            if task in self.catalogue and len(self.engine.tasks) >= self.max_tasks:
+                raise SlotsFullError(f"cannot load task {task!r}: all {self.max_tasks} task "
+                                     "slots are in use (AAT_MAX_TASKS)")
             raise UnknownTaskError(f"unknown task {task!r}")
         return info
 
@@ -187,6 +191,7 @@ class Registry:
             log.info("task removed from the store; unloaded", extra={"task": task})
         self.catalogue.pop(task, None)
         self._stamps.pop(task, None)
+        self._no_slot.discard(task)
 
     async def _sync(self, entry: StoreEntry, *, load: bool) -> None:
         task = entry.task
@@ -197,21 +202,23 @@ class Registry:
             return  # already reported; wait for the file to change
         try:
             manifest = await asyncio.to_thread(read_manifest, entry.path)
+            if manifest.task != task:
+                raise BundleError(f"the bundle is for task {manifest.task!r}, not {task!r}")
             if resident is not None and resident.version == manifest.version:
                 self._stamps[task] = entry.stamp
                 self.catalogue[task] = resident.manifest
                 return
+            self.catalogue[task] = manifest  # in the store, resident or not
             if resident is None and not load:
-                if manifest.task != task:
-                    raise BundleError(f"the bundle is for task {manifest.task!r}, not {task!r}")
-                self.catalogue[task] = manifest
                 self._stamps[task] = entry.stamp
                 return
             if resident is None and len(self.engine.tasks) >= self.max_tasks:
-                log.warning("no free task slot for %s (AAT_MAX_TASKS=%d)", task, self.max_tasks,
-                            extra={"task": task})
-                self.metrics.bundle_loads.labels("store", "slots_full").inc()
-                return
+                if task not in self._no_slot:  # say it once, not on every rescan
+                    self._no_slot.add(task)
+                    log.warning("no free task slot for %s (AAT_MAX_TASKS=%d)", task,
+                                self.max_tasks, extra={"task": task})
+                    self.metrics.bundle_loads.labels("store", "slots_full").inc()
+                return  # the stamp stays old: retried on the next rescan or request
             started = time.monotonic()
             bundle = await asyncio.to_thread(self._read, entry)
             await self.engine.load(bundle)
@@ -226,6 +233,7 @@ class Registry:
         self.catalogue[task] = bundle.manifest
         self._stamps[task] = entry.stamp
         self._bad.pop(task, None)
+        self._no_slot.discard(task)
         log.info("task activated", extra={"task": task, "version": bundle.manifest.version,
                                           "previous_version": resident.version if resident
                                           else None, "source": "store"})

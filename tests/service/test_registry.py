@@ -280,3 +280,19 @@ def test_reference_helper_is_not_the_identity(ckpt, bundles):
                      for k, v in b.tensors.items()}
     assert (reference_scores(ckpt, b, audio) - reference_scores(ckpt, blank, audio)).abs().max() \
         > 1e-3
+
+
+@pytest.mark.parametrize("preload", ["eager", "lazy"])
+def test_a_stored_task_without_a_free_slot_is_507(make_app, store, bundles, preload):
+    bundles["birds"].save(store / "birds.safetensors")
+    bundles["words"].save(store / "words.safetensors")
+    with served(make_app(max_tasks=1, preload=preload)) as c:
+        first = "birds" if preload == "eager" else "words"
+        other = "words" if first == "birds" else "birds"
+        assert _classify(c, first, wav_bytes()).status_code == 200
+        r = _classify(c, other, wav_bytes())
+        assert (r.status_code, r.json()) == error(
+            507, "slots_full", f"cannot load task {other!r}: all 1 task slots are in use "
+            "(AAT_MAX_TASKS)")
+        assert {t["task"]: t["resident"] for t in c.get("/tasks").json()["tasks"]} == {
+            first: True, other: False}
