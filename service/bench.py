@@ -7,6 +7,9 @@ task per forward). Against each server, C clients send requests back to back (cl
 first all to one task, then round-robin over every task. Each scenario is bounded in count
 (``--requests``) and time (``--max-seconds``). Reported: throughput, p50/p95/p99 latency, mean
 clips and tasks per batch (from the server's metrics), and the ratios mix/single and on/off.
+
+With ``--url`` the same load runs against a server already running on this machine (single task
+vs mix only, since its batching cannot be switched).
 """
 
 from __future__ import annotations
@@ -284,24 +287,54 @@ def bench_serve(*, preset: str = "small", checkpoint: str | None = None, frames:
     }
 
 
+def bench_running_server(url: str, *, tasks: int, clients: int, requests: int,
+                         max_seconds: float, clip_s: float) -> dict[str, Any]:
+    """Single task vs mix against a server that is already running (loopback only)."""
+    import httpx
+
+    host = httpx.URL(url).host
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        raise ConfigError(f"--url must point at this machine (127.0.0.1), got host {host!r}")
+    listing = httpx.get(url.rstrip("/") + "/tasks", timeout=30)
+    if listing.status_code != 200:
+        raise ConfigError(f"GET {url}/tasks answered {listing.status_code}: {listing.text[:200]}")
+    names = [t["task"] for t in listing.json()["tasks"]][:tasks]
+    if not names:
+        raise ConfigError(f"the server at {url} has no tasks")
+    clips = [synth_wav(clip_s, seed=s) for s in range(8)]
+    run_load(url, names, clips, clients, 8, max_seconds)  # warm up
+    results = {"server/single": run_load(url, names[:1], clips, clients, requests, max_seconds),
+               f"server/mix{len(names)}": run_load(url, names, clips, clients, requests,
+                                                   max_seconds)}
+    single, mix = (results[k]["throughput_rps"] for k in results)
+    return {"machine": {"platform": platform.platform(), "processor": platform.processor(),
+                        "gpu": None},
+            "config": {"backbone": f"server {url}", "tasks": len(names), "clients": clients,
+                       "requests": requests, "clip_s": clip_s},
+            "results": results,
+            "ratios": {f"mix{len(names)}_vs_single": round(mix / single, 3) if single else 0}}
+
+
 # -- CLI -------------------------------------------------------------------------------------
 
-def _print_table(report: dict[str, Any]) -> None:
+def _table(report: dict[str, Any]) -> str:
     c = report["config"]
     m = report["machine"]
-    print(f"aat bench serve: {c['backbone']} backbone ({c['embed_dim']} wide, {c['depth']} "
-          f"blocks, {c['frames']} frames), {c['tasks']} tasks, {c['clients']} clients, "
-          f"{c['clip_s']} s clips, {c['device']} {c['dtype']}; "
-          f"{m['gpu'] or m['processor'] or m['platform']}")
-    print(f"{'scenario':<22} {'req/s':>8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} "
-          f"{'clips/batch':>11} {'tasks/batch':>11} {'n':>5}")
+    shape = (f" ({c['embed_dim']} wide, {c['depth']} blocks, {c['frames']} frames)"
+             if "embed_dim" in c else "")
+    where = f", {c['device']} {c['dtype']}" if "device" in c else ""
+    lines = [f"aat bench serve: {c['backbone']}{shape}, {c['tasks']} tasks, {c['clients']} "
+             f"clients, {c['clip_s']} s clips{where}; "
+             f"{m['gpu'] or m['processor'] or m['platform']}",
+             f"{'scenario':<22} {'req/s':>8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} "
+             f"{'clips/batch':>11} {'tasks/batch':>11} {'n':>5}"]
     for name, r in report["results"].items():
         err = f"  errors {r['errors']}" if r["errors"] else ""
-        print(f"{name:<22} {r['throughput_rps']:>8.2f} {r['p50_ms']:>8.1f} {r['p95_ms']:>8.1f} "
-              f"{r['p99_ms']:>8.1f} {r['mean_batch']:>11.2f} {r['mean_tasks_per_batch']:>11.2f} "
-              f"{r['requests']:>5}{err}")
-    for name, v in report["ratios"].items():
-        print(f"{name}: {v:.3f}x")
+        lines.append(f"{name:<22} {r['throughput_rps']:>8.2f} {r['p50_ms']:>8.1f} "
+                     f"{r['p95_ms']:>8.1f} {r['p99_ms']:>8.1f} {r['mean_batch']:>11.2f} "
+                     f"{r['mean_tasks_per_batch']:>11.2f} {r['requests']:>5}{err}")
+    lines += [f"{name}: {v:.3f}x" for name, v in report["ratios"].items()]
+    return "\n".join(lines)
 
 
 def run_serve_bench(args: argparse.Namespace) -> int:
@@ -311,16 +344,19 @@ def run_serve_bench(args: argparse.Namespace) -> int:
         if not args.json:
             print(msg, file=sys.stderr, flush=True)
 
+    if args.url:
+        report = bench_running_server(args.url, tasks=args.tasks, clients=args.clients,
+                                      requests=args.requests, max_seconds=args.max_seconds,
+                                      clip_s=args.clip_s)
+        print(json.dumps(report, indent=2) if args.json else _table(report))
+        return 0
     preset = args.backbone or ("vit-b" if torch.cuda.is_available() else "small")
     report = bench_serve(preset=preset, checkpoint=args.checkpoint, frames=args.frames,
                          tasks=args.tasks, clients=args.clients, requests=args.requests,
                          max_seconds=args.max_seconds, clip_s=args.clip_s,
                          max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
                          device=args.device, dtype=args.dtype, progress=say)
-    if args.json:
-        print(json.dumps(report, indent=2))
-    else:
-        _print_table(report)
+    print(json.dumps(report, indent=2) if args.json else _table(report))
     return 0
 
 
@@ -333,6 +369,8 @@ def register_serve_bench(bench_subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--backbone", choices=sorted(PRESETS),
                    help="random backbone size (default: vit-b with CUDA, else small)")
     p.add_argument("--checkpoint", help="use this checkpoint instead of a random backbone")
+    p.add_argument("--url", help="measure a server already running on this machine instead "
+                                 "(its first --tasks tasks; no batching on/off comparison)")
     p.add_argument("--frames", type=int, help="clip length in frames (default: the preset's)")
     p.add_argument("--tasks", type=int, default=4, help="tasks in the mix (default 4)")
     p.add_argument("--clients", type=int, default=8, help="concurrent clients (default 8)")
