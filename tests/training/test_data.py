@@ -7,8 +7,11 @@ import logging
 
 import numpy as np
 import pytest
+import soundfile as sf
+import torch
 
 from adapters.errors import ConfigError
+from adapters.features import load_audio
 from tests.training import synth
 from training.data import (
     ESC50_LABELS,
@@ -274,3 +277,25 @@ def test_csv_source_single_and_multi_label(tmp_path):
 def test_unknown_dataset_name():
     with pytest.raises(ConfigError, match=r"unknown data set 'audioset'; expected one of esc50"):
         load_source("audioset", ".")
+
+
+def test_every_layouts_audio_decodes_to_16k_mono_of_the_right_length(tmp_path):
+    """The documented formats (44.1 kHz ESC-50 incl. a full 220,500-sample clip, US8K's mixed
+    rates/depths/channels/WAVEX, 22.05 kHz GTZAN .au and .wav, stereo OGG OpenMIC) all decode."""
+    root = synth.make_esc50(tmp_path, folds=(1,), classes=(0,))
+    synth.write_audio(root / "audio" / "1-100000-A-0.wav", 0, 44100, 5.0)  # exactly 220,500
+    sources = [load_source("esc50", root), load_source("us8k", synth.make_us8k(tmp_path)),
+               load_source("gtzan", synth.make_gtzan(tmp_path)),
+               load_source("openmic", synth.make_openmic(tmp_path, n=2))]
+    seen = set()
+    for src in sources:
+        for ex in src.examples:
+            info = sf.info(str(ex.path))
+            wave = load_audio(ex.path, sample_rate=16000)
+            assert wave.dim() == 1 and wave.dtype == torch.float32
+            assert abs(wave.numel() - info.duration * 16000) <= 1, ex.path
+            seen.add((info.samplerate, info.channels, info.subtype, info.format))
+    assert (44100, 1, "PCM_16", "WAV") in seen
+    assert len(load_audio(root / "audio" / "1-100000-A-0.wav")) == 80000
+    assert {(22050, 1, "PCM_16", "AU"), (44100, 2, "VORBIS", "OGG"), (48000, 2, "PCM_24", "WAV"),
+            (44100, 2, "PCM_16", "WAVEX"), (8000, 1, "PCM_U8", "WAV")} <= seen

@@ -158,14 +158,8 @@ def test_gradient_accumulation_equals_the_larger_batch(pets, tmp_path):
         splits = {**splits, "train": splits["train"][:4]}
         tr = make_trainer(pets, "aat_ms", tmp_path / run, r, splits=splits)
         grads = []
-        step = tr.optimizer.step
-
-        def capture(*a, **k):
-            grads.append({n: p.grad.clone() for n, p in tr.model.named_parameters()
-                          if p.grad is not None})
-            return step(*a, **k)
-
-        tr.optimizer.step = capture
+        tr.optimizer.register_step_pre_hook(lambda *_: grads.append(
+            {n: p.grad.clone() for n, p in tr.model.named_parameters() if p.grad is not None}))
         tr.train()
         return grads
 
