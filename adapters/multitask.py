@@ -11,11 +11,14 @@ Execution (``backend``):
 
 - ``segments`` (CPU, or CUDA without Triton): the shared MLP runs once over all rows and each
   task's adapters over its contiguous run of rows. A batch with a single adapter task instead
-  uses the widened MLP, ``GELU(h [W1 | W_down] + [b1 | b_down]) [W2 ; W_up] + b2 + b_up``, one
-  GEMM per projection. The widened matrices live in one buffer per layer whose first H rows
-  *are* the backbone's fc1/fc2 weights (no copy of the backbone); the R adapter rows are
-  rewritten when the single task changes (a few MB, under a lock; a batch that finds the buffer
-  busy takes the shared path instead).
+  uses the widened MLP, ``act = GELU(h [W1 | W_down] + [b1 | b_down])``: one GEMM (GELU fused)
+  for fc1 and the adapter's down-projection, then ``x + act [W2 ; W_up] + b2 + b_up`` as fc2's
+  GEMM (residual fused) plus the R-row K tail accumulated into the same output. The widened fc1
+  lives in one buffer per layer whose first H rows *are* the backbone's fc1 (no copy of the
+  backbone); the R adapter rows are rewritten when the single task changes (a few MB, under a
+  lock; a batch that finds the buffer busy takes the shared path). fc2 is not concatenated
+  because oneDNN needs contiguous weights and a second copy of W2 would cost 113 MB (fp32).
+  GEMMs go through oneDNN with fused epilogues where available (``adapters.kernels.cpu``).
 - ``triton`` (CUDA): the fused kernels of ``adapters.kernels``; ``torch`` / ``interpret`` run
   the same code path through the torch reference or Triton's interpreter (tests).
 
@@ -44,6 +47,7 @@ from torch.nn import functional as F
 from adapters.backbone import AST, Block
 from adapters.bundle import Manifest, TaskBundle
 from adapters.errors import BundleError, ConfigError, SlotsFullError, UnknownTaskError
+from adapters.kernels import cpu
 from adapters.kernels.dispatch import mlp_adapter, triton_available
 from adapters.kernels.layout import AdapterPool, MlpWeights, segments
 from adapters.methods import get_method
@@ -104,47 +108,47 @@ class _Group:
 
 
 class _Widened:
-    """Per-layer buffers holding the MLP widened by one task's MLP adapter (``segments`` path)."""
+    """Per-layer fc1 widened by one task's MLP adapter (``segments`` path).
+
+    ``w1[i]`` is ``[W1 ; W_down[row].T]`` ``(H + R, D)`` and ``b1[i]`` ``[b1 | b_down[row]]``; the
+    first H rows *are* the backbone's ``fc1`` (its parameters are views into the buffers), so
+    widening costs R rows per layer, not a copy of the MLP.
+    """
 
     def __init__(self, backbone: AST, rank: int) -> None:
         self.lock = threading.Lock()
         self.gen = -1
-        self.w1: list[torch.Tensor] = []  # (H + R, D); rows [:H] are fc1.weight
-        self.b1: list[torch.Tensor] = []  # (H + R,)
-        self.w2: list[torch.Tensor] = []  # (D, H + R); columns [:H] are fc2.weight
-        self.b2: list[torch.Tensor] = []  # (D,) = b2 + b_up
+        self.w1: list[torch.Tensor] = []
+        self.b1: list[torch.Tensor] = []
         for blk in backbone.blocks:
-            fc1, fc2 = blk.mlp.fc1, blk.mlp.fc2
+            fc1 = blk.mlp.fc1
             hid, d = fc1.weight.shape
             kw = dict(dtype=fc1.weight.dtype, device=fc1.weight.device)
             w1 = torch.zeros(hid + rank, d, **kw)
             b1 = torch.zeros(hid + rank, **kw)
-            w2 = torch.zeros(d, hid + rank, **kw)
             with torch.no_grad():
                 w1[:hid].copy_(fc1.weight)
                 b1[:hid].copy_(fc1.bias)
-                w2[:, :hid].copy_(fc2.weight)
-            # The backbone's own weights become views into the buffers: one copy in memory.
             fc1.weight.data = w1[:hid]
             fc1.bias.data = b1[:hid]
-            fc2.weight.data = w2[:, :hid]
             self.w1.append(w1)
             self.b1.append(b1)
-            self.w2.append(w2)
-            self.b2.append(fc2.bias.detach().clone())
 
-    def fill(self, backbone: AST, pools: _Pools, entry: _Entry) -> None:
-        """Write ``entry``'s MLP adapters into the adapter rows (caller holds ``lock``)."""
+    def nbytes_extra(self, rank: int) -> int:
+        """Bytes of the adapter rows (the shared rows belong to the backbone)."""
+        return sum(rank * (w.shape[1] + 1) * w.element_size() for w in self.w1)
+
+    def fill(self, pools: _Pools, entry: _Entry) -> None:
+        """Write ``entry``'s down-projections into the adapter rows (caller holds ``lock``)."""
         if self.gen == entry.gen:
             return
         self.gen = -1  # invalid while half-written
         with torch.no_grad():
-            for i, blk in enumerate(backbone.blocks):
-                pool, hid, r = pools.mlp[i], blk.mlp.fc1.weight.shape[0], entry.row
-                self.w1[i][hid:].copy_(pool.w_down[r].t())
-                self.b1[i][hid:].copy_(pool.b_down[r])
-                self.w2[i][:, hid:].copy_(pool.w_up[r].t())
-                torch.add(blk.mlp.fc2.bias, pool.b_up[r], out=self.b2[i])
+            for i, (w1, b1) in enumerate(zip(self.w1, self.b1, strict=True)):
+                pool, r = pools.mlp[i], entry.row
+                hid = w1.shape[0] - pool.rank
+                w1[hid:].copy_(pool.w_down[r].t())
+                b1[hid:].copy_(pool.b_down[r])
         self.gen = entry.gen
 
 
@@ -290,9 +294,8 @@ class MultiTaskModel(torch.nn.Module):
             pools = self._pools
             entries = list(self._tasks.values())
         backbone = size(self.backbone.state_dict().values())
-        if self._widened is not None:  # adapter rows of the widened buffers
-            r = self.bottleneck * self.backbone.cfg.embed_dim * 2 + self.bottleneck
-            backbone += r * len(self._widened.w1) * self._widened.w1[0].element_size()
+        if self._widened is not None:
+            backbone += self._widened.nbytes_extra(self.bottleneck)
         pool = sum(p.nbytes() for p in (*pools.mlp, *pools.spatial))
         task = sum(size(e.head) + (size([e.prompts]) if e.prompts is not None else 0)
                    for e in entries)
@@ -449,7 +452,7 @@ class MultiTaskModel(torch.nn.Module):
             self._widened.lock.acquire(blocking=False)
         try:
             if widened:
-                self._widened.fill(bb, pools, g.widened)
+                self._widened.fill(pools, g.widened)
             row_slots = self._row_slots(g, h.shape[1] + p) if self.backend != "segments" else None
             for i, blk in enumerate(bb.blocks):
                 if prompts is not None:
@@ -467,30 +470,37 @@ class MultiTaskModel(torch.nn.Module):
 
     def _block_segments(self, i: int, blk: Block, x: torch.Tensor, g: _Group, pools: _Pools,
                         widened: bool) -> torch.Tensor:
-        n, d = x.shape[1:]
-        a = blk.attn(blk.norm1(x))
-        sp = pools.spatial[i]
-        for c0, c1, r in g.spatial_segs:  # a <- a + A_s(a), per task
-            a2 = a[c0:c1].view(-1, d)
-            t = F.gelu(torch.addmm(sp.b_down[r], a2, sp.w_down[r]))
-            a2.addmm_(t, sp.w_up[r]).add_(sp.b_up[r])
-        x = x + a
-        h = blk.norm2(x).view(-1, d)
-        x2 = x.view(-1, d)
-        if widened:
-            w = self._widened
-            act = F.gelu(F.linear(h, w.w1[i], w.b1[i]))
-            x2.addmm_(act, w.w2[i].t()).add_(w.b2[i])
-            return x
-        mlp = self._mlp[i]
-        act = F.gelu(F.linear(h, mlp.w1, mlp.b1))
-        x2.addmm_(act, mlp.w2.t()).add_(mlp.b2)
-        mp = pools.mlp[i]
+        b, n, d = x.shape
+        heads = blk.attn.num_heads
+        x2 = x.reshape(-1, d)
+        qkv = cpu.linear(blk.norm1(x2), blk.attn.qkv.weight, blk.attn.qkv.bias)
+        q, k, v = qkv.view(b, n, 3, heads, d // heads).permute(2, 0, 3, 1, 4).unbind(0)
+        o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(-1, d)
+        proj = blk.attn.proj
+        if g.spatial_segs:
+            a = cpu.linear(o, proj.weight, proj.bias)
+            sp = pools.spatial[i]
+            for c0, c1, r in g.spatial_segs:  # a <- a + A_s(a), per task
+                a_s = a[c0 * n:c1 * n]
+                t = F.gelu(torch.addmm(sp.b_down[r], a_s, sp.w_down[r]))
+                a_s.addmm_(t, sp.w_up[r]).add_(sp.b_up[r])
+            x2 = x2 + a
+        else:
+            x2 = cpu.linear_add(o, proj.weight, proj.bias, x2)
+        h = blk.norm2(x2)
+        mlp, mp = self._mlp[i], pools.mlp[i]
+        if widened:  # one GEMM for fc1 and the adapter's down-projection, GELU fused
+            act = cpu.linear(h, self._widened.w1[i], self._widened.b1[i], gelu=True)
+            hid, r = mlp.hidden, g.widened.row
+            y = cpu.linear_add(act[:, :hid], mlp.w2, mlp.b2, x2)
+            y.addmm_(act[:, hid:], mp.w_up[r]).add_(mp.b_up[r])  # the K tail of fc2
+            return y.view(b, n, d)
+        y = cpu.linear_add(cpu.linear(h, mlp.w1, mlp.b1, gelu=True), mlp.w2, mlp.b2, x2)
         for c0, c1, r in g.mlp_segs:  # adapters on each task's contiguous rows
-            h_s, x_s = h[c0 * n:c1 * n], x2[c0 * n:c1 * n]
+            h_s, y_s = h[c0 * n:c1 * n], y[c0 * n:c1 * n]
             t = F.gelu(torch.addmm(mp.b_down[r], h_s, mp.w_down[r]))
-            x_s.addmm_(t, mp.w_up[r]).add_(mp.b_up[r])
-        return x
+            y_s.addmm_(t, mp.w_up[r]).add_(mp.b_up[r])
+        return y.view(b, n, d)
 
     def _row_slots(self, g: _Group, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
         def rows(segs: list[tuple[int, int, int]]) -> torch.Tensor:
