@@ -1,0 +1,114 @@
+"""The fused-kernel case matrix, run under Triton's interpreter in a child process.
+
+``python -m tests.adapters.kernel_cases`` (with ``TRITON_INTERPRET=1`` in the environment, set
+before Python starts, so the kernels are built interpreted) runs every case and prints one JSON
+object: ``{case_id: {"err": ..., "max_abs": ..., "vs_plain": ...}}``. ``test_kernels.py`` starts
+it and checks each case against its dtype's tolerance. Importing this module does not import
+Triton.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import torch
+
+D, H, R = 32, 64, 24  # R is not a multiple of the 32-wide N tile: masked adapter columns
+TILES = dict(block_m=16, block_n=32, block_k=32, group_m=2)
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+# name -> (row slots, pool slots, zero adapters, with shared MLP). BLOCK_M is 16, so a boundary
+# at a multiple of 16 lies on a tile edge and any other inside a tile.
+LAYOUTS: dict[str, tuple[list[int], int, bool, bool]] = {
+    "one-task-37-rows": ([3] * 37, 4, False, True),
+    "one-row": ([1], 2, False, True),
+    "two-tasks-boundary-in-tile": ([0] * 20 + [1] * 17, 2, False, True),
+    "two-tasks-boundary-on-edge": ([0] * 16 + [1] * 32, 2, False, True),
+    "four-tasks-mixed-boundaries": ([0] * 5 + [1] * 11 + [2] * 16 + [3] * 9, 4, False, True),
+    "no-adapter-rows-first-middle-last": ([-1] * 7 + [0] * 10 + [-1] * 5 + [2] * 12 + [-1] * 3,
+                                          3, False, True),
+    "all-rows-without-adapter": ([-1] * 21, 2, False, True),
+    "non-contiguous-slot-ids": ([2] * 13 + [5] * 20, 7, False, True),
+    "unsorted-rows": ([0, 3, -1, 1, 3, 0, 0, 1, -1, 3, 1, 1, 0, 3, 3, -1, 0, 1, 3, 0, 1, 1, 3,
+                       0, 0, 3, -1, 1, 0, 3], 4, False, True),
+    "zero-adapters-equal-plain-mlp": ([0] * 10 + [1] * 20, 2, True, True),
+    "adapter-only-spatial-form": ([0] * 20 + [1] * 19, 2, False, False),
+}
+CASES = [f"{layout}-{dt}" for layout in LAYOUTS for dt in DTYPES] + ["multitask-model-fp32"]
+
+
+def _operands(layout: str, dtype: torch.dtype, seed: int):
+    from adapters.kernels import AdapterPool, MlpWeights
+
+    rows, slots, zero, with_mlp = LAYOUTS[layout]
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape):
+        return (torch.randn(*shape, generator=g) * 0.3).to(dtype)
+
+    m = len(rows)
+    mlp = MlpWeights(rnd(H, D), rnd(H), rnd(D, H), rnd(D)) if with_mlp else None
+    pool = AdapterPool(rnd(slots, D, R), rnd(slots, R), rnd(slots, R, D), rnd(slots, D))
+    if zero:
+        pool = AdapterPool(*(torch.zeros_like(t) for t in pool.tensors()))
+    return rnd(m, D), rnd(m, D), mlp, pool, torch.tensor(rows, dtype=torch.int32)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+
+
+def run_kernel_case(case: str) -> dict[str, float]:
+    """Relative error against the fp64 reference, and distance from the adapter-free output."""
+    from adapters.kernels import AdapterPool, mlp_adapter, mlp_adapter_reference
+    from adapters.kernels.triton_mlp import KernelConfig
+
+    layout, dt = case.rsplit("-", 1)
+    x, h, mlp, pool, rows = _operands(layout, DTYPES[dt], seed=len(case))
+    out = mlp_adapter(x, h, mlp, pool, rows, backend="interpret", config=KernelConfig(**TILES))
+    ref = mlp_adapter_reference(x, h, mlp, pool, rows, compute_dtype=torch.float64)
+    no_adapter = AdapterPool(*(torch.zeros_like(t) for t in pool.tensors()))
+    plain = mlp_adapter_reference(x, h, mlp, no_adapter, rows, compute_dtype=torch.float64)
+    return {"err": _rel(out, ref), "max_abs": float((out.double() - ref).abs().max()),
+            "vs_plain": _rel(out, plain), "dtype_ok": float(out.dtype == x.dtype)}
+
+
+def run_model_case() -> dict[str, float]:
+    """A MultiTaskModel on the interpreted kernels against each task alone (tiny backbone)."""
+    import copy
+
+    from adapters.multitask import MultiTaskModel
+    from tests.adapters.test_multitask import TASKS, make_bundle
+    from tests.helpers import tiny_backbone
+
+    base = tiny_backbone(seed=0)
+    bundles = {n: make_bundle(base, n, m, c, seed=i) for i, (n, m, c) in enumerate(TASKS)}
+    model = MultiTaskModel(copy.deepcopy(base), bottleneck=8, backend="interpret")
+    for b in bundles.values():
+        model.load_task(b)
+    tasks = ["ms", "hd", "m", "ms", "jt", "pr", "m"]
+    x = torch.randn(len(tasks), 64, 32, generator=torch.Generator().manual_seed(0))
+    out = model.classify(x, tasks)
+    err = 0.0
+    for i, (logits, task) in enumerate(zip(out, tasks, strict=True)):
+        with torch.no_grad():
+            ref = bundles[task].build_model(copy.deepcopy(base)).eval()(x[i:i + 1])[0]
+        err = max(err, float((logits - ref).abs().max()))
+    return {"err": err, "max_abs": err, "vs_plain": 1.0, "dtype_ok": 1.0}
+
+
+def main() -> int:
+    results = {}
+    for case in CASES:
+        try:
+            results[case] = run_model_case() if case.startswith("multitask") else \
+                run_kernel_case(case)
+        except Exception as e:  # reported per case by the test
+            results[case] = {"error": f"{type(e).__name__}: {e}"}
+    json.dump(results, sys.stdout)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
