@@ -19,6 +19,7 @@ import asyncio
 import copy
 import io
 import json
+import os
 import platform
 import re
 import shutil
@@ -107,6 +108,20 @@ def synth_wav(seconds: float, sample_rate: int = 16000, seed: int = 0) -> bytes:
 
 
 # -- a server in a thread --------------------------------------------------------------------
+
+def machine() -> dict[str, Any]:
+    """Where the figures were measured."""
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")),
+                       cpu)
+    except OSError:
+        pass
+    return {"platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -270,9 +285,7 @@ def bench_serve(*, preset: str = "small", checkpoint: str | None = None, frames:
     mix = scenarios[1].name
     cfg = ckpt.backbone.cfg
     return {
-        "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                    "torch_threads": torch.get_num_threads(),
-                    "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
+        "machine": machine(),
         "config": {"backbone": backbone_name,
                    "embed_dim": cfg.embed_dim, "depth": cfg.depth,
                    "frames": ckpt.features.target_length, "tasks": tasks, "clients": clients,
@@ -307,8 +320,7 @@ def bench_running_server(url: str, *, tasks: int, clients: int, requests: int,
                f"server/mix{len(names)}": run_load(url, names, clips, clients, requests,
                                                    max_seconds)}
     single, mix = (results[k]["throughput_rps"] for k in results)
-    return {"machine": {"platform": platform.platform(), "processor": platform.processor(),
-                        "gpu": None},
+    return {"machine": machine(),
             "config": {"backbone": f"server {url}", "tasks": len(names), "clients": clients,
                        "requests": requests, "clip_s": clip_s},
             "results": results,
@@ -325,7 +337,7 @@ def _table(report: dict[str, Any]) -> str:
     where = f", {c['device']} {c['dtype']}" if "device" in c else ""
     lines = [f"aat bench serve: {c['backbone']}{shape}, {c['tasks']} tasks, {c['clients']} "
              f"clients, {c['clip_s']} s clips{where}; "
-             f"{m['gpu'] or m['processor'] or m['platform']}",
+             f"{m['gpu'] or m['cpu']} ({m['cpu_count']} cores)",
              f"{'scenario':<22} {'req/s':>8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} "
              f"{'clips/batch':>11} {'tasks/batch':>11} {'n':>5}"]
     for name, r in report["results"].items():
