@@ -322,7 +322,8 @@ class MultiTaskModel(torch.nn.Module):
             return heapq.heappop(self._free_rows)
         pools = self._pools
         old = pools.rows
-        new = min(max(1, 2 * old), self._capacity)
+        # Grow geometrically up to max_tasks rows; the spare row only when a swap needs it.
+        new = min(max(1, 2 * old), self.max_tasks if old < self.max_tasks else self._capacity)
         self._pools = _Pools(tuple(p.grown(new) for p in pools.mlp),
                              tuple(p.grown(new) for p in pools.spatial))
         for r in range(old + 1, new):

@@ -1,0 +1,399 @@
+"""``aat bench model``: whole-model throughput against transformers, bf16 agreement, memory.
+
+One run, on one machine, measures (all with random weights; nothing is downloaded):
+
+- clips/s of ``MultiTaskModel.classify`` for 1-s (100 frames) and 10-s (1024 frames) clips at
+  batch 1 and 8: a single ``aat_ms`` task vs a mix of 4, in fp32 and bf16; and transformers'
+  ``ASTForAudioClassification`` in fp32 on the same weights and inputs as the baseline. Calls are
+  timed round-robin (one call of every variant per round) and the median is reported, so a
+  change in machine load hits every variant alike. A parity check first confirms that
+  transformers and our model compute the same logits (fp32, a head-only task).
+- top-1 agreement of bf16 against fp32 on random inputs over the 4 tasks' heads;
+- memory of S resident ``aat_ms`` tasks (S = 1, 10, 100): tensor bytes, and process RSS (or
+  CUDA allocator) growth and peak while loading and classifying.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import json
+import tempfile
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from adapters.backbone import AST
+from adapters.benchmarks.common import interleaved, machine, median, table
+from adapters.bundle import Manifest, TaskBundle, expected_tensor_shapes
+from adapters.config import AdapterConfig, BackboneConfig, FeatureConfig
+from adapters.errors import ConfigError
+from adapters.multitask import MultiTaskModel
+
+FULL = BackboneConfig(norm_eps=1e-6, head_norm_eps=1e-6)  # AST ViT-B/16, stride 10
+QUICK = BackboneConfig(embed_dim=64, depth=2, num_heads=2, mlp_hidden=256, norm_eps=1e-6,
+                       head_norm_eps=1e-6)
+CLIPS = {"1s": 100, "10s": 1024}  # frames (10 ms hop); 1024 is AST's 10-s input
+TASK_CLASSES = (50, 35, 10, 527)  # ESC-50, Speech Commands, GTZAN and AudioSet-sized heads
+TARGETS = {"mixed4_vs_single": 0.95, "fp32_vs_hf": 1.0, "bf16_vs_hf": 1.8, "top1": 0.99}
+
+
+@dataclass
+class ModelBenchConfig:
+    """What to measure; ``quick`` shrinks everything so a test runs it in seconds."""
+
+    quick: bool = False
+    device: str = "auto"
+    clips: tuple[str, ...] = ("1s", "10s")
+    batches: tuple[int, ...] = (1, 8)
+    rounds: int = 3
+    agreement_clips: dict[str, int] = field(default_factory=lambda: {"1s": 256, "10s": 32})
+    memory_tasks: tuple[int, ...] = (1, 10, 100)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        unknown = [c for c in self.clips if c not in CLIPS]
+        if unknown:
+            raise ConfigError(f"unknown clip length {unknown[0]!r}; expected one of "
+                              f"{', '.join(CLIPS)}")
+        if self.rounds < 1 or any(b < 1 for b in self.batches):
+            raise ConfigError("rounds and batch sizes must be at least 1")
+        if any(s < 1 for s in self.memory_tasks):
+            raise ConfigError("memory task counts must be at least 1")
+
+    @property
+    def backbone(self) -> BackboneConfig:
+        return QUICK if self.quick else FULL
+
+    @property
+    def bottleneck(self) -> int:
+        return self.backbone.embed_dim // 4
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was requested but CUDA is not available")
+    return torch.device(name)
+
+
+# -- tasks -------------------------------------------------------------------------------------
+
+def random_bundle(backbone: AST, fingerprint: str, name: str, method: str, classes: int,
+                  bottleneck: int, seed: int) -> TaskBundle:
+    """A valid bundle with random task weights (std 0.02; LayerNorm at identity)."""
+    spec_adapter = {"aat_ms": AdapterConfig(bottleneck, mlp=True, spatial=True),
+                    "head": AdapterConfig(bottleneck)}[method]
+    shapes = expected_tensor_shapes(method, spec_adapter, backbone.cfg, classes)
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for n, shape in shapes.items():
+        if n == "head.norm.weight":
+            tensors[n] = torch.ones(shape)
+        elif n == "head.norm.bias":
+            tensors[n] = torch.zeros(shape)
+        else:
+            tensors[n] = torch.randn(shape, generator=g) * 0.02
+    manifest = Manifest(task=name, method=method, labels=[f"class{i}" for i in range(classes)],
+                        backbone_fingerprint=fingerprint, backbone=backbone.cfg.to_dict(),
+                        features=FeatureConfig().to_dict(), adapter=spec_adapter.to_dict(),
+                        version=f"bench-{seed}")
+    bundle = TaskBundle(manifest, tensors)
+    bundle.validate()
+    return bundle
+
+
+# -- the transformers baseline -------------------------------------------------------------
+
+def hf_baseline(backbone: AST, head: TaskBundle, frames: int) -> torch.nn.Module:
+    """transformers' ``ASTForAudioClassification`` holding ``backbone`` and ``head``'s weights.
+
+    Saved and loaded through ``from_pretrained`` (which maps the published tensor names onto
+    whatever module names this transformers version uses); the positional embedding is the one
+    our backbone uses for ``frames``. Refuses missing or unused tensors.
+    """
+    from safetensors.torch import save_file
+    from transformers import ASTConfig, ASTForAudioClassification
+
+    from adapters.checkpoints import to_hf_state_dict
+
+    c = backbone.cfg
+    canonical = dict(backbone.frozen_state_dict())
+    canonical["pos_embed"] = backbone.pos_embed_for(c.grid(frames)).detach()
+    canonical.update({k: v for k, v in head.tensors.items() if k.startswith("head.")})
+    config = ASTConfig(hidden_size=c.embed_dim, num_hidden_layers=c.depth,
+                       num_attention_heads=c.num_heads, intermediate_size=c.mlp_hidden,
+                       patch_size=c.patch_freq, frequency_stride=c.freq_stride,
+                       time_stride=c.time_stride, max_length=frames, num_mel_bins=c.num_mel_bins,
+                       layer_norm_eps=c.norm_eps, qkv_bias=c.qkv_bias,
+                       num_labels=head.manifest.num_classes)
+    with tempfile.TemporaryDirectory() as tmp:
+        config.save_pretrained(tmp)
+        save_file({k: v.contiguous() for k, v in to_hf_state_dict(canonical).items()},
+                  str(Path(tmp) / "model.safetensors"), metadata={"format": "pt"})
+        model, info = ASTForAudioClassification.from_pretrained(
+            tmp, attn_implementation="sdpa", output_loading_info=True)
+    bad = {k: v for k, v in info.items() if v}
+    if bad:
+        raise ConfigError(f"the transformers baseline did not load cleanly: {bad}")
+    return model.eval()
+
+
+# -- measurements ------------------------------------------------------------------------------
+
+def _throughput(cfg: ModelBenchConfig, models: dict[str, MultiTaskModel],
+                hf: dict[str, torch.nn.Module], tasks: list[str], device: torch.device,
+                bar: tqdm) -> list[dict[str, Any]]:
+    g = torch.Generator().manual_seed(cfg.seed)
+    rows = []
+    for clip in cfg.clips:
+        x = torch.randn(max(cfg.batches), CLIPS[clip], cfg.backbone.num_mel_bins, generator=g)
+        for b in cfg.batches:
+            xb = x[:b].contiguous()
+            mix = [tasks[i % len(tasks)] for i in range(b)]
+            fns: dict[str, Callable[[], object]] = {}
+            x_dev = xb.to(device)
+
+            def run_hf(model=hf[clip], inp=x_dev):
+                with torch.inference_mode():
+                    return model(input_values=inp).logits
+
+            fns["hf-fp32"] = run_hf
+            for dt, m in models.items():
+                fns[f"{dt}-single"] = lambda m=m, xb=xb, b=b: m.classify(xb, [tasks[0]] * b)
+                if b >= len(tasks):
+                    fns[f"{dt}-mixed{len(tasks)}"] = lambda m=m, xb=xb, mix=mix: m.classify(xb,
+                                                                                             mix)
+            bar.set_description(f"throughput {clip} batch {b}")
+            times = interleaved(fns, cfg.rounds, device, progress=lambda: bar.update(1))
+            for name, ts in times.items():
+                t = median(ts)
+                rows.append({"clip": clip, "batch": b, "variant": name, "median_s": t,
+                             "clips_per_s": b / t, "runs_s": ts})
+    return rows
+
+
+def _ratios(rows: list[dict[str, Any]], n_tasks: int) -> dict[str, dict[str, float]]:
+    by = {(r["clip"], r["batch"], r["variant"]): r["clips_per_s"] for r in rows}
+    out: dict[str, dict[str, float]] = {}
+    for clip, b in sorted({(r["clip"], r["batch"]) for r in rows}):
+        def get(v: str, clip=clip, b=b) -> float | None:
+            return by.get((clip, b, v))
+        r: dict[str, float] = {}
+        hf = get("hf-fp32")
+        for dt in ("fp32", "bf16"):
+            single, mixed = get(f"{dt}-single"), get(f"{dt}-mixed{n_tasks}")
+            if single and hf:
+                r[f"{dt}_vs_hf"] = round(single / hf, 3)
+            if single and mixed:
+                r[f"mixed{n_tasks}_vs_single_{dt}"] = round(mixed / single, 3)
+        out[f"{clip}-b{b}"] = r
+    return out
+
+
+def _agreement(cfg: ModelBenchConfig, models: dict[str, MultiTaskModel], tasks: list[str],
+               bar: tqdm) -> dict[str, Any]:
+    g = torch.Generator().manual_seed(cfg.seed + 1)
+    res: dict[str, Any] = {}
+    total = agree = 0
+    for clip, n in cfg.agreement_clips.items():
+        if clip not in cfg.clips or n <= 0:
+            continue
+        top32: list[int] = []
+        top16: list[int] = []
+        rel = 0.0
+        for start in range(0, n, 8):
+            b = min(8, n - start)
+            x = torch.randn(b, CLIPS[clip], cfg.backbone.num_mel_bins, generator=g)
+            names = [tasks[(start + i) % len(tasks)] for i in range(b)]
+            a32, a16 = models["fp32"].classify(x, names), models["bf16"].classify(x, names)
+            for la, lb in zip(a32, a16, strict=True):
+                top32.append(int(la.argmax()))
+                top16.append(int(lb.argmax()))
+                rel = max(rel, float((la - lb).norm() / la.norm()))
+            bar.update(1)
+        same = sum(a == b for a, b in zip(top32, top16, strict=True))
+        res[clip] = {"clips": n, "top1_agreement": same / n, "distinct_top1": len(set(top32)),
+                     "max_logit_rel_err": rel}
+        total += n
+        agree += same
+    res["overall"] = agree / total if total else None
+    return res
+
+
+def _rss_bytes() -> int | None:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * 4096
+    except OSError:
+        return None
+
+
+def _peak_rss_reset() -> bool:
+    try:  # "5" resets VmHWM, the peak resident set size (Linux >= 4.0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_bytes() -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _memory(cfg: ModelBenchConfig, backbone: AST, fingerprint: str, device: torch.device,
+            bar: tqdm) -> list[dict[str, Any]]:
+    rows = []
+    mb = 1 / 2**20
+    x = torch.randn(8, CLIPS["1s"], cfg.backbone.num_mel_bins)
+    for dtype, name in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
+        for s in cfg.memory_tasks:
+            bar.set_description(f"memory {name} S={s}")
+            gc.collect()
+            cuda = device.type == "cuda"
+            if cuda:
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats(device)
+                base = torch.cuda.memory_allocated(device)
+            else:
+                base = _rss_bytes()
+                has_peak = _peak_rss_reset()
+            model = MultiTaskModel(copy.deepcopy(backbone), max_tasks=s, dtype=dtype,
+                                   device=device, fingerprint=fingerprint,
+                                   bottleneck=cfg.bottleneck)
+            for i in range(s):
+                model.load_task(random_bundle(backbone, fingerprint, f"t{i}", "aat_ms",
+                                              TASK_CLASSES[i % 4], cfg.bottleneck, seed=1000 + i))
+            model.classify(x, [f"t{i % s}" for i in range(8)])
+            sizes = model.memory_bytes()
+            row = {"dtype": name, "tasks": s, "backbone_mb": sizes["backbone"] * mb,
+                   "pools_mb": sizes["pools"] * mb, "heads_mb": sizes["tasks"] * mb,
+                   "per_task_mb": (sizes["pools"] + sizes["tasks"]) / s * mb}
+            if cuda:
+                row["allocated_mb"] = (torch.cuda.memory_allocated(device) - base) * mb
+                row["peak_mb"] = (torch.cuda.max_memory_allocated(device) - base) * mb
+            elif base is not None:
+                row["rss_growth_mb"] = (_rss_bytes() - base) * mb
+                peak = _peak_rss_bytes() if has_peak else None
+                row["peak_rss_growth_mb"] = (peak - base) * mb if peak else None
+            rows.append(row)
+            del model
+            bar.update(1)
+    return rows
+
+
+def run_model_bench(cfg: ModelBenchConfig) -> dict[str, Any]:
+    """Run every measurement and return the report (see the module docstring)."""
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    backbone = AST(cfg.backbone).eval().requires_grad_(False)
+    fingerprint = backbone.fingerprint()
+    bundles = [random_bundle(backbone, fingerprint, f"task{i}", "aat_ms", c, cfg.bottleneck,
+                             seed=i) for i, c in enumerate(TASK_CLASSES)]
+    parity = random_bundle(backbone, fingerprint, "parity", "head", TASK_CLASSES[0],
+                           cfg.bottleneck, seed=0)
+    tasks = [b.manifest.task for b in bundles]
+    hf = {clip: hf_baseline(backbone, parity, CLIPS[clip]).to(device) for clip in cfg.clips}
+    models = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        models[name] = MultiTaskModel(copy.deepcopy(backbone), max_tasks=8, dtype=dtype,
+                                      device=device, fingerprint=fingerprint,
+                                      bottleneck=cfg.bottleneck)
+        for b in [*bundles, parity]:
+            models[name].load_task(b)
+
+    parity_diff = {}
+    g = torch.Generator().manual_seed(cfg.seed + 2)
+    for clip in cfg.clips:
+        x = torch.randn(2, CLIPS[clip], cfg.backbone.num_mel_bins, generator=g)
+        ours = torch.stack(models["fp32"].classify(x, ["parity"] * 2))
+        with torch.inference_mode():
+            theirs = hf[clip](input_values=x.to(device)).logits.float().cpu()
+        parity_diff[clip] = float((ours - theirs).abs().max())
+
+    n_variants = sum(1 + 2 + (2 if b >= len(tasks) else 0) for b in cfg.batches)
+    steps = (len(cfg.clips) * n_variants * (cfg.rounds + 1)
+             + sum(-(-n // 8) for c, n in cfg.agreement_clips.items() if c in cfg.clips)
+             + 2 * len(cfg.memory_tasks))
+    with tqdm(total=steps, unit="step", dynamic_ncols=True, leave=False) as bar:
+        load_before = machine(device)["load_average"]
+        rows = _throughput(cfg, models, hf, tasks, device, bar)
+        bar.set_description("bf16 agreement")
+        agreement = _agreement(cfg, models, tasks, bar)
+        del models, hf
+        memory = _memory(cfg, backbone, fingerprint, device, bar)
+    ratios = _ratios(rows, len(tasks))
+    report = {"machine": {**machine(device), "load_average_before": load_before},
+              "config": {**asdict(cfg), "backbone": cfg.backbone.to_dict(),
+                         "device": str(device), "tasks": dict(zip(tasks, TASK_CLASSES,
+                                                                  strict=True))},
+              "parity_max_abs_diff": parity_diff, "throughput": rows, "ratios": ratios,
+              "agreement": agreement, "memory": memory}
+    report["targets"] = check_targets(report)
+    return report
+
+
+def check_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each target of the issue, with the measured value and whether it was met."""
+    out = []
+    for key, r in report["ratios"].items():
+        for name, value in r.items():
+            target = next((t for prefix, t in TARGETS.items() if name.startswith(prefix)), None)
+            if target is not None:
+                out.append({"what": f"{key} {name}", "value": value, "target": target,
+                            "met": value >= target})
+    top1 = report["agreement"].get("overall")
+    if top1 is not None:
+        out.append({"what": "bf16 top-1 agreement", "value": round(top1, 4),
+                    "target": TARGETS["top1"], "met": top1 >= TARGETS["top1"]})
+    return out
+
+
+def format_report(report: dict[str, Any]) -> str:
+    m = report["machine"]
+    lines = [f"aat bench model on {m.get('gpu') or m['cpu']} ({m['cpu_count']} CPUs, "
+             f"{m['torch_threads']} torch threads, torch {m['torch']}), load average "
+             f"{m['load_average_before']} -> {m['load_average']}",
+             "transformers parity (max |logit diff|, fp32): " + ", ".join(
+                 f"{k} {v:.2e}" for k, v in report["parity_max_abs_diff"].items()), ""]
+    rows = [[r["clip"], r["batch"], r["variant"], f"{r['clips_per_s']:.2f}",
+             f"{r['median_s'] * 1e3:.1f}"] for r in report["throughput"]]
+    lines += [table(rows, ["clip", "batch", "variant", "clips/s", "ms/batch"]), ""]
+    for key, r in report["ratios"].items():
+        lines.append(f"{key}: " + ", ".join(f"{k} {v:.3f}" for k, v in r.items()))
+    lines.append("")
+    for clip, a in report["agreement"].items():
+        if clip != "overall":
+            lines.append(f"bf16 vs fp32 top-1 agreement, {clip}: {a['top1_agreement']:.4f} over "
+                         f"{a['clips']} clips ({a['distinct_top1']} distinct fp32 top-1 "
+                         f"classes; max logit relative error {a['max_logit_rel_err']:.2e})")
+    def mb(r: dict[str, Any], *keys: str) -> str:
+        v = next((r[k] for k in keys if r.get(k) is not None), None)
+        return "-" if v is None else f"{v:.1f}"
+
+    mem = [[r["dtype"], r["tasks"], f"{r['backbone_mb']:.1f}", f"{r['pools_mb']:.1f}",
+            f"{r['per_task_mb']:.2f}", mb(r, "rss_growth_mb", "allocated_mb"),
+            mb(r, "peak_rss_growth_mb", "peak_mb")] for r in report["memory"]]
+    lines += ["", table(mem, ["dtype", "tasks", "backbone MB", "pools MB", "MB/task",
+                              "growth MB", "peak MB"]), ""]
+    for t in report["targets"]:
+        lines.append(f"{'met ' if t['met'] else 'MISS'}  {t['what']}: {t['value']} "
+                     f"(target >= {t['target']})")
+    return "\n".join(lines)
+
+
+def to_json(report: dict[str, Any]) -> str:
+    return json.dumps(report, indent=2)
