@@ -1,11 +1,12 @@
 """``aat bench serve``: closed-loop load on a local server, dynamic batching on vs off.
 
 One run builds a random backbone (or uses ``--checkpoint``) and N random ``aat_ms`` task
-bundles, then serves them twice on 127.0.0.1 from this process (uvicorn in a thread): once with
-dynamic batching (``--max-batch``) and once with ``max_batch=1`` (the baseline: one clip, one
-task per forward). Against each server, C clients send requests back to back (closed loop),
-first all to one task, then round-robin over every task. Each scenario is bounded in count
-(``--requests``) and time (``--max-seconds``). Reported: throughput, p50/p95/p99 latency, mean
+bundles, then serves them from two servers on 127.0.0.1 in this process (uvicorn in threads):
+one with dynamic batching (``--max-batch``), one with ``max_batch=1`` (the baseline: one clip,
+one task per forward). Against each, C clients send requests back to back (closed loop), all to
+one task or round-robin over every task. The four runs are interleaved over ``--rounds`` rounds
+so that background load affects them alike; each is bounded in count (``--requests``) and time
+(``--max-seconds``). Reported: throughput, p50/p95/p99 latency, mean
 clips and tasks per batch (from the server's metrics), and the ratios mix/single and on/off.
 
 With ``--url`` the same load runs against a server already running on this machine (single task
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import copy
 import io
 import json
@@ -184,8 +186,20 @@ def _metric_totals(text: str) -> dict[str, float]:
     return out
 
 
+@dataclass
+class Sample:
+    """Raw figures of one closed-loop run."""
+
+    latencies: list[float]
+    errors: dict[int, int]
+    seconds: float
+    batch_clips: float
+    batches: float
+    batch_tasks: float
+
+
 def run_load(url: str, tasks: list[str], clips: list[bytes], clients: int, requests: int,
-             max_seconds: float, top_k: int = 1) -> dict[str, Any]:
+             max_seconds: float, top_k: int = 1) -> Sample:
     """Closed loop: ``clients`` threads, each sending its next request when one returns."""
     import httpx
 
@@ -224,18 +238,28 @@ def run_load(url: str, tasks: list[str], clips: list[bytes], clients: int, reque
             f.result()
     elapsed = time.perf_counter() - started
     after = _metric_totals(httpx.get(url + "/metrics").text)
-    batches = after["aat_batch_size_count"] - before["aat_batch_size_count"]
-    lat = np.array(latencies) * 1000 if latencies else np.zeros(1)
+    return Sample(latencies, errors, elapsed,
+                  after["aat_batch_size_sum"] - before["aat_batch_size_sum"],
+                  after["aat_batch_size_count"] - before["aat_batch_size_count"],
+                  after["aat_batch_tasks_sum"] - before["aat_batch_tasks_sum"])
+
+
+def summarize(samples: list[Sample]) -> dict[str, Any]:
+    """Throughput (all requests / all time), latency percentiles and batch means."""
+    lat = np.array([x for s in samples for x in s.latencies]) * 1000
+    n, seconds = lat.size, sum(s.seconds for s in samples)
+    batches = sum(s.batches for s in samples)
+    errors: dict[int, int] = {}
+    for s in samples:
+        for k, v in s.errors.items():
+            errors[k] = errors.get(k, 0) + v
+    pct = (lambda q: round(float(np.percentile(lat, q)), 2)) if n else (lambda q: 0.0)
     return {
-        "requests": len(latencies), "errors": errors, "seconds": round(elapsed, 3),
-        "throughput_rps": round(len(latencies) / elapsed, 3) if elapsed > 0 else 0.0,
-        "p50_ms": round(float(np.percentile(lat, 50)), 2),
-        "p95_ms": round(float(np.percentile(lat, 95)), 2),
-        "p99_ms": round(float(np.percentile(lat, 99)), 2),
-        "mean_batch": round((after["aat_batch_size_sum"] - before["aat_batch_size_sum"])
-                            / batches, 2) if batches else 0.0,
-        "mean_tasks_per_batch": round((after["aat_batch_tasks_sum"]
-                                       - before["aat_batch_tasks_sum"]) / batches, 2)
+        "requests": int(n), "errors": errors, "seconds": round(seconds, 3),
+        "throughput_rps": round(n / seconds, 3) if seconds > 0 else 0.0,
+        "p50_ms": pct(50), "p95_ms": pct(95), "p99_ms": pct(99),
+        "mean_batch": round(sum(s.batch_clips for s in samples) / batches, 2) if batches else 0.0,
+        "mean_tasks_per_batch": round(sum(s.batch_tasks for s in samples) / batches, 2)
         if batches else 0.0,
     }
 
@@ -243,11 +267,17 @@ def run_load(url: str, tasks: list[str], clips: list[bytes], clients: int, reque
 def bench_serve(*, preset: str = "small", checkpoint: str | None = None, frames: int | None,
                 tasks: int = 4, clients: int = 8, requests: int = 200, max_seconds: float = 60,
                 clip_s: float = 1.0, max_batch: int = 8, max_wait_ms: float = 5.0,
-                device: str = "auto", dtype: str = "float32", warmup: int = 8,
+                device: str = "auto", dtype: str = "float32", rounds: int = 3, warmup: int = 8,
                 progress: Any = None) -> dict[str, Any]:
-    """Every scenario against batching on and off; the measured figures and their ratios."""
-    if tasks < 1 or clients < 1 or requests < 1 or max_batch < 2:
-        raise ConfigError("need tasks >= 1, clients >= 1, requests >= 1 and max_batch >= 2")
+    """Every scenario against batching on and off; the measured figures and their ratios.
+
+    Both servers run at once (one idles while the other is measured) and the four
+    (mode, scenario) runs are interleaved over ``rounds`` rounds, in a rotating order, so a
+    change in the machine's background load hits every configuration alike.
+    """
+    if tasks < 1 or clients < 1 or requests < 1 or max_batch < 2 or rounds < 1:
+        raise ConfigError("need tasks >= 1, clients >= 1, requests >= 1, rounds >= 1 and "
+                          "max_batch >= 2")
     say = progress or (lambda msg: None)
     backbone_name = preset if checkpoint is None else f"checkpoint {checkpoint}"
     work = Path(tempfile.mkdtemp(prefix="aat-bench-"))
@@ -263,18 +293,31 @@ def bench_serve(*, preset: str = "small", checkpoint: str | None = None, frames:
         names = [f"task{i}" for i in range(tasks)]
         clips = [synth_wav(clip_s, seed=s) for s in range(8)]
         scenarios = [Scenario("single", names[:1]), Scenario(f"mix{tasks}", names)]
-        results: dict[str, dict[str, Any]] = {}
-        for mode, batch in (("batching", max_batch), ("no_batching", 1)):
-            say(f"serving with max_batch={batch}")
-            with LocalServer(checkpoint=checkpoint, bundle_dir=store, max_batch=batch,
-                             max_wait_ms=max_wait_ms, device=device, dtype=dtype,
-                             max_queue=max(256, 4 * clients), request_timeout_s=600,
-                             refresh_s=3600) as server:
-                run_load(server.url, names, clips, clients, warmup, max_seconds)  # warm up
-                for sc in scenarios:
-                    say(f"  {sc.name}: {clients} clients, up to {requests} requests")
-                    results[f"{mode}/{sc.name}"] = run_load(server.url, sc.tasks, clips,
-                                                           clients, requests, max_seconds)
+        modes = (("batching", max_batch), ("no_batching", 1))
+        samples: dict[str, list[Sample]] = {f"{m}/{sc.name}": [] for m, _ in modes
+                                            for sc in scenarios}
+        with contextlib.ExitStack() as stack:
+            servers = {}
+            for mode, batch in modes:
+                say(f"starting a server with max_batch={batch}")
+                servers[mode] = stack.enter_context(LocalServer(
+                    checkpoint=checkpoint, bundle_dir=store, max_batch=batch,
+                    max_wait_ms=max_wait_ms, device=device, dtype=dtype,
+                    max_queue=max(256, 4 * clients), request_timeout_s=600, refresh_s=3600))
+                run_load(servers[mode].url, names, clips, clients, warmup, max_seconds)
+            runs = list(samples)
+            per_round = [requests // rounds + (1 if r < requests % rounds else 0)
+                         for r in range(rounds)]
+            for r in range(rounds):
+                order = runs[r % len(runs):] + runs[:r % len(runs)]
+                for key in order:
+                    mode, name = key.split("/")
+                    sc = next(x for x in scenarios if x.name == name)
+                    say(f"round {r + 1}/{rounds}: {key}, {clients} clients, "
+                        f"{per_round[r]} requests")
+                    samples[key].append(run_load(servers[mode].url, sc.tasks, clips, clients,
+                                                 per_round[r], max_seconds / rounds))
+        results = {k: summarize(v) for k, v in samples.items()}
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -289,8 +332,9 @@ def bench_serve(*, preset: str = "small", checkpoint: str | None = None, frames:
         "config": {"backbone": backbone_name,
                    "embed_dim": cfg.embed_dim, "depth": cfg.depth,
                    "frames": ckpt.features.target_length, "tasks": tasks, "clients": clients,
-                   "requests": requests, "clip_s": clip_s, "max_batch": max_batch,
-                   "max_wait_ms": max_wait_ms, "device": device, "dtype": dtype},
+                   "requests": requests, "rounds": rounds, "clip_s": clip_s,
+                   "max_batch": max_batch, "max_wait_ms": max_wait_ms, "device": device,
+                   "dtype": dtype},
         "results": results,
         "ratios": {
             f"{mix}_vs_single_batching": ratio(f"batching/{mix}", "batching/single"),
@@ -316,9 +360,10 @@ def bench_running_server(url: str, *, tasks: int, clients: int, requests: int,
         raise ConfigError(f"the server at {url} has no tasks")
     clips = [synth_wav(clip_s, seed=s) for s in range(8)]
     run_load(url, names, clips, clients, 8, max_seconds)  # warm up
-    results = {"server/single": run_load(url, names[:1], clips, clients, requests, max_seconds),
-               f"server/mix{len(names)}": run_load(url, names, clips, clients, requests,
-                                                   max_seconds)}
+    results = {"server/single": summarize([run_load(url, names[:1], clips, clients, requests,
+                                                    max_seconds)]),
+               f"server/mix{len(names)}": summarize([run_load(url, names, clips, clients,
+                                                              requests, max_seconds)])}
     single, mix = (results[k]["throughput_rps"] for k in results)
     return {"machine": machine(),
             "config": {"backbone": f"server {url}", "tasks": len(names), "clients": clients,
@@ -367,7 +412,8 @@ def run_serve_bench(args: argparse.Namespace) -> int:
                          tasks=args.tasks, clients=args.clients, requests=args.requests,
                          max_seconds=args.max_seconds, clip_s=args.clip_s,
                          max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
-                         device=args.device, dtype=args.dtype, progress=say)
+                         device=args.device, dtype=args.dtype, rounds=args.rounds,
+                         progress=say)
     print(json.dumps(report, indent=2) if args.json else _table(report))
     return 0
 
@@ -391,6 +437,8 @@ def register_serve_bench(bench_subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-seconds", type=float, default=60.0,
                    help="time limit per scenario (default 60)")
     p.add_argument("--clip-s", type=float, default=1.0, help="audio seconds per request")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="interleaved rounds the requests are split over (default 3)")
     p.add_argument("--max-batch", type=int, default=8, help="batch size with batching on")
     p.add_argument("--max-wait-ms", type=float, default=5.0, help="batching wait (default 5)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
