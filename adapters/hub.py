@@ -25,9 +25,14 @@ SHARD_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 OPTIONAL = ("preprocessor_config.json",)
 
 
+FILE_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".ckpt", ".json", ".onnx")
+"""A missing ``dir/file.pth`` is a mistyped path, not a model id: never sent to the hub."""
+
+
 def looks_like_model_id(value: str) -> bool:
-    """True for ``owner/name`` (no ``..``, no leading ``/``, nothing else in between)."""
-    return bool(MODEL_ID_RE.fullmatch(value)) and ".." not in value
+    """True for ``owner/name`` (no ``..``, no leading ``/``, not a checkpoint file name)."""
+    return (bool(MODEL_ID_RE.fullmatch(value)) and ".." not in value
+            and not value.lower().endswith(FILE_SUFFIXES))
 
 
 def env_offline() -> bool:

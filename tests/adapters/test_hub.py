@@ -42,7 +42,8 @@ def cached_model(cache: Path, repo: str, *, weights: str | None = "model.safeten
 def test_model_id_syntax():
     assert looks_like_model_id("MIT/ast-finetuned-audioset-10-10-0.4593")
     assert looks_like_model_id("acme/tiny_ast.v2")
-    for bad in ("ast.pth", "/abs/path", "a/b/c", "../x", "a/..", "owner/", " a/b", "a b/c"):
+    for bad in ("ast.pth", "/abs/path", "a/b/c", "../x", "a/..", "owner/", " a/b", "a b/c",
+                "models/ast.pth", "runs/best.safetensors"):
         assert not looks_like_model_id(bad), bad
 
 

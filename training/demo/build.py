@@ -76,10 +76,10 @@ class BuildConfig:
     bottleneck: int = 32
     # optimisation
     batch_size: int = 64
-    pretrain_epochs: int = 12
+    pretrain_epochs: int = 20
     pretrain_lr: float = 1e-3
     epochs: int = 10
-    lr: dict[str, float] = field(default_factory=lambda: {"head": 5e-3, "aat_ms": 2e-3,
+    lr: dict[str, float] = field(default_factory=lambda: {"head": 5e-3, "aat_ms": 3e-3,
                                                           "full": 5e-4})
     freqm: int = 8
     timem: int = 20
@@ -118,6 +118,20 @@ PRESETS: dict[str, BuildConfig] = {
 """``full`` makes the committed artifacts; ``tiny`` exercises every step in seconds (tests)."""
 
 
+def xavier_init(model: AST) -> AST:
+    """Xavier-uniform weights for every linear and conv layer (biases stay zero).
+
+    A pretraining-only choice: from scratch, on a few thousand clips, it learns about twice as
+    fast in the first epochs as the ViT default (truncated normal, std 0.02) we load
+    checkpoints into. The architecture is unchanged.
+    """
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.Linear | torch.nn.Conv2d):
+                torch.nn.init.xavier_uniform_(m.weight.view(m.weight.shape[0], -1))
+    return model
+
+
 def feature_stats(root: Path, cfg: BuildConfig, limit: int = 1000) -> tuple[float, float]:
     """Mean and standard deviation of the log-mel fbank over (up to ``limit``) training clips."""
     src = load_folder(root)
@@ -136,7 +150,7 @@ def recipe(cfg: BuildConfig, name: str, lr: float, epochs: int, mean: float, std
                   loss="ce", metric="acc", warmup=warmup_steps > 0,
                   warmup_steps=max(1, warmup_steps), warmup_every=1,
                   lr_scheduler_start=max(1, epochs // 2), lr_scheduler_step=1,
-                  lr_scheduler_decay=0.7, seed=cfg.seed).validate()
+                  lr_scheduler_decay=0.85, seed=cfg.seed).validate()
 
 
 def export_backbone(path: Path, out: Path, *, fp16: bool = True) -> Path:
@@ -183,7 +197,7 @@ def export_backbone(path: Path, out: Path, *, fp16: bool = True) -> Path:
 def _sizes(root: Path) -> dict[str, int]:
     return {str(p.relative_to(root)): p.stat().st_size
             for p in sorted(root.rglob("*")) if p.is_file() and p.suffix != ".py"
-            and "__pycache__" not in p.parts}
+            and "__pycache__" not in p.parts and p.name != "build.json"}
 
 
 def build(cfg: BuildConfig, workdir: str | Path, assets: str | Path, *,
@@ -200,8 +214,18 @@ def build(cfg: BuildConfig, workdir: str | Path, assets: str | Path, *,
     if unknown:
         raise ConfigError(f"unknown demo task or method {unknown}; tasks: {', '.join(TASKS)}; "
                           f"methods: {', '.join(METHODS)}")
-    t_start = time.perf_counter()
+    threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
+    try:
+        return _build(cfg, Path(workdir), Path(assets), docs, progress, command, tasks, methods)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _build(cfg: BuildConfig, workdir: Path, assets: Path, docs: str | Path | None,
+           progress: bool, command: str, tasks: tuple[str, ...], methods: tuple[str, ...],
+           ) -> dict[str, Any]:
+    t_start = time.perf_counter()
     workdir, assets = Path(workdir), Path(assets)
     workdir.mkdir(parents=True, exist_ok=True)
     times: dict[str, float] = {}
@@ -218,7 +242,7 @@ def build(cfg: BuildConfig, workdir: str | Path, assets: str | Path, *,
     up = load_folder(folders[UPSTREAM])
     steps_per_epoch = -(-sum(e.split == "train" for e in up.examples) // cfg.batch_size)
     torch.manual_seed(cfg.seed)
-    fresh = AST(cfg.backbone_config())
+    fresh = xavier_init(AST(cfg.backbone_config()))
     pre_rec = recipe(cfg, "demo-pretrain", cfg.pretrain_lr, cfg.pretrain_epochs, mean, std,
                      warmup_steps=steps_per_epoch)
     log.info("pretraining a %d-wide, %d-block AST on %d upstream classes", cfg.embed_dim,
@@ -282,8 +306,7 @@ def build(cfg: BuildConfig, workdir: str | Path, assets: str | Path, *,
                    for c in cfg.corpora()},
         "tools": C.tool_versions(), "torch": torch.__version__,
         "threads": torch.get_num_threads(), "pretrain": pretrain, "results": results,
-        "times": times, "sizes": {}}
-    (assets / "build.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+        "times": times}
     summary["sizes"] = _sizes(assets)
     (assets / "build.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     if docs is not None:

@@ -1,0 +1,183 @@
+"""The demo build: backbone export, report, targets, a tiny end-to-end run through the CLI, and
+the committed artifacts (they load through the same validation as any uploaded bundle)."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+from adapters.bundle import TaskBundle
+from adapters.checkpoints import load_checkpoint
+from adapters.config import FeatureConfig
+from adapters.demo_assets import BACKBONE_DIR, BUILD_JSON, DEMO_DIR, TASKS_DIR, available
+from adapters.errors import ConfigError
+from adapters.model import AudioClassifier
+from cli.main import main as aat
+from tests.helpers import require_tool, tiny_backbone
+from training.demo.build import TASKS, check_targets, export_backbone
+from training.demo.report import render_report
+from training.export import save_model_checkpoint
+
+REPO = DEMO_DIR.parents[1]
+
+
+def _trained_full_model(tmp_path, seed=0):
+    torch.manual_seed(seed)
+    model = AudioClassifier(tiny_backbone(seed, norm_eps=1e-6, head_norm_eps=1e-6), "full", 3)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    feats = FeatureConfig(num_mel_bins=32, target_length=64, mean=-5.5, std=3.25)
+    path = save_model_checkpoint(model, tmp_path / "full.safetensors", task="up",
+                                 labels=["a", "b", "c"], features=feats, multi_label=False)
+    return model.eval(), path
+
+
+def test_export_backbone_fp16_round_trip(tmp_path):
+    model, path = _trained_full_model(tmp_path)
+    out = export_backbone(path, tmp_path / "hf", fp16=True)
+    ckpt = load_checkpoint(out)
+    assert ckpt.labels == ["a", "b", "c"] and ckpt.source_format == "hf"
+    f = ckpt.features
+    assert (f.num_mel_bins, f.target_length, f.mean, f.std) == (32, 64, -5.5, 3.25)
+    assert ckpt.backbone.cfg.norm_eps == 1e-6 and ckpt.backbone.cfg.head_norm_eps == 1e-6
+    got = ckpt.backbone.frozen_state_dict()
+    for name, t in model.backbone.frozen_state_dict().items():
+        assert torch.equal(got[name], t.half().float()), name
+    # fp16 rounding really happened (the weights differ from the fp32 originals) ...
+    assert not all(torch.equal(got[n], t) for n, t in model.backbone.frozen_state_dict().items())
+    # ... and the fp32 export is exact.
+    exact = load_checkpoint(export_backbone(path, tmp_path / "hf32", fp16=False))
+    assert exact.backbone.fingerprint() == model.backbone.fingerprint()
+    assert ckpt.backbone.fingerprint() != model.backbone.fingerprint()
+
+
+def test_exported_directory_is_a_transformers_model(tmp_path):
+    """The export is a genuine ``ASTForAudioClassification`` checkpoint: same logits."""
+    transformers = pytest.importorskip("transformers")
+    model, path = _trained_full_model(tmp_path, seed=1)
+    out = export_backbone(path, tmp_path / "hf", fp16=False)
+    hf = transformers.ASTForAudioClassification.from_pretrained(out).eval()
+    x = torch.randn(2, 64, 32)
+    with torch.no_grad():
+        ours = model(x)
+        theirs = hf(input_values=x).logits
+    torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-5)
+    assert hf.config.id2label == {0: "a", 1: "b", 2: "c"}
+
+
+def _summary(head=0.5, aat=0.95, full=0.97):
+    res = {t: {m: {"test_acc": a, "valid_acc": a, "best_epoch": 3, "trainable_params": n,
+                   "total_params": 1000, "seconds": 12.0, "train_clips": 800,
+                   "test_clips": 400}
+               for m, a, n in (("head", head, 10), ("aat_ms", aat, 100), ("full", full, 1000))}
+           for t in TASKS}
+    return {"command": "aat demo build --seed 7", "seed": 7, "threads": 1, "torch": "x",
+            "tools": {"espeak-ng": "espeak", "sox": "sox"},
+            "config": {"embed_dim": 128, "depth": 4, "num_heads": 2, "patch": 16, "stride": 16,
+                       "num_mel_bins": 64, "target_length": 100, "bottleneck": 32,
+                       "epochs": 10},
+            "speakers": {"variants": {"train": ["a"] * 73, "valid": ["b"] * 10,
+                                      "test": ["c"] * 14},
+                         "notes": {"train": [1], "valid": [2], "test": [3] * 8}},
+            "pretrain": {"params": 1000, "classes": 48, "train_clips": 4800, "epochs": 12,
+                         "valid_acc": 0.8123},
+            "times": {"total_s": 1800.0, "synthesis_s": 300.0, "pretrain_s": 600.0},
+            "results": res, "backbone_fingerprint": "sha256:abc",
+            "sizes": {"backbone/model.safetensors": 1_600_000, "tasks/digits.safetensors": 1}}
+
+
+def test_report_shows_every_figure():
+    text = render_report(_summary(head=0.4321, aat=0.9512, full=0.9876))
+    assert "aat demo build --seed 7" in text and "Build time **30.0 min**" in text
+    assert "| AAT^MS (adapters) | 100 / 100 / 100 | 95.1% | 95.1% | 95.1% |" in text
+    assert "| head-only (linear probe) | 10 / 10 / 10 | 43.2% | 43.2% | 43.2% |" in text
+    assert "| full fine-tuning | 1,000 / 1,000 / 1,000 | 98.8% | 98.8% | 98.8% |" in text
+    assert "validation accuracy 81.2%" in text and "(14) sets" in text
+    assert "| `adapters/demo_assets/backbone/model.safetensors` | 1.60 MB |" in text
+    assert render_report(_summary(aat=0.9)) != text
+
+
+def test_check_targets():
+    assert check_targets(_summary()) == []
+    misses = check_targets(_summary(head=0.5, aat=0.85))
+    assert "digits: aat_ms 85.0% < 90%" in misses and "commands: aat_ms 85.0% < 90%" in misses
+    assert not any(m.startswith("instruments: aat_ms 85.0% <") for m in misses)  # not spoken
+    assert "instruments: aat_ms 95.0% does not beat head 96.0%" in check_targets(
+        _summary(head=0.96))
+
+
+def test_tiny_build_through_the_cli(tmp_path, capsys):
+    require_tool("espeak-ng")
+    require_tool("sox")
+    assets, docs = tmp_path / "assets", tmp_path / "docs" / "demo.md"
+    rc = aat(["demo", "build", "--preset", "tiny", "--workdir", str(tmp_path / "work"),
+              "--assets", str(assets), "--docs", str(docs), "--tasks", "instruments",
+              "--methods", "head", "aat_ms", "--json"])
+    assert rc == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["command"] == ("aat demo build --seed 0 --preset tiny --tasks instruments "
+                                  "--methods head aat_ms")
+    assert set(summary["results"]) == {"instruments"}
+    assert set(summary["results"]["instruments"]) == {"head", "aat_ms"}
+    served = load_checkpoint(assets / "backbone")
+    assert served.backbone.cfg.embed_dim == 32 and len(served.labels) == 48
+    bundle = TaskBundle.load(assets / "tasks" / "instruments.safetensors")
+    bundle.check_backbone(served.backbone)
+    assert bundle.manifest.method == "aat_ms" and bundle.manifest.labels == sorted(
+        ["bell", "clarinet", "drum", "flute", "guitar", "organ", "trumpet", "violin"])
+    assert bundle.manifest.features["mean"] == summary["features"]["mean"]
+    assert summary["results"]["instruments"]["aat_ms"]["test_acc"] == pytest.approx(
+        bundle.manifest.metrics["test"]["acc"])
+    assert json.loads((assets / "build.json").read_text())["sizes"] == summary["sizes"]
+    assert "| AAT^MS (adapters) |" in docs.read_text()
+    with pytest.raises(ConfigError, match="unknown demo task or method"):
+        from training.demo.build import PRESETS, build
+        build(PRESETS["tiny"], tmp_path / "work", assets, tasks=("nope",))
+
+
+# -- the committed artifacts -----------------------------------------------------------------
+
+needs_assets = pytest.mark.skipif(not available(), reason="demo assets not built")
+
+
+@needs_assets
+def test_committed_bundles_validate_against_the_committed_backbone():
+    ckpt = load_checkpoint(BACKBONE_DIR)
+    summary = json.loads(BUILD_JSON.read_text())
+    assert ckpt.backbone.fingerprint() == summary["backbone_fingerprint"]
+    names = sorted(p.stem for p in TASKS_DIR.glob("*.safetensors"))
+    assert names == sorted(TASKS)
+    for name in names:
+        bundle = TaskBundle.load(TASKS_DIR / f"{name}.safetensors")  # the upload validation
+        bundle.check_backbone(ckpt.backbone)
+        m = bundle.manifest
+        assert m.task == name and m.method == "aat_ms"
+        assert m.metrics["test"]["acc"] == pytest.approx(summary["results"][name]["aat_ms"]
+                                                         ["test_acc"])
+        assert m.features["num_mel_bins"] == ckpt.features.num_mel_bins
+        assert m.features["mean"] == ckpt.features.mean
+        # Another backbone is refused.
+        other = copy.deepcopy(ckpt.backbone)
+        with torch.no_grad():
+            other.norm.weight.add_(1e-3)
+        with pytest.raises(ConfigError, match="was trained on backbone"):
+            bundle.check_backbone(other)
+
+
+@needs_assets
+def test_committed_build_meets_the_targets_and_docs_match():
+    summary = json.loads(BUILD_JSON.read_text())
+    assert check_targets(summary) == []
+    assert summary["command"].startswith("aat demo build --seed ")
+    total = sum(summary["sizes"].values())
+    assert total < 8_000_000, summary["sizes"]
+    docs = REPO / "docs" / "demo.md"
+    if docs.is_file():  # in the repository (not in an installed wheel)
+        assert docs.read_text() == render_report(summary)
+    header = json.loads((BACKBONE_DIR / "model.safetensors").read_bytes()[8:8 + int.from_bytes(
+        (BACKBONE_DIR / "model.safetensors").read_bytes()[:8], "little")])
+    assert {v["dtype"] for k, v in header.items() if k != "__metadata__"} == {"F16"}
