@@ -112,7 +112,9 @@ BENCHMARKS = (
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = subparsers.add_parser("bench", help="benchmarks: kernel, model, serve",
-                              description=__doc__.split("\n\n")[0])
+                              description="Benchmarks; each prints its figures against a "
+                                          "baseline measured in the same run (--json for "
+                                          "scripts).")
     sub = p.add_subparsers(dest="benchmark", metavar="BENCHMARK")
     missing = []
     for module, fn in BENCHMARKS:
