@@ -17,11 +17,12 @@ multiplies bf16 bit patterns (triton#11584).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
 import triton.language as tl
+import triton.runtime.errors
 
 from adapters.errors import ConfigError
 from adapters.kernels.layout import AdapterPool, MlpWeights
@@ -41,11 +42,17 @@ class KernelConfig:
     num_stages: int = 3
 
 
-def default_config(m: int) -> KernelConfig:
-    """H100 starting points from the kernel notes: a narrower M tile for one or two clips."""
+def default_config(m: int, dtype: torch.dtype = torch.bfloat16) -> KernelConfig:
+    """H100 starting points from the kernel notes: a narrower M tile for one or two clips.
+
+    Each kernel has two pipelined K loops (shared and adapter part), so shared memory holds
+    two sets of stages; 4-byte operands get a shorter K tile and fewer stages to fit.
+    """
+    wide = dtype == torch.float32
     if m <= 2 * 1214:
-        return KernelConfig(block_m=64, block_n=128, block_k=64, num_warps=4, num_stages=4)
-    return KernelConfig()
+        return KernelConfig(block_m=64, block_n=128, block_k=32 if wide else 64, num_warps=4,
+                            num_stages=2 if wide else 4)
+    return KernelConfig(block_k=32 if wide else 64, num_stages=2 if wide else 3)
 
 
 def is_interpreted() -> bool:
@@ -238,7 +245,7 @@ def fused_mlp_adapter(x: torch.Tensor, h: torch.Tensor, mlp: MlpWeights | None,
     _check(x, h, mlp, pool, row_slot)
     row_slot = row_slot.contiguous()
     m, d = x.shape
-    cfg = config or default_config(m)
+    cfg = config or default_config(m, x.dtype)
     interp = is_interpreted()
     if cast_f32 is None:
         cast_f32 = interp and x.dtype == torch.bfloat16
@@ -255,6 +262,22 @@ def fused_mlp_adapter(x: torch.Tensor, h: torch.Tensor, mlp: MlpWeights | None,
     meta = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
                 GROUP_M=cfg.group_m, CAST_F32=bool(cast_f32), PRECISION=precision)
 
+    try:
+        return _launch(x, h, w1, b1, w2, b2, pool, row_slot, cfg, meta, launch, hidden, rank,
+                       has_mlp=mlp is not None)
+    except triton.runtime.errors.OutOfResources:
+        if interp or cfg.num_stages <= 2:
+            raise
+        small = replace(cfg, block_k=32, num_stages=2)  # fit shared memory on smaller GPUs
+        launch = dict(num_warps=small.num_warps, num_stages=small.num_stages)
+        meta.update(BLOCK_K=small.block_k)
+        return _launch(x, h, w1, b1, w2, b2, pool, row_slot, small, meta, launch, hidden, rank,
+                       has_mlp=mlp is not None)
+
+
+def _launch(x, h, w1, b1, w2, b2, pool: AdapterPool, row_slot, cfg: KernelConfig, meta: dict,
+            launch: dict, hidden: int, rank: int, has_mlp: bool) -> torch.Tensor:
+    m, d = x.shape
     act = torch.empty(m, hidden + rank, dtype=x.dtype, device=x.device)
     n_tiles = triton.cdiv(hidden, cfg.block_n) + triton.cdiv(rank, cfg.block_n)
     grid1 = (triton.cdiv(m, cfg.block_m) * n_tiles,)
@@ -262,7 +285,7 @@ def fused_mlp_adapter(x: torch.Tensor, h: torch.Tensor, mlp: MlpWeights | None,
         h, w1, b1, pool.w_down, pool.b_down, row_slot, act,
         m, d, hidden, rank,
         h.stride(0), h.stride(1),
-        w1.stride(0) if mlp else 0, w1.stride(1) if mlp else 0,
+        w1.stride(0) if has_mlp else 0, w1.stride(1) if has_mlp else 0,
         *pool.w_down.stride(),
         pool.b_down.stride(0),
         act.stride(0), act.stride(1),
@@ -274,7 +297,7 @@ def fused_mlp_adapter(x: torch.Tensor, h: torch.Tensor, mlp: MlpWeights | None,
         act, w2, b2, pool.w_up, pool.b_up, x, row_slot, out,
         m, d, hidden, rank,
         act.stride(0), act.stride(1),
-        w2.stride(0) if mlp else 0, w2.stride(1) if mlp else 0,
+        w2.stride(0) if has_mlp else 0, w2.stride(1) if has_mlp else 0,
         *pool.w_up.stride(),
         pool.b_up.stride(0),
         x.stride(0), x.stride(1),
