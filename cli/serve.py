@@ -14,12 +14,13 @@ def run(args: argparse.Namespace) -> int:
 
     from service.app import create_app
     from service.logs import configure_logging
-    from service.runtime import load_backbone
+    from service.runtime import load_backbone, with_embedded_defaults
     from service.settings import load_settings
 
     settings = load_settings(host=args.host, port=args.port, checkpoint=args.checkpoint,
                              bundle_dir=args.bundle_dir, log_level=args.log_level)
     configure_logging(settings.log_level)
+    settings = with_embedded_defaults(settings)
     # Load the backbone before binding the port: a bad checkpoint stops start-up right here.
     checkpoint = load_backbone(settings)
     app = create_app(settings, checkpoint=checkpoint)
@@ -45,7 +46,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host", help="address to bind (AAT_HOST, default 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (AAT_PORT, default 8000)")
     p.add_argument("--checkpoint", type=Path,
-                   help="backbone: AST/SSAST .pth or Hugging Face directory (AAT_CHECKPOINT)")
+                   help="backbone: AST/SSAST .pth or Hugging Face directory (AAT_CHECKPOINT; "
+                        "default: the embedded demo backbone, when built)")
     p.add_argument("--bundle-dir", type=Path,
                    help="bundle store directory, shared by replicas (AAT_BUNDLE_DIR)")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"],

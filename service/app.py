@@ -20,7 +20,7 @@ from adapters.errors import AATError
 from service.api import router
 from service.errors import ServiceError, error_response, from_aat_error
 from service.logs import RequestContextMiddleware
-from service.runtime import Service, load_backbone
+from service.runtime import Service, load_backbone, with_embedded_defaults
 from service.settings import Settings, load_settings
 
 DESCRIPTION = """\
@@ -106,7 +106,7 @@ def _openapi_without_default_422(app: FastAPI) -> None:
 def create_app(settings: Settings | None = None, *,
                checkpoint: LoadedCheckpoint | None = None) -> FastAPI:
     """The application; ``checkpoint`` skips loading the backbone from ``settings``."""
-    settings = settings if settings is not None else load_settings()
+    settings = with_embedded_defaults(settings if settings is not None else load_settings())
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

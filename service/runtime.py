@@ -35,7 +35,7 @@ log = logging.getLogger("aat.service")
 NO_CHECKPOINT = (
     "no backbone configured: set AAT_CHECKPOINT (or pass --checkpoint) to an AST/SSAST .pth "
     "file or a Hugging Face AST directory, and AAT_BUNDLE_DIR (or --bundle-dir) to the "
-    "directory holding the task bundles")
+    "directory holding the task bundles; or build the embedded demo with `aat demo build`")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -45,6 +45,23 @@ def resolve_device(name: str) -> torch.device:
         raise ConfigError("AAT_DEVICE is 'cuda' but no CUDA device is available; use 'auto' "
                           "or 'cpu'")
     return torch.device(name)
+
+
+def with_embedded_defaults(settings: Settings) -> Settings:
+    """Without AAT_CHECKPOINT, the embedded demo backbone (``aat demo build``) when it ships,
+    and, without AAT_BUNDLE_DIR too, its task bundles as a read-only store."""
+    if settings.checkpoint is not None:
+        return settings
+    from adapters import demo_assets
+
+    if not demo_assets.available():
+        return settings  # load_backbone says what to configure
+    update: dict[str, Any] = {"checkpoint": demo_assets.BACKBONE_DIR}
+    if settings.bundle_dir is None:
+        update["bundle_dir"] = demo_assets.TASKS_DIR
+    log.info("no AAT_CHECKPOINT: serving the embedded demo backbone",
+             extra={k: str(v) for k, v in update.items()})
+    return settings.model_copy(update=update)
 
 
 def load_backbone(settings: Settings) -> LoadedCheckpoint:

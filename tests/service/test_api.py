@@ -338,3 +338,33 @@ def test_bfloat16_serving_agrees_with_float32(make_app, store, ckpt, bundles):
     # bf16 weights and activations (fp32 accumulation): scores within 0.02, not bit-equal
     assert max(abs(got[k] - expected[k]) for k in expected) < 0.02
     assert max(abs(got[k] - expected[k]) for k in expected) > 0
+
+
+def test_no_configuration_serves_the_embedded_demo(monkeypatch, ckpt_dir, bundles, tmp_path):
+    """Without AAT_CHECKPOINT the packaged demo backbone and tasks are served (read-only)."""
+    import os
+
+    from adapters import demo_assets
+    from service.app import create_app
+    from service.settings import load_settings
+
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    bundles["tags"].save(tasks / "tags.safetensors")
+    monkeypatch.setattr(demo_assets, "BACKBONE_DIR", ckpt_dir)
+    monkeypatch.setattr(demo_assets, "TASKS_DIR", tasks)
+    monkeypatch.setattr(demo_assets, "available", lambda: True)
+    for k in list(os.environ):
+        if k.startswith("AAT_"):
+            monkeypatch.delenv(k)
+    with served(create_app(load_settings())) as c:
+        assert [t["task"] for t in c.get("/tasks").json()["tasks"]] == ["tags"]
+        assert c.post("/classify/tags", content=wav_bytes(), headers=WAV).status_code == 200
+        assert c.put("/tasks/tags", content=b"x").status_code == 403  # management stays off
+    own = tmp_path / "own"
+    own.mkdir()
+    bundles["words"].save(own / "words.safetensors")
+    monkeypatch.setenv("AAT_BUNDLE_DIR", str(own))  # a store of one's own on the demo backbone
+    with served(create_app(load_settings())) as c:
+        assert [t["task"] for t in c.get("/tasks").json()["tasks"]] == ["words"]
+    assert sorted(p.name for p in tasks.iterdir()) == ["tags.safetensors"]  # left untouched
