@@ -108,13 +108,12 @@ class Engine:
     """Dynamic batching over a ``MultiTaskModel``; all methods are called on the event loop."""
 
     def __init__(self, model: Any, metrics: Metrics, *, max_batch: int, max_wait_s: float,
-                 max_queue: int, max_tasks: int) -> None:
+                 max_queue: int) -> None:
         self.model = model
         self.metrics = metrics
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
         self.max_queue = max_queue
-        self.max_tasks = max_tasks
         self.tasks: dict[str, TaskInfo] = {}
         """Resident tasks; replaced as a whole (never mutated) so readers see a snapshot."""
         self._pending: deque[Job | Control] = deque()
@@ -179,10 +178,6 @@ class Engine:
         self._pending.append(c)
         self._wakeup.set()
         return await asyncio.shield(c.future)
-
-    async def run_on_worker(self, fn: Callable[[], Any]) -> Any:
-        """Run ``fn`` on the worker thread now (between batches), outside queue order."""
-        return await asyncio.get_running_loop().run_in_executor(self._worker, fn)
 
     # -- model changes (run on the worker thread through ``control``) ----------------------
     async def load(self, bundle: TaskBundle) -> None:

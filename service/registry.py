@@ -130,8 +130,12 @@ class Registry:
             info = self.engine.tasks.get(task)
             if entry is None and info is None:
                 raise UnknownTaskError(f"unknown task {task!r}")
-            version = info.version if info is not None else self.catalogue[task].version \
-                if task in self.catalogue else (entry.version or "")
+            if info is not None:
+                version = info.version
+            elif task in self.catalogue:
+                version = self.catalogue[task].version
+            else:
+                version = entry.version or ""
             await asyncio.to_thread(self.store.delete, task)
             await self.engine.unload(task)
             self.catalogue.pop(task, None)

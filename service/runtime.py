@@ -107,8 +107,7 @@ class Service:
         """Create the engine and registry on the running loop; load and warm up behind."""
         s = self.settings
         self.engine = Engine(self.model, self.metrics, max_batch=s.max_batch,
-                             max_wait_s=s.max_wait_ms / 1000.0, max_queue=s.max_queue,
-                             max_tasks=s.max_tasks)
+                             max_wait_s=s.max_wait_ms / 1000.0, max_queue=s.max_queue)
         self.engine.start()
         self.registry = Registry(self.engine, self.store, self.backbone, self.fingerprint,
                                  self.metrics, lazy=s.preload == "lazy", max_tasks=s.max_tasks)
