@@ -503,21 +503,25 @@ class MultiTaskModel(torch.nn.Module):
             y_s.addmm_(t, mp.w_up[r]).add_(mp.b_up[r])
         return y.view(b, n, d)
 
-    def _row_slots(self, g: _Group, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _row_slots(self, g: _Group, tokens: int) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Per-row pool rows (int32, -1 = none) for the spatial and MLP adapters."""
         def rows(segs: list[tuple[int, int, int]]) -> torch.Tensor:
             clip = torch.full((len(g.clips),), -1, dtype=torch.int32)
             for c0, c1, r in segs:
                 clip[c0:c1] = r
             return clip.repeat_interleave(tokens).to(self.device)
-        return rows(g.spatial_segs), rows(g.mlp_segs)
+        return (rows(g.spatial_segs) if g.spatial_segs else None), rows(g.mlp_segs)
 
     def _block_fused(self, i: int, blk: Block, x: torch.Tensor, pools: _Pools,
-                     spatial_rows: torch.Tensor, mlp_rows: torch.Tensor) -> torch.Tensor:
+                     spatial_rows: torch.Tensor | None, mlp_rows: torch.Tensor) -> torch.Tensor:
         b, n, d = x.shape
         backend = "auto" if self.backend == "triton" else self.backend
         a = blk.attn(blk.norm1(x)).reshape(-1, d)
         x = x.reshape(-1, d)
-        x = mlp_adapter(x + a, a, None, pools.spatial[i], spatial_rows, backend=backend)
+        if spatial_rows is None:
+            x = x + a
+        else:  # the spatial adapter is the same op with no shared MLP: x + a + A_s(a)
+            x = mlp_adapter(x + a, a, None, pools.spatial[i], spatial_rows, backend=backend)
         h = blk.norm2(x)
         x = mlp_adapter(x, h, self._mlp[i], pools.mlp[i], mlp_rows, backend=backend)
         return x.view(b, n, d)
