@@ -26,7 +26,7 @@ from service.errors import (
     timed_out,
 )
 from service.metrics import UNKNOWN_TASK
-from service.runtime import Service
+from service.runtime import Service, runtime_info
 from service.schemas import (
     ClassifyResponse,
     DeleteResult,
@@ -218,8 +218,9 @@ async def readyz(svc: ServiceDep) -> Readiness:
     """200 once the backbone and the preloaded tasks have run a warm-up batch."""
     if not svc.ready:
         raise not_ready(svc.startup_error or not_ready().message)
+    runtime, provider = runtime_info(svc.model)
     return Readiness(status="ready", tasks=len(svc.engine.tasks), device=str(svc.device),
-                     dtype=svc.settings.dtype)
+                     dtype=svc.settings.dtype, runtime=runtime, provider=provider)
 
 
 @router.get("/metrics", tags=["operations"], response_class=Response,

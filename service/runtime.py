@@ -77,6 +77,29 @@ def _featurise(audio: bytes, cfg: FeatureConfig) -> tuple[torch.Tensor, float]:
     return fbank(wave, cfg), wave.numel() / cfg.sample_rate
 
 
+def build_model(settings: Settings, backbone, device: torch.device, dtype: torch.dtype,
+                fingerprint: str) -> MultiTaskModel:
+    """The multi-task model for the configured runtime (``AAT_RUNTIME``)."""
+    if settings.runtime == "onnxruntime":
+        from adapters.onnx_runtime import OrtMultiTaskModel
+
+        providers = (["CUDAExecutionProvider", "CPUExecutionProvider"] if device.type == "cuda"
+                     else ["CPUExecutionProvider"])
+        model = OrtMultiTaskModel(backbone, max_tasks=settings.max_tasks,
+                                  fingerprint=fingerprint, providers=providers)
+        log.info("runtime onnxruntime", extra={"provider": model.provider})
+        return model
+    return MultiTaskModel(backbone, max_tasks=settings.max_tasks, dtype=dtype, device=device,
+                          fingerprint=fingerprint)
+
+
+def runtime_info(model: MultiTaskModel) -> tuple[str, str]:
+    """(runtime, execution provider or backend) for /readyz and logs."""
+    if hasattr(model, "provider"):
+        return "onnxruntime", model.provider
+    return "torch", str(getattr(model, "backend", "torch"))
+
+
 class Service:
     """Everything a request needs, owned by the app's lifespan."""
 
@@ -89,8 +112,8 @@ class Service:
         self.dtype = torch.bfloat16 if settings.dtype == "bfloat16" else torch.float32
         self.backbone = checkpoint.backbone
         self.fingerprint = self.backbone.fingerprint()
-        self.model = MultiTaskModel(self.backbone, max_tasks=settings.max_tasks, dtype=self.dtype,
-                                    device=self.device, fingerprint=self.fingerprint)
+        self.model = build_model(settings, self.backbone, self.device, self.dtype,
+                                 self.fingerprint)
         self.store = BundleStore(settings.bundle_dir) if settings.bundle_dir else None
         self.engine: Engine | None = None
         self.registry: Registry | None = None

@@ -79,3 +79,7 @@ class Readiness(BaseModel):
     tasks: int
     device: str
     dtype: str
+    runtime: str = "torch"
+    """torch or onnxruntime (AAT_RUNTIME)."""
+    provider: str = ""
+    """The torch backend (segments, triton) or the ONNX Runtime execution provider in use."""

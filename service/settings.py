@@ -40,6 +40,9 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=1, le=65535)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["float32", "bfloat16"] = "float32"
+    runtime: Literal["torch", "onnxruntime"] = "torch"
+    """Where the backbone runs: torch, or ONNX Runtime (CUDA provider on a GPU, else CPU;
+    float32 only). Uploading or replacing a task never rebuilds the ONNX Runtime session."""
     max_batch: int = Field(8, ge=1, le=1024)
     """Most clips in one forward pass."""
     max_wait_ms: float = Field(5.0, ge=0, le=10_000)
@@ -63,7 +66,7 @@ class Settings(BaseSettings):
     """Threads that decode audio and compute features, off the event loop."""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
-    @field_validator("log_level", "device", "dtype", "preload", mode="before")
+    @field_validator("log_level", "device", "dtype", "preload", "runtime", mode="before")
     @classmethod
     def _lower(cls, v: Any) -> Any:
         return v.lower() if isinstance(v, str) else v
@@ -81,6 +84,13 @@ class Settings(BaseSettings):
         if any(c.isspace() for c in v) or not v.isprintable():
             raise ValueError("must not contain whitespace or control characters")
         return v
+
+    @model_validator(mode="after")
+    def _runtime_dtype(self) -> Settings:
+        if self.runtime == "onnxruntime" and self.dtype != "float32":
+            raise ValueError("AAT_RUNTIME=onnxruntime runs in float32; unset AAT_DTYPE or set it "
+                             "to float32")
+        return self
 
     @model_validator(mode="after")
     def _distinct_tokens(self) -> Settings:

@@ -224,7 +224,8 @@ def test_task_listing_and_manifest(client, bundles):
 def test_health_readiness_and_metrics(client):
     assert client.get("/healthz").json() == {"status": "ok"}
     assert client.get("/readyz").json() == {"status": "ready", "tasks": 3, "device": "cpu",
-                                            "dtype": "float32"}
+                                            "dtype": "float32", "runtime": "torch",
+                                            "provider": "segments"}
     client.post("/classify/birds", content=wav_bytes(), headers=WAV)
     client.post("/classify/nope", content=wav_bytes(), headers=WAV)
     r = client.get("/metrics")
