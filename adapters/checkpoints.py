@@ -32,6 +32,7 @@ from adapters.backbone import AST
 from adapters.bundle import TaskBundle
 from adapters.config import AUDIOSET_MEAN, AUDIOSET_STD, BackboneConfig, FeatureConfig
 from adapters.errors import AATError, CheckpointError, ConfigError
+from adapters.hub import looks_like_model_id, resolve_checkpoint
 from adapters.model import AudioClassifier
 
 HEAD_KEYS = ("norm.weight", "norm.bias", "fc.weight", "fc.bias")
@@ -608,6 +609,8 @@ def load_checkpoint(path: str | os.PathLike, *, target_length: int | None = None
                     ("time_stride", time_stride), ("num_heads", num_heads)):
         if v is not None and (not isinstance(v, int) or v <= 0):
             raise CheckpointError(f"{name} must be a positive integer, got {v!r}")
+    if not p.exists() and looks_like_model_id(spath):  # e.g. MIT/ast-finetuned-audioset-...
+        p = resolve_checkpoint(spath)
     if p.is_dir():
         return _load_hf_dir(p, target_length, freq_stride, time_stride)
     if not p.exists():
