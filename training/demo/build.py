@@ -76,13 +76,13 @@ class BuildConfig:
     bottleneck: int = 32
     # optimisation
     batch_size: int = 64
-    pretrain_epochs: int = 20
+    pretrain_epochs: int = 36
     pretrain_lr: float = 1e-3
-    epochs: int = 10
+    epochs: int = 12
     lr: dict[str, float] = field(default_factory=lambda: {"head": 5e-3, "aat_ms": 3e-3,
                                                           "full": 5e-4})
     freqm: int = 8
-    timem: int = 20
+    timem: int = 10
     # machinery (does not change the result)
     workers: int = 2
     threads: int = 1

@@ -22,6 +22,8 @@ def render_report(s: dict[str, Any]) -> str:
     """Markdown for a build summary (``build.json``)."""
     cfg, res, pre, times = s["config"], s["results"], s["pretrain"], s["times"]
     tasks = list(res)
+    methods = [m for m in ("head", "aat_ms", "full") if all(m in res[t] for t in tasks)]
+    first = {t: next(iter(res[t].values())) for t in tasks}
     lines = [
         "# The demo backbone and tasks",
         "",
@@ -73,7 +75,7 @@ def render_report(s: dict[str, Any]) -> str:
         "| method | trainable params | " + " | ".join(tasks) + " |",
         "|---|---:|" + "---:|" * len(tasks),
     ]
-    for method in ("head", "aat_ms", "full"):
+    for method in methods:
         params = " / ".join(f"{res[t][method]['trainable_params']:,}" for t in tasks)
         accs = " | ".join(f"{res[t][method]['test_acc']:.1%}" for t in tasks)
         lines.append(f"| {METHOD_NAMES[method]} | {params} | {accs} |")
@@ -81,12 +83,13 @@ def render_report(s: dict[str, Any]) -> str:
         "",
         "Trainable parameters are given per task (" + ", ".join(tasks) + "); the heads differ in "
         "class count. Test clips per task: "
-        + ", ".join(f"{t} {res[t]['aat_ms']['test_clips']}" for t in tasks)
-        + f"; training clips: {res[tasks[0]]['aat_ms']['train_clips']} per spoken task.",
+        + ", ".join(f"{t} {first[t]['test_clips']}" for t in tasks)
+        + "; training clips: " + ", ".join(f"{t} {first[t]['train_clips']}" for t in tasks)
+        + ".",
         "",
         "Training time per run (s): "
-        + "; ".join(f"{t}: " + ", ".join(f"{m} {res[t][m]['seconds']:.0f}"
-                                         for m in ("head", "aat_ms", "full")) for t in tasks)
+        + "; ".join(f"{t}: " + ", ".join(f"{m} {res[t][m]['seconds']:.0f}" for m in methods)
+                    for t in tasks)
         + ".",
         "",
         "## Artifacts",
