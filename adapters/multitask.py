@@ -30,8 +30,10 @@ last forward holding it finishes. A forward therefore sees a task's old weights 
 never a mix, and no forward waits for a load (a read-write lock would stall forwards during a
 load, or loads behind long forwards). The price is one spare slot beyond ``max_tasks``.
 
-Dtypes: ``float32`` or ``bfloat16`` weights and activations, fp32 accumulation in every GEMM;
-heads always run in fp32.
+Dtypes: ``float32``, or ``bfloat16`` for the GEMMs (block weights, adapter pools, GEMM and
+attention inputs) with fp32 accumulation. The residual stream, LayerNorms, embeddings, prompts
+and heads stay fp32 in both modes: bf16 rounding of the stream itself accounted for about a
+third of the bf16-vs-fp32 logit error for ~2 % of the time (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -158,7 +160,7 @@ class MultiTaskModel(torch.nn.Module):
     Args:
         backbone: the shared backbone; moved to ``device``/``dtype`` in place and frozen.
         max_tasks: how many tasks may be resident at once.
-        dtype: ``torch.float32`` or ``torch.bfloat16`` for the backbone and adapters.
+        dtype: ``torch.float32`` or ``torch.bfloat16`` for the GEMM weights and adapter pools.
         device: where everything runs.
         fingerprint: the backbone's fingerprint if already known (computed otherwise, before
             any dtype change).
@@ -188,7 +190,10 @@ class MultiTaskModel(torch.nn.Module):
             if blk.mlp_adapter is not None or blk.spatial_adapter is not None:
                 raise ConfigError("the backbone has adapters attached (it is part of a "
                                   "single-task model); pass a plain backbone")
-        self.backbone = backbone.to(device=device, dtype=dtype).eval().requires_grad_(False)
+        self.backbone = backbone.to(device=device).eval().requires_grad_(False)
+        for blk in self.backbone.blocks:  # the GEMMs' weights; norms and embeddings stay fp32
+            for lin in (blk.attn.qkv, blk.attn.proj, blk.mlp.fc1, blk.mlp.fc2):
+                lin.to(dtype)
         self.max_tasks = max_tasks
         self.dtype = dtype
         self.device = device
@@ -247,7 +252,7 @@ class MultiTaskModel(torch.nn.Module):
         t = {k: v.to(self.device) for k, v in bundle.tensors.items()}
         head = tuple(t[f"head.{n}"].float() for n in ("norm.weight", "norm.bias", "fc.weight",
                                                       "fc.bias"))
-        prompts = t["prompts"].to(self.dtype) if "prompts" in t else None
+        prompts = t["prompts"].float() if "prompts" in t else None  # residual-stream tokens
 
         with self._write_lock:
             with self._lock:
@@ -428,7 +433,7 @@ class MultiTaskModel(torch.nn.Module):
         out: list[torch.Tensor | None] = [None] * len(entries)
         if not entries:
             return []
-        x = features.to(device=self.device, dtype=self.dtype)
+        x = features.to(device=self.device, dtype=torch.float32)
         for g in self._groups(entries):
             idx = torch.tensor(g.clips, device=self.device)
             pooled = self._encode(x.index_select(0, idx), g, pools).float()
@@ -472,9 +477,9 @@ class MultiTaskModel(torch.nn.Module):
     def _block_segments(self, i: int, blk: Block, x: torch.Tensor, g: _Group, pools: _Pools,
                         widened: bool) -> torch.Tensor:
         b, n, d = x.shape
-        heads = blk.attn.num_heads
-        x2 = x.reshape(-1, d)
-        qkv = cpu.linear(blk.norm1(x2), blk.attn.qkv.weight, blk.attn.qkv.bias)
+        dt, heads = self.dtype, blk.attn.num_heads
+        x2 = x.reshape(-1, d)  # the fp32 residual stream
+        qkv = cpu.linear(blk.norm1(x2).to(dt), blk.attn.qkv.weight, blk.attn.qkv.bias)
         q, k, v = qkv.view(b, n, 3, heads, d // heads).permute(2, 0, 3, 1, 4).unbind(0)
         o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(-1, d)
         proj = blk.attn.proj
@@ -487,20 +492,23 @@ class MultiTaskModel(torch.nn.Module):
                 a_s.addmm_(t, sp.w_up[r]).add_(sp.b_up[r])
             x2 = x2 + a
         else:
-            x2 = cpu.linear_add(o, proj.weight, proj.bias, x2)
-        h = blk.norm2(x2)
+            x2 = _add_linear(x2, o, proj.weight, proj.bias)
+        h = blk.norm2(x2).to(dt)
         mlp, mp = self._mlp[i], pools.mlp[i]
         if widened:  # one GEMM for fc1 and the adapter's down-projection, GELU fused
             act = cpu.linear(h, self._widened.w1[i], self._widened.b1[i], gelu=True)
             hid, r = mlp.hidden, g.widened.row
-            y = cpu.linear_add(act[:, :hid], mlp.w2, mlp.b2, x2)
-            y.addmm_(act[:, hid:], mp.w_up[r]).add_(mp.b_up[r])  # the K tail of fc2
-            return y.view(b, n, d)
-        y = cpu.linear_add(cpu.linear(h, mlp.w1, mlp.b1, gelu=True), mlp.w2, mlp.b2, x2)
-        for c0, c1, r in g.mlp_segs:  # adapters on each task's contiguous rows
-            h_s, y_s = h[c0 * n:c1 * n], y[c0 * n:c1 * n]
-            t = F.gelu(torch.addmm(mp.b_down[r], h_s, mp.w_down[r]))
-            y_s.addmm_(t, mp.w_up[r]).add_(mp.b_up[r])
+            y, inc = _add_linear_open(x2, act[:, :hid], mlp.w2, mlp.b2)
+            inc.addmm_(act[:, hid:], mp.w_up[r]).add_(mp.b_up[r])  # the K tail of fc2
+        else:
+            act = cpu.linear(h, mlp.w1, mlp.b1, gelu=True)
+            y, inc = _add_linear_open(x2, act, mlp.w2, mlp.b2)
+            for c0, c1, r in g.mlp_segs:  # adapters on each task's contiguous rows
+                h_s, inc_s = h[c0 * n:c1 * n], inc[c0 * n:c1 * n]
+                t = F.gelu(torch.addmm(mp.b_down[r], h_s, mp.w_down[r]))
+                inc_s.addmm_(t, mp.w_up[r]).add_(mp.b_up[r])
+        if y is not inc:
+            y = y.add_(inc)
         return y.view(b, n, d)
 
     def _row_slots(self, g: _Group, tokens: int) -> tuple[torch.Tensor | None, torch.Tensor]:
@@ -516,12 +524,30 @@ class MultiTaskModel(torch.nn.Module):
                      spatial_rows: torch.Tensor | None, mlp_rows: torch.Tensor) -> torch.Tensor:
         b, n, d = x.shape
         backend = "auto" if self.backend == "triton" else self.backend
-        a = blk.attn(blk.norm1(x)).reshape(-1, d)
+        a = blk.attn(blk.norm1(x).to(self.dtype)).reshape(-1, d)
         x = x.reshape(-1, d)
         if spatial_rows is None:
             x = x + a
         else:  # the spatial adapter is the same op with no shared MLP: x + a + A_s(a)
             x = mlp_adapter(x + a, a, None, pools.spatial[i], spatial_rows, backend=backend)
-        h = blk.norm2(x)
+        h = blk.norm2(x).to(self.dtype)
         x = mlp_adapter(x, h, self._mlp[i], pools.mlp[i], mlp_rows, backend=backend)
         return x.view(b, n, d)
+
+
+def _add_linear(resid: torch.Tensor, x: torch.Tensor, w: torch.Tensor,
+                b: torch.Tensor) -> torch.Tensor:
+    """``resid + x w^T + b`` in ``resid``'s dtype (fused into the GEMM when dtypes agree)."""
+    if resid.dtype == x.dtype:
+        return cpu.linear_add(x, w, b, resid)
+    return resid + cpu.linear(x, w, b)
+
+
+def _add_linear_open(resid: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(y, inc)``: more terms may be accumulated into ``inc`` (in the GEMM dtype); the result
+    is ``y`` when ``y is inc`` (fp32: residual fused into the GEMM), else ``y + inc``."""
+    if resid.dtype == x.dtype:
+        y = cpu.linear_add(x, w, b, resid)
+        return y, y
+    return resid, cpu.linear(x, w, b)

@@ -218,13 +218,16 @@ def _check(x: torch.Tensor, h: torch.Tensor, mlp: MlpWeights | None, pool: Adapt
     if x.dim() != 2 or h.shape != x.shape:
         raise ConfigError(f"x and h must both be (M, D); got {tuple(x.shape)} and "
                           f"{tuple(h.shape)}")
-    tensors = [h, *pool.tensors()] + ([mlp.w1, mlp.b1, mlp.w2, mlp.b2] if mlp else [])
+    tensors = [*pool.tensors()] + ([mlp.w1, mlp.b1, mlp.w2, mlp.b2] if mlp else [])
     for t in tensors:
-        if t.dtype != x.dtype or t.device != x.device:
-            raise ConfigError(f"all kernel operands must be {x.dtype} on {x.device}; got "
+        if t.dtype != h.dtype or t.device != h.device:
+            raise ConfigError(f"all kernel operands must be {h.dtype} on {h.device}; got "
                               f"{t.dtype} on {t.device}")
-    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise ConfigError(f"kernel dtype must be float32, float16 or bfloat16, got {x.dtype}")
+    if h.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ConfigError(f"kernel dtype must be float32, float16 or bfloat16, got {h.dtype}")
+    if x.dtype not in (h.dtype, torch.float32) or x.device != h.device:
+        raise ConfigError(f"the residual x must be {h.dtype} or float32 on {h.device}, got "
+                          f"{x.dtype} on {x.device}")
     if pool.dim != x.shape[1]:
         raise ConfigError(f"adapter pool width {pool.dim} does not match rows of width "
                           f"{x.shape[1]}")
@@ -237,7 +240,10 @@ def fused_mlp_adapter(x: torch.Tensor, h: torch.Tensor, mlp: MlpWeights | None,
                       pool: AdapterPool, row_slot: torch.Tensor,
                       config: KernelConfig | None = None, cast_f32: bool | None = None,
                       ) -> torch.Tensor:
-    """Launch K1 and K2; returns a new ``(M, D)`` tensor (``x`` is not modified).
+    """Launch K1 and K2; returns a new ``(M, D)`` tensor of ``x``'s dtype (``x`` is unchanged).
+
+    ``h``, the MLP and the pool share one dtype; the residual ``x`` (and the output) may be
+    float32 instead, for a model that keeps its residual stream in fp32.
 
     ``cast_f32`` upcasts tiles to fp32 before ``tl.dot`` (default: on under the interpreter
     for bf16, whose interpreted dot is wrong, off otherwise).
@@ -245,17 +251,17 @@ def fused_mlp_adapter(x: torch.Tensor, h: torch.Tensor, mlp: MlpWeights | None,
     _check(x, h, mlp, pool, row_slot)
     row_slot = row_slot.contiguous()
     m, d = x.shape
-    cfg = config or default_config(m, x.dtype)
+    cfg = config or default_config(m, h.dtype)
     interp = is_interpreted()
     if cast_f32 is None:
-        cast_f32 = interp and x.dtype == torch.bfloat16
-    fp32_exact = x.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
+        cast_f32 = interp and h.dtype == torch.bfloat16
+    fp32_exact = h.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
     precision = "ieee" if fp32_exact else "tf32"
     hidden = mlp.hidden if mlp is not None else 0
     rank = pool.rank
     if mlp is None:  # a bare adapter: placeholders for the unused shared operands
         w1, b1, w2 = h, h, h
-        b2 = torch.zeros(d, dtype=x.dtype, device=x.device)
+        b2 = torch.zeros(d, dtype=h.dtype, device=h.device)
     else:
         w1, b1, w2, b2 = mlp.w1, mlp.b1, mlp.w2, mlp.b2
     launch = {} if interp else dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
@@ -278,7 +284,7 @@ def fused_mlp_adapter(x: torch.Tensor, h: torch.Tensor, mlp: MlpWeights | None,
 def _launch(x, h, w1, b1, w2, b2, pool: AdapterPool, row_slot, cfg: KernelConfig, meta: dict,
             launch: dict, hidden: int, rank: int, has_mlp: bool) -> torch.Tensor:
     m, d = x.shape
-    act = torch.empty(m, hidden + rank, dtype=x.dtype, device=x.device)
+    act = torch.empty(m, hidden + rank, dtype=h.dtype, device=h.device)
     n_tiles = triton.cdiv(hidden, cfg.block_n) + triton.cdiv(rank, cfg.block_n)
     grid1 = (triton.cdiv(m, cfg.block_m) * n_tiles,)
     _k1_up[grid1](

@@ -35,7 +35,8 @@ LAYOUTS: dict[str, tuple[list[int], int, bool, bool]] = {
     "zero-adapters-equal-plain-mlp": ([0] * 10 + [1] * 20, 2, True, True),
     "adapter-only-spatial-form": ([0] * 20 + [1] * 19, 2, False, False),
 }
-CASES = [f"{layout}-{dt}" for layout in LAYOUTS for dt in DTYPES] + ["multitask-model-fp32"]
+CASES = ([f"{layout}-{dt}" for layout in LAYOUTS for dt in DTYPES]
+         + ["fp32-residual-four-tasks-mixed-boundaries-bf16", "multitask-model-fp32"])
 
 
 def _operands(layout: str, dtype: torch.dtype, seed: int):
@@ -65,7 +66,11 @@ def run_kernel_case(case: str) -> dict[str, float]:
     from adapters.kernels.triton_mlp import KernelConfig
 
     layout, dt = case.rsplit("-", 1)
+    residual32 = layout.startswith("fp32-residual-")  # bf16 operands, fp32 residual stream
+    layout = layout.removeprefix("fp32-residual-")
     x, h, mlp, pool, rows = _operands(layout, DTYPES[dt], seed=len(case))
+    if residual32:
+        x = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)) * 0.3
     out = mlp_adapter(x, h, mlp, pool, rows, backend="interpret", config=KernelConfig(**TILES))
     ref = mlp_adapter_reference(x, h, mlp, pool, rows, compute_dtype=torch.float64)
     no_adapter = AdapterPool(*(torch.zeros_like(t) for t in pool.tensors()))

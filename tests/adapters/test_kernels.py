@@ -138,8 +138,12 @@ def test_kernel_launcher_validates_operands():
     x, h, mlp, pool, rows = random_operands(dtype=torch.float32)
     with pytest.raises(ConfigError, match="row_slot must be int32 of shape"):
         fused_mlp_adapter(x, h, mlp, pool, rows.long())
-    with pytest.raises(ConfigError, match=r"all kernel operands must be torch\.float32"):
-        fused_mlp_adapter(x, h.double(), mlp, pool, rows)
+    with pytest.raises(ConfigError, match=r"all kernel operands must be torch\.float16"):
+        fused_mlp_adapter(x, h.half(), mlp, pool, rows)
+    with pytest.raises(ConfigError, match=r"the residual x must be torch\.float16 or float32"):
+        half = MlpWeights(*(t.half() for t in (mlp.w1, mlp.b1, mlp.w2, mlp.b2)))
+        fused_mlp_adapter(x.bfloat16(), h.half(), half,
+                          AdapterPool(*(t.half() for t in pool.tensors())), rows)
     with pytest.raises(ConfigError, match=r"x and h must both be \(M, D\)"):
         fused_mlp_adapter(x, h[:3], mlp, pool, rows)
 

@@ -72,6 +72,14 @@ def test_fp32_and_fp16_match_fp64(dtype):
     assert rel(out, exact) < (1e-5 if dtype == torch.float32 else 2e-3)
 
 
+def test_bf16_operands_with_fp32_residual():
+    x, h, mlp, pool, rows = operands([0, 2, 2], torch.bfloat16)
+    x32 = x.float() + 0.001  # not representable in bf16
+    out = mlp_adapter(x32, h, mlp, pool, rows, backend="triton")
+    exact = mlp_adapter_reference(x32, h, mlp, pool, rows, compute_dtype=torch.float64)
+    assert out.dtype == torch.float32 and rel(out, exact) < 1e-2
+
+
 def test_adapter_only_form_bf16():
     x, h, _, pool, rows = operands([1, 2], torch.bfloat16, with_mlp=False)
     out = mlp_adapter(x, h, None, pool, rows, backend="triton")

@@ -293,6 +293,7 @@ def test_bf16_mode_tracks_fp32(base, bundles):
     bf16 = new_model(base, bundles.values(), dtype=torch.bfloat16)
     assert bf16._pools.mlp[0].w_down.dtype == torch.bfloat16
     assert bf16.backbone.blocks[0].mlp.fc1.weight.dtype == torch.bfloat16
+    assert bf16.backbone.blocks[0].norm2.weight.dtype == torch.float32  # fp32 residual stream
     torch.manual_seed(7)
     x = torch.randn(10, 64, 32)
     tasks = [name for name in bundles for _ in range(2)]
