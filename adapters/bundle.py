@@ -20,7 +20,6 @@ import json
 import os
 import re
 import struct
-import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -33,6 +32,7 @@ from safetensors.torch import save as st_save
 from adapters.backbone import AST
 from adapters.config import AdapterConfig, BackboneConfig, FeatureConfig
 from adapters.errors import BackboneMismatchError, BundleError, ConfigError
+from adapters.fileio import atomic_write
 from adapters.methods import METHODS, get_method
 from adapters.model import AudioClassifier
 
@@ -166,6 +166,41 @@ def _read_header(data: bytes) -> dict[str, Any]:
     return header
 
 
+def _manifest_from_header(header: dict[str, Any]) -> Manifest:
+    meta = header.get("__metadata__") or {}
+    if not isinstance(meta, dict):
+        raise BundleError("not a safetensors file: '__metadata__' is not an object")
+    if meta.get("format") != FORMAT:
+        raise BundleError(f"not an aat bundle: metadata 'format' is {meta.get('format')!r}, "
+                          f"expected {FORMAT!r}")
+    if "manifest" not in meta:
+        raise BundleError("bundle has no 'manifest' in its metadata")
+    try:
+        raw = json.loads(meta["manifest"])
+    except (TypeError, json.JSONDecodeError):
+        raise BundleError("bundle manifest is not valid JSON") from None
+    return Manifest.from_dict(raw)
+
+
+def read_manifest(path: str | os.PathLike) -> Manifest:
+    """A bundle file's manifest from its safetensors header alone (no tensor is read).
+
+    Errors are ``BundleError`` prefixed with the file name.
+    """
+    name = Path(path).name
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            n = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
+            data = head + f.read(min(n, _MAX_HEADER + 1))
+    except OSError as e:
+        raise BundleError(f"cannot read bundle {name}: {e.strerror}") from None
+    try:
+        return _manifest_from_header(_read_header(data))
+    except BundleError as e:
+        raise BundleError(f"{name}: {e}") from None
+
+
 def _sorted_metadata(data: bytes) -> bytes:
     """Rewrite a safetensors header with its metadata keys sorted.
 
@@ -181,7 +216,7 @@ def _sorted_metadata(data: bytes) -> bytes:
     return data[:8] + text + b" " * (n - len(text)) + data[8 + n:]
 
 
-def _content_version(tensors: dict[str, torch.Tensor], manifest: Manifest) -> str:
+def content_version(tensors: dict[str, torch.Tensor], manifest: Manifest) -> str:
     h = hashlib.sha256()
     for name in sorted(tensors):
         t = tensors[name].detach().cpu().contiguous()
@@ -222,7 +257,7 @@ class TaskBundle:
             created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
         tensors = {k: v.detach().to("cpu", torch.float32).contiguous()
                    for k, v in model.task_state_dict().items()}
-        manifest.version = _content_version(tensors, manifest)
+        manifest.version = content_version(tensors, manifest)
         return cls(manifest, tensors)
 
     # -- bytes and files ------------------------------------------------------------------
@@ -234,38 +269,13 @@ class TaskBundle:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write atomically (temporary file in the same folder, fsync, rename)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        data = self.to_bytes()
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        return atomic_write(path, self.to_bytes())
 
     @classmethod
     def from_bytes(cls, data: bytes) -> TaskBundle:
         """Parse and validate a bundle (everything that does not need the backbone)."""
         header = _read_header(data)
-        meta = header.get("__metadata__") or {}
-        if not isinstance(meta, dict):
-            raise BundleError("not a safetensors file: '__metadata__' is not an object")
-        if meta.get("format") != FORMAT:
-            raise BundleError(f"not an aat bundle: metadata 'format' is {meta.get('format')!r}, "
-                              f"expected {FORMAT!r}")
-        if "manifest" not in meta:
-            raise BundleError("bundle has no 'manifest' in its metadata")
-        try:
-            raw = json.loads(meta["manifest"])
-        except (TypeError, json.JSONDecodeError):
-            raise BundleError("bundle manifest is not valid JSON") from None
-        manifest = Manifest.from_dict(raw)
+        manifest = _manifest_from_header(header)
         for name, info in header.items():
             if name == "__metadata__":
                 continue

@@ -18,11 +18,11 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from adapters.bundle import Manifest, TaskBundle, _content_version
+from adapters.bundle import Manifest, TaskBundle, content_version, read_manifest
 from adapters.errors import AATError, BundleError, SlotsFullError, UnknownTaskError
 from service.engine import Engine, TaskInfo
 from service.metrics import Metrics
-from service.store import BundleStore, StoreEntry, read_manifest
+from service.store import BundleStore, StoreEntry
 
 log = logging.getLogger("aat.service.registry")
 
@@ -62,7 +62,7 @@ class Registry:
         m = bundle.manifest
         if m.task != task:
             raise BundleError(f"the bundle is for task {m.task!r}, not {task!r}")
-        actual = _content_version(bundle.tensors, m)
+        actual = content_version(bundle.tensors, m)
         if m.version != actual:
             raise BundleError(f"the bundle's version {m.version!r} does not match its content "
                               f"hash {actual!r}")

@@ -10,30 +10,27 @@ A task directory with an ``ACTIVE`` file takes precedence over a hand-placed fil
 is atomic (temporary file in the same directory, fsync, rename, fsync of the directory), so a
 reader sees the old or the new state and never a partial file. The previous version is kept
 until a newer one is active; older ones are pruned. Other files (dotfiles, temporaries) are
-ignored. Nothing here loads tensors: ``read_manifest`` parses only the safetensors header.
+ignored. Nothing here loads tensors (``adapters.bundle.read_manifest`` parses only the header).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import shutil
-import struct
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from adapters.bundle import FORMAT, TASK_NAME_RE, Manifest
+from adapters.bundle import TASK_NAME_RE
 from adapters.errors import BundleError
+from adapters.fileio import atomic_write, fsync_dir
 
 log = logging.getLogger("aat.service.store")
 
 ACTIVE = "ACTIVE"
 SUFFIX = ".safetensors"
 _VERSION_RE = TASK_NAME_RE  # content hashes are lowercase hex; the same charset is safe
-_MAX_HEADER = 16 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -46,53 +43,6 @@ class StoreEntry:
     """From ``ACTIVE`` for uploaded bundles; None for hand-placed files (read the manifest)."""
     stamp: tuple[int, int]
     """(mtime_ns, size) of the file: a cheap change detector."""
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):  # not every filesystem lets a directory be fsynced
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically: temp file in the same folder, fsync, rename."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def read_manifest(path: Path) -> Manifest:
-    """The manifest of a bundle file, from its safetensors header alone (no tensors read)."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise BundleError(f"{path.name}: not a safetensors file (fewer than 8 bytes)")
-            (n,) = struct.unpack("<Q", head)
-            if n <= 0 or n > _MAX_HEADER:
-                raise BundleError(f"{path.name}: not a safetensors file (bad header length)")
-            raw = f.read(n)
-    except OSError as e:
-        raise BundleError(f"cannot read bundle {path.name}: {e.strerror}") from None
-    try:
-        header = json.loads(raw.decode("utf-8"))
-        meta = header.get("__metadata__") or {}
-        if meta.get("format") != FORMAT:
-            raise BundleError(f"{path.name}: not an aat bundle (format {meta.get('format')!r})")
-        return Manifest.from_dict(json.loads(meta["manifest"]))
-    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, AttributeError, TypeError):
-        raise BundleError(f"{path.name}: bundle header or manifest is not valid JSON") from None
 
 
 class BundleStore:
@@ -199,7 +149,7 @@ class BundleStore:
             found = True
         if d.is_dir():
             shutil.rmtree(d, ignore_errors=True)
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
         return found
 
     @staticmethod

@@ -171,9 +171,9 @@ def test_rejected_uploads_change_nothing(make_app, store, ckpt, bundles, tmp_pat
 
 
 def _content(bundle, **changes):
-    from adapters.bundle import _content_version
+    from adapters.bundle import content_version
 
-    return _content_version(bundle.tensors, dataclasses.replace(bundle.manifest, **changes))
+    return content_version(bundle.tensors, dataclasses.replace(bundle.manifest, **changes))
 
 
 def test_slots_full_is_507(make_app, bundles):
