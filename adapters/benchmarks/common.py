@@ -51,21 +51,23 @@ def synchronize(device: torch.device) -> None:
 
 def interleaved(fns: dict[str, Callable[[], object]], rounds: int, device: torch.device,
                 warmup: int = 1, progress: Callable[[], None] | None = None
-                ) -> dict[str, list[float]]:
-    """Seconds per call of each function, timed round-robin so drifting load hits all alike."""
+                ) -> dict[str, dict[str, list[float]]]:
+    """Wall and process-CPU seconds per call of each function, timed round-robin so that a
+    drifting machine load hits every function alike."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
             if progress:
                 progress()
-    times: dict[str, list[float]] = {name: [] for name in fns}
+    times = {name: {"wall": [], "cpu": []} for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
             synchronize(device)
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             fn()
             synchronize(device)
-            times[name].append(time.perf_counter() - t0)
+            times[name]["wall"].append(time.perf_counter() - t0)
+            times[name]["cpu"].append(time.process_time() - c0)
             if progress:
                 progress()
     return times
