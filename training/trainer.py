@@ -227,7 +227,9 @@ class Trainer:
                 (self.run_dir / name).unlink(missing_ok=True)
         if cfg_path.exists() and (self.run_dir / STATE_FILE).exists():
             old = json.loads(cfg_path.read_text())
-            diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
+            # Paths may move; the data digest and backbone fingerprint say what matters.
+            diff = sorted(k for k in set(old) | set(config)
+                          if k not in ("root", "checkpoint") and old.get(k) != config.get(k))
             if diff:
                 detail = "; ".join(self._describe_diff(k, old.get(k), config.get(k))
                                    for k in diff[:4])
