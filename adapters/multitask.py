@@ -158,7 +158,8 @@ class MultiTaskModel(torch.nn.Module):
     """A frozen AST backbone plus per-layer adapter slot pools and per-task heads.
 
     Args:
-        backbone: the shared backbone; moved to ``device``/``dtype`` in place and frozen.
+        backbone: the shared backbone; moved to ``device`` in place, frozen, and its blocks'
+            linear layers cast to ``dtype``.
         max_tasks: how many tasks may be resident at once.
         dtype: ``torch.float32`` or ``torch.bfloat16`` for the GEMM weights and adapter pools.
         device: where everything runs.
@@ -265,24 +266,32 @@ class MultiTaskModel(torch.nn.Module):
                 pools = self._pools
                 self._gen += 1
                 gen = self._gen
-            if row >= 0:  # the row is reserved and unpublished: nobody reads it
-                for i in range(self.backbone.cfg.depth):
-                    for kind, on, pool in (("mlp_adapter", has_mlp, pools.mlp[i]),
-                                           ("spatial_adapter", has_spatial, pools.spatial[i])):
-                        if on:
-                            p = f"blocks.{i}.{kind}."
-                            pool.write(row, *(t[p + n].to(self.dtype) for n in
-                                              ("fc1.weight", "fc1.bias", "fc2.weight",
-                                               "fc2.bias")))
             info = TaskInfo(m.task, slot, m.version, m.method, m.num_classes, m)
             entry = _Entry(info, row, gen, has_mlp, has_spatial, head,
                            self.backbone.cfg.head_norm_eps, prompts)
+            try:  # the row is reserved and unpublished: nobody reads it while it is written
+                if row >= 0:
+                    self._write_row(pools, row, t, has_mlp, has_spatial)
+            except BaseException:
+                with self._lock:
+                    self._free_locked(entry)
+                raise
             with self._lock:
                 self._tasks[m.task] = entry
                 self._by_slot[slot] = entry
                 if old is not None:
                     self._retire_locked(old)
         return slot
+
+    def _write_row(self, pools: _Pools, row: int, t: dict[str, torch.Tensor], has_mlp: bool,
+                   has_spatial: bool) -> None:
+        for i in range(self.backbone.cfg.depth):
+            for kind, on, pool in (("mlp_adapter", has_mlp, pools.mlp[i]),
+                                   ("spatial_adapter", has_spatial, pools.spatial[i])):
+                if on:
+                    p = f"blocks.{i}.{kind}."
+                    pool.write(row, *(t[p + n].to(self.dtype) for n in
+                                      ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias")))
 
     def unload_task(self, task: str) -> None:
         """Remove a task; forwards already holding it finish first (``UnknownTaskError``)."""

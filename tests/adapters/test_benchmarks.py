@@ -75,3 +75,25 @@ def test_bad_arguments_are_clear_errors(capsys):
 def test_kernel_bench_needs_cuda(capsys):
     assert aat(["bench", "kernel", "--json"]) == 2
     assert "aat bench kernel needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_kernel_bench_baselines_compute_the_fused_op():
+    """The unfused baselines of ``aat bench kernel`` compute the op the kernels compute."""
+    from adapters.benchmarks.kernel import _eager, _mlp_only, _widened
+    from adapters.kernels import AdapterPool, MlpWeights, mlp_adapter_reference, widened_weights
+
+    g = torch.Generator().manual_seed(0)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    mlp = MlpWeights(rnd(32, 16), rnd(32), rnd(16, 32), rnd(16))
+    pool = AdapterPool(rnd(3, 16, 8), rnd(3, 8), rnd(3, 8, 16), rnd(3, 16))
+    x, h = rnd(30, 16), rnd(30, 16)
+    segs = [(0, 10, 0), (10, 30, 2)]
+    rows = torch.tensor([0] * 10 + [2] * 20, dtype=torch.int32)
+    ref = mlp_adapter_reference(x, h, mlp, pool, rows)
+    wide = {s: widened_weights(mlp, pool, s) for s in range(3)}
+    torch.testing.assert_close(_eager(x, h, mlp, pool, segs), ref, atol=1e-10, rtol=0)
+    torch.testing.assert_close(_widened(x, h, wide, segs), ref, atol=1e-10, rtol=0)
+    assert (_mlp_only(x, h, mlp) - ref).abs().max() > 1e-3
