@@ -302,3 +302,19 @@ def test_bf16_mode_tracks_fp32(base, bundles):
         assert lb.dtype == torch.float32
         assert not torch.equal(la, lb)  # really computed in bf16
         assert (la - lb).abs().max() < 0.05 * la.abs().max() + 0.02
+
+
+def test_a_failed_load_releases_its_slot(base, bundles, monkeypatch):
+    model = new_model(base, [bundles["m"]], max_tasks=2)
+    free = sorted(model._free_slots)
+
+    def broken(*args):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(model, "_write_row", broken)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        model.load_task(bundles["ms"])
+    assert sorted(model._free_slots) == free and not model.has_task("ms")
+    monkeypatch.undo()
+    model.load_task(bundles["ms"])
+    assert sorted(model.tasks) == ["m", "ms"]
