@@ -98,6 +98,9 @@ def test_report_shows_every_figure():
     assert "| full fine-tuning | 1,000 / 1,000 / 1,000 | 98.8% | 98.8% | 98.8% |" in text
     assert "validation accuracy 81.2%" in text and "(14) sets" in text
     assert "| `adapters/demo_assets/backbone/model.safetensors` | 1.60 MB |" in text
+    assert "above head-only on every task. All met." in text
+    assert "Missed: digits: aat_ms 85.0% < 90%; commands: aat_ms 85.0% < 90%." in render_report(
+        _summary(aat=0.85))
     assert render_report(_summary(aat=0.9)) != text
 
 
@@ -181,3 +184,23 @@ def test_committed_build_meets_the_targets_and_docs_match():
     header = json.loads((BACKBONE_DIR / "model.safetensors").read_bytes()[8:8 + int.from_bytes(
         (BACKBONE_DIR / "model.safetensors").read_bytes()[:8], "little")])
     assert {v["dtype"] for k, v in header.items() if k != "__metadata__"} == {"F16"}
+
+
+@needs_assets
+def test_aat_predict_on_the_committed_demo(tmp_path, capsys):
+    """``aat predict`` with the demo backbone and digits bundle: held-out voices, new words."""
+    import subprocess
+
+    require_tool("espeak-ng")
+    heldout = json.loads(BUILD_JSON.read_text())["speakers"]["variants"]["test"]
+    files = []
+    for i, word in enumerate(("three", "eight")):
+        path = tmp_path / f"{word}.wav"
+        path.write_bytes(subprocess.run(
+            ["espeak-ng", "-v", f"en-gb+{heldout[-1 - i]}", "--stdout", word],
+            capture_output=True, check=True, timeout=30).stdout)
+        files.append(str(path))
+    assert aat(["predict", *files, "--checkpoint", str(BACKBONE_DIR), "--bundle",
+                str(TASKS_DIR / "digits.safetensors"), "--json"]) == 0
+    results = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["labels"][0]["label"] for r in results] == ["three", "eight"], results

@@ -62,7 +62,7 @@ class BuildConfig:
     # corpus sizes: clips per class and split
     upstream_train: int = 100
     upstream_valid: int = 12
-    train: int = 80
+    train: int = 200
     valid: int = 20
     test: int = 40
     # model
@@ -75,12 +75,13 @@ class BuildConfig:
     stride: int = 16
     bottleneck: int = 32
     # optimisation
-    batch_size: int = 64
+    pretrain_batch_size: int = 64
     pretrain_epochs: int = 36
     pretrain_lr: float = 1e-3
-    epochs: int = 12
-    lr: dict[str, float] = field(default_factory=lambda: {"head": 5e-3, "aat_ms": 3e-3,
-                                                          "full": 5e-4})
+    batch_size: int = 32
+    epochs: int = 10
+    lr: dict[str, float] = field(default_factory=lambda: {"head": 1e-2, "aat_ms": 5e-3,
+                                                          "full": 1e-3})
     freqm: int = 8
     timem: int = 10
     # machinery (does not change the result)
@@ -113,7 +114,7 @@ PRESETS: dict[str, BuildConfig] = {
     "full": BuildConfig(),
     "tiny": BuildConfig(upstream_train=3, upstream_valid=1, train=3, valid=2, test=2,
                         embed_dim=32, depth=2, num_heads=2, num_mel_bins=32, bottleneck=8,
-                        batch_size=16, pretrain_epochs=1, epochs=1),
+                        pretrain_batch_size=16, batch_size=16, pretrain_epochs=1, epochs=1),
 }
 """``full`` makes the committed artifacts; ``tiny`` exercises every step in seconds (tests)."""
 
@@ -144,9 +145,9 @@ def feature_stats(root: Path, cfg: BuildConfig, limit: int = 1000) -> tuple[floa
 
 
 def recipe(cfg: BuildConfig, name: str, lr: float, epochs: int, mean: float, std: float,
-           warmup_steps: int = 0) -> Recipe:
+           batch_size: int, warmup_steps: int = 0) -> Recipe:
     return Recipe(name=name, target_length=cfg.target_length, mean=mean, std=std, lr=lr,
-                  epochs=epochs, batch_size=cfg.batch_size, freqm=cfg.freqm, timem=cfg.timem,
+                  epochs=epochs, batch_size=batch_size, freqm=cfg.freqm, timem=cfg.timem,
                   loss="ce", metric="acc", warmup=warmup_steps > 0,
                   warmup_steps=max(1, warmup_steps), warmup_every=1,
                   lr_scheduler_start=max(1, epochs // 2), lr_scheduler_step=1,
@@ -240,11 +241,12 @@ def _build(cfg: BuildConfig, workdir: Path, assets: Path, docs: str | Path | Non
     t = time.perf_counter()
     mean, std = feature_stats(folders[UPSTREAM], cfg)
     up = load_folder(folders[UPSTREAM])
-    steps_per_epoch = -(-sum(e.split == "train" for e in up.examples) // cfg.batch_size)
+    steps_per_epoch = -(-sum(e.split == "train" for e in up.examples)
+                        // cfg.pretrain_batch_size)
     torch.manual_seed(cfg.seed)
     fresh = xavier_init(AST(cfg.backbone_config()))
     pre_rec = recipe(cfg, "demo-pretrain", cfg.pretrain_lr, cfg.pretrain_epochs, mean, std,
-                     warmup_steps=steps_per_epoch)
+                     cfg.pretrain_batch_size, warmup_steps=steps_per_epoch)
     log.info("pretraining a %d-wide, %d-block AST on %d upstream classes", cfg.embed_dim,
              cfg.depth, up.num_classes)
     pre = train("folder", folders[UPSTREAM], fresh, "full", workdir / "pretrained.safetensors",
@@ -254,7 +256,10 @@ def _build(cfg: BuildConfig, workdir: Path, assets: Path, docs: str | Path | Non
     pretrain = {"classes": up.num_classes, "train_clips": up.counts()["train"],
                 "valid_clips": up.counts()["valid"], "epochs": cfg.pretrain_epochs,
                 "best_epoch": pre.best_epoch, "valid_acc": pre.valid["acc"],
-                "params": pre.total_params, "seconds": times["pretrain_s"]}
+                "params": pre.total_params, "seconds": times["pretrain_s"],
+                "epoch_seconds": sum(h["epoch_time_s"] for h in pre.history)}
+    # A rerun in the same workdir resumes finished runs; say so rather than under-report.
+    pretrain["resumed"] = pretrain["epoch_seconds"] > times["pretrain_s"]
 
     backbone_dir = export_backbone(pre.out_path, workdir / "backbone", fp16=cfg.fp16)
     backbone = load_checkpoint(backbone_dir).backbone  # the weights a server will load
@@ -267,7 +272,8 @@ def _build(cfg: BuildConfig, workdir: Path, assets: Path, docs: str | Path | Non
         results[task] = {}
         for method in methods:
             t = time.perf_counter()
-            rec = recipe(cfg, f"demo-{task}-{method}", cfg.lr[method], cfg.epochs, mean, std)
+            rec = recipe(cfg, f"demo-{task}-{method}", cfg.lr[method], cfg.epochs, mean, std,
+                         cfg.batch_size)
             out = workdir / "out" / f"{task}-{method}.safetensors"
             log.info("training %s with %s", task, method)
             res = train("folder", folders[task], backbone, method, out, task=task, recipe=rec,

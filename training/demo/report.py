@@ -18,6 +18,27 @@ def _mins(s: float) -> str:
     return f"{s / 60:.1f} min"
 
 
+def _targets(s: dict[str, Any]) -> str:
+    from training.demo.build import check_targets
+
+    if not all("head" in r and "aat_ms" in r for r in s["results"].values()):
+        return "(Not checked: a partial build.)"
+    misses = check_targets(s)
+    return "All met." if not misses else "Missed: " + "; ".join(misses) + "."
+
+
+def _timing(times: dict[str, float], pre: dict[str, Any]) -> str:
+    if not pre.get("resumed"):
+        return (f"Build time **{_mins(times['total_s'])}** (synthesis "
+                f"{_mins(times['synthesis_s'])}, pretraining {_mins(times['pretrain_s'])}).")
+    scratch = times["total_s"] - times["pretrain_s"] + pre["epoch_seconds"]
+    return (f"Build time from scratch about **{_mins(scratch)}**: this run took "
+            f"{_mins(times['total_s'])} (synthesis {_mins(times['synthesis_s'])}) because it "
+            f"resumed a finished pretraining run from its run directory, whose "
+            f"{pre['epochs']} epochs had taken {_mins(pre['epoch_seconds'])} of training "
+            "(validation passes not counted).")
+
+
 def render_report(s: dict[str, Any]) -> str:
     """Markdown for a build summary (``build.json``)."""
     cfg, res, pre, times = s["config"], s["results"], s["pretrain"], s["times"]
@@ -40,8 +61,7 @@ def render_report(s: dict[str, Any]) -> str:
         "",
         f"Seed {s['seed']}; {s['threads']} CPU threads, torch {s['torch']}; "
         f"{s['tools'].get('espeak-ng', '?')}; {s['tools'].get('sox', '?')}. "
-        f"Build time **{_mins(times['total_s'])}** (synthesis {_mins(times['synthesis_s'])}, "
-        f"pretraining {_mins(times['pretrain_s'])}).",
+        + _timing(times, pre),
         "",
         "1. **Corpus.** Spoken words: espeak-ng's eight English voices, each combined with a voice",
         "   variant (`en-us+klatt3`), random speed (130-210 wpm), pitch and amplitude; sox trims,",
@@ -91,6 +111,9 @@ def render_report(s: dict[str, Any]) -> str:
         + "; ".join(f"{t}: " + ", ".join(f"{m} {res[t][m]['seconds']:.0f}" for m in methods)
                     for t in tasks)
         + ".",
+        "",
+        "Targets: AAT^MS at least 90% on each spoken task, and above head-only on every "
+        "task. " + _targets(s),
         "",
         "## Artifacts",
         "",
