@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -24,24 +23,10 @@ from adapters.bundle import TaskBundle, check_task_name
 from adapters.checkpoints import build_backbone, checkpoint_filter_fn, to_original_state_dict
 from adapters.config import BackboneConfig, FeatureConfig
 from adapters.errors import BundleError, CheckpointError
+from adapters.fileio import atomic_write
 from adapters.model import AudioClassifier
 
 MODEL_FORMAT = "aat-model/1"
-
-
-def _write_atomic(path: Path, data: bytes) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def save_model_checkpoint(model: AudioClassifier, path: str | os.PathLike, *, task: str,
@@ -63,7 +48,7 @@ def save_model_checkpoint(model: AudioClassifier, path: str | os.PathLike, *, ta
                 "recipe": dict(recipe or {}), "metrics": dict(metrics or {}),
                 "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     meta = {"format": MODEL_FORMAT, "manifest": json.dumps(manifest, sort_keys=True)}
-    return _write_atomic(Path(path), st_save(tensors, metadata=meta))
+    return atomic_write(path, st_save(tensors, metadata=meta))
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:

@@ -39,6 +39,7 @@ from adapters.bundle import TaskBundle
 from adapters.checkpoints import checkpoint_filter_fn
 from adapters.config import FeatureConfig
 from adapters.errors import ConfigError
+from adapters.fileio import atomic_write
 from adapters.model import AudioClassifier, count_trainable
 from training.data.base import Example
 from training.dataset import Augment, ClipDataset, EpochSampler
@@ -125,11 +126,8 @@ def _json_safe(x: Any) -> Any:
 
 
 def write_json(path: Path, data: Any) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(_json_safe(data), f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
+    """Atomically write ``data`` as JSON (non-finite floats become null)."""
+    atomic_write(path, (json.dumps(_json_safe(data), indent=2, sort_keys=True) + "\n").encode())
 
 
 def _digest(examples: list[Example]) -> dict[str, Any]:
