@@ -9,14 +9,14 @@ One run, on one machine, measures (all with random weights; nothing is downloade
   change in machine load hits every variant alike. A parity check first confirms that
   transformers and our model compute the same logits (fp32, a head-only task).
 - top-1 agreement of bf16 against fp32 on random inputs over the 4 tasks' heads;
-- memory of S resident ``aat_ms`` tasks (S = 1, 10, 100): tensor bytes, and process RSS (or
-  CUDA allocator) growth and peak while loading and classifying.
+- memory of S resident ``aat_ms`` tasks (S = 1, 10, 100): tensor bytes, and the growth of the
+  process (RSS, or the CUDA allocator) now and at its peak, each S in a fresh child process
+  (``adapters.benchmarks.memory``).
 """
 
 from __future__ import annotations
 
 import copy
-import gc
 import json
 import tempfile
 from collections.abc import Callable
@@ -28,6 +28,7 @@ import torch
 from tqdm import tqdm
 
 from adapters.backbone import AST
+from adapters.benchmarks import memory
 from adapters.benchmarks.common import interleaved, machine, median, table
 from adapters.bundle import Manifest, TaskBundle, expected_tensor_shapes
 from adapters.config import AdapterConfig, BackboneConfig, FeatureConfig
@@ -227,71 +228,12 @@ def _agreement(cfg: ModelBenchConfig, models: dict[str, MultiTaskModel], tasks: 
     return res
 
 
-def _rss_bytes() -> int | None:
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * 4096
-    except OSError:
-        return None
-
-
-def _peak_rss_reset() -> bool:
-    try:  # "5" resets VmHWM, the peak resident set size (Linux >= 4.0)
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak_rss_bytes() -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def _memory(cfg: ModelBenchConfig, backbone: AST, fingerprint: str, device: torch.device,
-            bar: tqdm) -> list[dict[str, Any]]:
+def _memory(cfg: ModelBenchConfig, device: torch.device, bar: tqdm) -> list[dict[str, Any]]:
     rows = []
-    mb = 1 / 2**20
-    x = torch.randn(8, CLIPS["1s"], cfg.backbone.num_mel_bins)
-    for dtype, name in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
+    for dtype in ("fp32", "bf16"):
         for s in cfg.memory_tasks:
-            bar.set_description(f"memory {name} S={s}")
-            gc.collect()
-            cuda = device.type == "cuda"
-            if cuda:
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats(device)
-                base = torch.cuda.memory_allocated(device)
-            else:
-                base = _rss_bytes()
-                has_peak = _peak_rss_reset()
-            model = MultiTaskModel(copy.deepcopy(backbone), max_tasks=s, dtype=dtype,
-                                   device=device, fingerprint=fingerprint,
-                                   bottleneck=cfg.bottleneck)
-            for i in range(s):
-                model.load_task(random_bundle(backbone, fingerprint, f"t{i}", "aat_ms",
-                                              TASK_CLASSES[i % 4], cfg.bottleneck, seed=1000 + i))
-            model.classify(x, [f"t{i % s}" for i in range(8)])
-            sizes = model.memory_bytes()
-            row = {"dtype": name, "tasks": s, "backbone_mb": sizes["backbone"] * mb,
-                   "pools_mb": sizes["pools"] * mb, "heads_mb": sizes["tasks"] * mb,
-                   "per_task_mb": (sizes["pools"] + sizes["tasks"]) / s * mb}
-            if cuda:
-                row["allocated_mb"] = (torch.cuda.memory_allocated(device) - base) * mb
-                row["peak_mb"] = (torch.cuda.max_memory_allocated(device) - base) * mb
-            elif base is not None:
-                row["rss_growth_mb"] = (_rss_bytes() - base) * mb
-                peak = _peak_rss_bytes() if has_peak else None
-                row["peak_rss_growth_mb"] = (peak - base) * mb if peak else None
-            rows.append(row)
-            del model
+            bar.set_description(f"memory {dtype} S={s}")
+            rows.append(memory.measure_in_child(s, dtype, cfg.quick, str(device)))
             bar.update(1)
     return rows
 
@@ -335,7 +277,7 @@ def run_model_bench(cfg: ModelBenchConfig) -> dict[str, Any]:
         bar.set_description("bf16 agreement")
         agreement = _agreement(cfg, models, tasks, bar)
         del models, hf
-        memory = _memory(cfg, backbone, fingerprint, device, bar)
+        memory = _memory(cfg, device, bar)
     ratios = _ratios(rows, len(tasks))
     report = {"machine": {**machine(device), "load_average_before": load_before},
               "config": {**asdict(cfg), "backbone": cfg.backbone.to_dict(),
@@ -388,8 +330,8 @@ def format_report(report: dict[str, Any]) -> str:
         return "-" if v is None else f"{v:.1f}"
 
     mem = [[r["dtype"], r["tasks"], f"{r['backbone_mb']:.1f}", f"{r['pools_mb']:.1f}",
-            f"{r['per_task_mb']:.2f}", mb(r, "rss_growth_mb", "allocated_mb"),
-            mb(r, "peak_rss_growth_mb", "peak_mb")] for r in report["memory"]]
+            f"{r['per_task_mb']:.2f}", mb(r, "growth_mb"), mb(r, "peak_growth_mb")]
+           for r in report["memory"]]
     lines += ["", table(mem, ["dtype", "tasks", "backbone MB", "pools MB", "MB/task",
                               "growth MB", "peak MB"]), ""]
     for t in report["targets"]:
