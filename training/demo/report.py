@@ -28,15 +28,17 @@ def _targets(s: dict[str, Any]) -> str:
 
 
 def _timing(times: dict[str, float], pre: dict[str, Any]) -> str:
+    syn = times["synthesis_s"]
+    reused = " (the clips were already on disk)" if syn < 60 else ""
     if not pre.get("resumed"):
-        return (f"Build time **{_mins(times['total_s'])}** (synthesis "
-                f"{_mins(times['synthesis_s'])}, pretraining {_mins(times['pretrain_s'])}).")
+        return (f"Build time **{_mins(times['total_s'])}** (synthesis {_mins(syn)}{reused}, "
+                f"pretraining {_mins(times['pretrain_s'])}).")
     scratch = times["total_s"] - times["pretrain_s"] + pre["epoch_seconds"]
-    return (f"Build time from scratch about **{_mins(scratch)}**: this run took "
-            f"{_mins(times['total_s'])} (synthesis {_mins(times['synthesis_s'])}) because it "
+    return (f"This run took {_mins(times['total_s'])}: synthesis {_mins(syn)}{reused}, and it "
             f"resumed a finished pretraining run from its run directory, whose "
             f"{pre['epochs']} epochs had taken {_mins(pre['epoch_seconds'])} of training "
-            "(validation passes not counted).")
+            f"(validation passes not counted). From scratch: about **{_mins(scratch)}**"
+            + (" plus the synthesis." if reused else "."))
 
 
 def render_report(s: dict[str, Any]) -> str:
@@ -59,7 +61,7 @@ def render_report(s: dict[str, Any]) -> str:
         s["command"],
         "```",
         "",
-        f"Seed {s['seed']}; {s['threads']} CPU threads, torch {s['torch']}; "
+        f"Seed {s['seed']}; torch {s['torch']} with {s['threads']} thread(s); "
         f"{s['tools'].get('espeak-ng', '?')}; {s['tools'].get('sox', '?')}. "
         + _timing(times, pre),
         "",
@@ -136,7 +138,7 @@ def render_report(s: dict[str, Any]) -> str:
         "",
         "```bash",
         ".venv/bin/aat serve &",
-        "espeak-ng -v en-us+klatt --stdout seven > seven.wav",
+        "espeak-ng -v en-us+klatt -w seven.wav seven",
         "curl -s --data-binary @seven.wav http://127.0.0.1:8000/classify/digits",
         "```",
         "",
