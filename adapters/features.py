@@ -32,6 +32,7 @@ MAX_RESAMPLE_RATIO_TERM = 1_000
 """Resampling cost grows with rate / gcd(rate, target); rates whose reduced ratio exceeds this
 (e.g. 44101 Hz) are resampled as the nearest rate that reduces well (pitch error <= 0.1 %)."""
 _BLOCK_SAMPLES = 1 << 22  # samples (frames x channels) decoded per read
+_STREAMING_DATA_SIZE = 0x7FFF0000  # WAV data sizes from here up are streaming placeholders
 _UNKNOWN_FRAMES = 1 << 62  # libsndfile reports SF_COUNT_MAX when a stream's length is unknown
 _FORMATS = "WAV, FLAC, OGG/Vorbis or MP3"
 MP3_SUPPORTED = "MP3" in sf.available_formats()
@@ -90,7 +91,9 @@ def _check_riff_complete(fh: BinaryIO, name: str) -> None:
     """Refuse a WAV whose ``data`` chunk declares more bytes than the file holds.
 
     libsndfile silently shortens such files; a truncated upload should be an error instead.
-    Sizes 0 and 0xFFFFFFFF mean "unknown" (streaming writers, RF64) and are accepted.
+    Sizes 0 and from 0x7FFF0000 up mean "unknown" and are accepted: streaming writers that
+    cannot seek back put a placeholder there (RF64 and sox write 0xFFFFFFFF, ``espeak-ng
+    --stdout`` 0x7FFFF000), and no real upload comes near 2 GiB.
     """
     fh.seek(0, io.SEEK_END)
     total = fh.tell()
@@ -107,7 +110,7 @@ def _check_riff_complete(fh: BinaryIO, name: str) -> None:
         cid, size = chunk[:4], struct.unpack("<I", chunk[4:])[0]
         if cid == b"data":
             available = total - (pos + 8)
-            if size not in (0, 0xFFFFFFFF) and size > available:
+            if 0 < size < _STREAMING_DATA_SIZE and size > available:
                 raise AudioError(
                     f"{name} is truncated: its WAV header declares {size} bytes of samples but "
                     f"only {available} are present")

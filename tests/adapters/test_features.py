@@ -390,11 +390,17 @@ def test_truncated_wav():
     assert F.decode_audio(data)[0].shape == (16000, 1)  # the complete file decodes
 
 
-def test_wav_with_unknown_data_size_is_accepted():
+@pytest.mark.parametrize("size", [0xFFFFFFFF, 0x7FFFF000, 0x7FFF0000])
+def test_wav_with_unknown_data_size_is_accepted(size):
+    """Streaming writers' placeholders: RF64/sox 0xFFFFFFFF, ``espeak-ng --stdout`` 0x7FFFF000."""
     data = bytearray(_encode(_sine(440, 16000, 0.1), 16000, "WAV", "PCM_16"))
     assert data[36:40] == b"data"
-    data[40:44] = struct.pack("<I", 0xFFFFFFFF)  # what streaming writers put there
+    data[40:44] = struct.pack("<I", size)
     assert F.decode_audio(bytes(data))[0].shape == (1600, 1)
+    # Just below the placeholder range a declared size is checked (and refused) again.
+    data[40:44] = struct.pack("<I", 0x7FFEFFFF)
+    with pytest.raises(AudioError, match="is truncated"):
+        F.decode_audio(bytes(data))
 
 
 def test_truncated_flac():
