@@ -471,7 +471,7 @@ def test_no_manifest_carries_a_secret_value():
 # ---- docs ------------------------------------------------------------------------------------
 
 def test_docs_table_lists_every_setting_with_its_default():
-    text = (ROOT / "docs" / "deploy.md").read_text()
+    text = (ROOT / "README.md").read_text()
     rows = dict(re.findall(r"^\| `(AAT_[A-Z_]+)` \| ([^|]+) \|", text, re.M))
     assert set(rows) == FIELDS
     for name, field in Settings.model_fields.items():
