@@ -65,6 +65,9 @@ def register_model_bench(sub: argparse._SubParsersAction) -> None:
                         "10-s clips; quick 8)")
     p.add_argument("--memory-tasks", help="resident task counts (default 1,10,100; quick 1,3)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--runtime", choices=["torch", "onnxruntime"], default="torch",
+                   help="onnxruntime: also time the ONNX Runtime backbone (fp32) beside torch, "
+                        "variants 'ort-*' and the ratio ort_vs_torch_fp32")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=run_model_bench)
 
@@ -84,7 +87,8 @@ def run_model_bench(args: argparse.Namespace) -> int:
         quick=args.quick, device=args.device, clips=clips,
         batches=_ints(args.batches, "--batches"),
         rounds=args.rounds or (1 if args.quick else 3), agreement_clips=agreement,
-        memory_tasks=_ints(memory, "--memory-tasks"))
+        memory_tasks=_ints(memory, "--memory-tasks"),
+        runtimes=("torch", "onnxruntime") if args.runtime == "onnxruntime" else ("torch",))
     report = model.run_model_bench(cfg)
     print(model.to_json(report) if args.json else model.format_report(report))
     return 0

@@ -42,7 +42,8 @@ QUICK = BackboneConfig(embed_dim=64, depth=2, num_heads=2, mlp_hidden=256, norm_
                        head_norm_eps=1e-6)
 CLIPS = {"1s": 100, "10s": 1024}  # frames (10 ms hop); 1024 is AST's 10-s input
 TASK_CLASSES = (50, 35, 10, 527)  # ESC-50, Speech Commands, GTZAN and AudioSet-sized heads
-TARGETS = {"mixed4_vs_single": 0.95, "fp32_vs_hf": 1.0, "bf16_vs_hf": 1.8, "top1": 0.99}
+TARGETS = {"mixed4_vs_single": 0.95, "fp32_vs_hf": 1.0, "bf16_vs_hf": 1.8, "top1": 0.99,
+           "ort_vs_torch_fp32": 1.3}
 
 
 @dataclass
@@ -56,6 +57,8 @@ class ModelBenchConfig:
     rounds: int = 3
     agreement_clips: dict[str, int] = field(default_factory=lambda: {"1s": 256, "10s": 32})
     memory_tasks: tuple[int, ...] = (1, 10, 100)
+    runtimes: tuple[str, ...] = ("torch",)
+    """``onnxruntime`` adds the ONNX Runtime backbone (fp32) beside torch, in the same run."""
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -67,6 +70,10 @@ class ModelBenchConfig:
             raise ConfigError("rounds and batch sizes must be at least 1")
         if any(s < 1 for s in self.memory_tasks):
             raise ConfigError("memory task counts must be at least 1")
+        bad = [r for r in self.runtimes if r not in ("torch", "onnxruntime")]
+        if bad or "torch" not in self.runtimes:
+            raise ConfigError(f"runtimes must include torch and be torch or onnxruntime, got "
+                              f"{', '.join(self.runtimes)}")
 
     @property
     def backbone(self) -> BackboneConfig:
@@ -190,12 +197,15 @@ def _ratios(rows: list[dict[str, Any]], n_tasks: int) -> dict[str, dict[str, flo
             return by.get((clip, b, v))
         r: dict[str, float] = {}
         hf = get("hf-fp32")
-        for dt in ("fp32", "bf16"):
+        for dt in ("fp32", "bf16", "ort"):
             single, mixed = get(f"{dt}-single"), get(f"{dt}-mixed{n_tasks}")
             if single and hf:
                 r[f"{dt}_vs_hf"] = round(single / hf, 3)
             if single and mixed:
                 r[f"mixed{n_tasks}_vs_single_{dt}"] = round(mixed / single, 3)
+        ort, fp32 = get("ort-single"), get("fp32-single")
+        if ort and fp32:
+            r["ort_vs_torch_fp32"] = round(ort / fp32, 3)
         out[f"{clip}-b{b}"] = r
     return out
 
@@ -259,6 +269,19 @@ def run_model_bench(cfg: ModelBenchConfig) -> dict[str, Any]:
                                       bottleneck=cfg.bottleneck)
         for b in [*bundles, parity]:
             models[name].load_task(b)
+    if "onnxruntime" in cfg.runtimes:
+        from adapters.onnx_runtime import OrtMultiTaskModel
+
+        providers = (["CUDAExecutionProvider", "CPUExecutionProvider"] if device.type == "cuda"
+                     else ["CPUExecutionProvider"])
+        models["ort"] = OrtMultiTaskModel(copy.deepcopy(backbone), max_tasks=8,
+                                          fingerprint=fingerprint, bottleneck=cfg.bottleneck,
+                                          providers=providers)
+        for b in [*bundles, parity]:
+            models["ort"].load_task(b)
+        for clip in cfg.clips:  # build each graph before timing (export is a one-off)
+            models["ort"].classify(torch.zeros(1, CLIPS[clip], cfg.backbone.num_mel_bins),
+                                   ["parity"])
 
     parity_diff = {}
     g = torch.Generator().manual_seed(cfg.seed + 2)
@@ -269,7 +292,7 @@ def run_model_bench(cfg: ModelBenchConfig) -> dict[str, Any]:
             theirs = hf[clip](input_values=x.to(device)).logits.float().cpu()
         parity_diff[clip] = float((ours - theirs).abs().max())
 
-    n_variants = sum(1 + 2 + (2 if b >= len(tasks) else 0) for b in cfg.batches)
+    n_variants = sum(1 + len(models) * (2 if b >= len(tasks) else 1) for b in cfg.batches)
     steps = (len(cfg.clips) * n_variants * (cfg.rounds + 1)
              + sum(-(-n // 8) for c, n in cfg.agreement_clips.items() if c in cfg.clips)
              + 2 * len(cfg.memory_tasks))

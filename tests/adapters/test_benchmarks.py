@@ -22,7 +22,7 @@ def report():
     with contextlib.redirect_stdout(buf):
         code = aat(["bench", "model", "--quick", "--device", "cpu", "--clips", "1s",
                     "--batches", "1,4", "--memory-tasks", "1,2", "--agreement-clips", "8",
-                    "--json"])
+                    "--runtime", "onnxruntime", "--json"])
     assert code == 0
     return json.loads(buf.getvalue())
 
@@ -36,7 +36,8 @@ def test_throughput_rows_and_ratios(report):
     rows = {(r["batch"], r["variant"]): r for r in report["throughput"]}
     assert set(rows) == {(1, "hf-fp32"), (1, "fp32-single"), (1, "bf16-single"),
                          (4, "hf-fp32"), (4, "fp32-single"), (4, "bf16-single"),
-                         (4, "fp32-mixed4"), (4, "bf16-mixed4")}
+                         (4, "fp32-mixed4"), (4, "bf16-mixed4"),
+                         (1, "ort-single"), (4, "ort-single"), (4, "ort-mixed4")}
     for (b, _), r in rows.items():
         assert r["clips_per_s"] == pytest.approx(b / min(r["runs_s"]))
         assert len(r["runs_s"]) == 1 and r["best_s"] == r["median_s"] > 0
@@ -45,6 +46,8 @@ def test_throughput_rows_and_ratios(report):
     assert ratios["fp32_vs_hf"] == round(rows[(4, "fp32-single")]["clips_per_s"] / hf, 3)
     assert ratios["mixed4_vs_single_bf16"] == round(
         rows[(4, "bf16-mixed4")]["clips_per_s"] / rows[(4, "bf16-single")]["clips_per_s"], 3)
+    assert ratios["ort_vs_torch_fp32"] == round(
+        rows[(4, "ort-single")]["clips_per_s"] / rows[(4, "fp32-single")]["clips_per_s"], 3)
     assert "mixed4_vs_single_fp32" not in report["ratios"]["1s-b1"]  # one clip cannot mix
     for t in report["targets"]:
         assert t["met"] == (t["value"] >= t["target"])
