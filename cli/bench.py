@@ -68,6 +68,9 @@ def register_model_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--runtime", choices=["torch", "onnxruntime"], default="torch",
                    help="onnxruntime: also time the ONNX Runtime backbone (fp32) beside torch, "
                         "variants 'ort-*' and the ratio ort_vs_torch_fp32")
+    p.add_argument("--glibc-defaults", action="store_true",
+                   help="keep glibc's malloc defaults (by default freed memory is kept for "
+                        "reuse, for the baseline and our model alike)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=run_model_bench)
 
@@ -88,7 +91,8 @@ def run_model_bench(args: argparse.Namespace) -> int:
         batches=_ints(args.batches, "--batches"),
         rounds=args.rounds or (1 if args.quick else 3), agreement_clips=agreement,
         memory_tasks=_ints(memory, "--memory-tasks"),
-        runtimes=("torch", "onnxruntime") if args.runtime == "onnxruntime" else ("torch",))
+        runtimes=("torch", "onnxruntime") if args.runtime == "onnxruntime" else ("torch",),
+        keep_freed_memory=not args.glibc_defaults)
     report = model.run_model_bench(cfg)
     print(model.to_json(report) if args.json else model.format_report(report))
     return 0

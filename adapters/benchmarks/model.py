@@ -35,6 +35,7 @@ from adapters.benchmarks.common import interleaved, machine, median, table
 from adapters.bundle import Manifest, TaskBundle, expected_tensor_shapes
 from adapters.config import AdapterConfig, BackboneConfig, FeatureConfig
 from adapters.errors import ConfigError
+from adapters.kernels.cpu import keep_freed_memory
 from adapters.multitask import MultiTaskModel
 
 FULL = BackboneConfig(norm_eps=1e-6, head_norm_eps=1e-6)  # AST ViT-B/16, stride 10
@@ -59,6 +60,9 @@ class ModelBenchConfig:
     memory_tasks: tuple[int, ...] = (1, 10, 100)
     runtimes: tuple[str, ...] = ("torch",)
     """``onnxruntime`` adds the ONNX Runtime backbone (fp32) beside torch, in the same run."""
+    keep_freed_memory: bool = True
+    """glibc keeps freed blocks for reuse (``adapters.kernels.cpu.keep_freed_memory``), for the
+    whole process: the baseline and our model alike."""
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -253,6 +257,7 @@ def _memory(cfg: ModelBenchConfig, device: torch.device, bar: tqdm) -> list[dict
 def run_model_bench(cfg: ModelBenchConfig) -> dict[str, Any]:
     """Run every measurement and return the report (see the module docstring)."""
     device = resolve_device(cfg.device)
+    malloc_tuned = keep_freed_memory() if cfg.keep_freed_memory else False
     torch.manual_seed(cfg.seed)
     backbone = AST(cfg.backbone).eval().requires_grad_(False)
     fingerprint = backbone.fingerprint()
@@ -304,7 +309,8 @@ def run_model_bench(cfg: ModelBenchConfig) -> dict[str, Any]:
         del models, hf
         memory = _memory(cfg, device, bar)
     ratios = _ratios(rows, len(tasks))
-    report = {"machine": {**machine(device), "load_average_before": load_before},
+    report = {"machine": {**machine(device), "load_average_before": load_before,
+                          "glibc_keeps_freed_memory": malloc_tuned},
               "config": {**asdict(cfg), "backbone": cfg.backbone.to_dict(),
                          "device": str(device), "tasks": dict(zip(tasks, TASK_CLASSES,
                                                                   strict=True))},
@@ -334,7 +340,8 @@ def format_report(report: dict[str, Any]) -> str:
     m = report["machine"]
     lines = [f"aat bench model on {m.get('gpu') or m['cpu']} ({m['cpu_count']} CPUs, "
              f"{m['torch_threads']} torch threads, torch {m['torch']}), load average "
-             f"{m['load_average_before']} -> {m['load_average']}",
+             f"{m['load_average_before']} -> {m['load_average']}, glibc keeps freed memory: "
+             f"{m.get('glibc_keeps_freed_memory')}",
              "transformers parity (max |logit diff|, fp32): " + ", ".join(
                  f"{k} {v:.2e}" for k, v in report["parity_max_abs_diff"].items()), ""]
     rows = [[r["clip"], r["batch"], r["variant"], f"{r['clips_per_s']:.2f}",

@@ -9,7 +9,10 @@ the fp32 MLP GEMMs about a quarter faster than ``F.linear``'s BLAS. oneDNN is sl
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import functools
+import platform
 
 import torch
 from torch.nn import functional as F
@@ -42,3 +45,29 @@ def linear_add(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
     if _use_onednn(x, w) and residual.dtype == x.dtype and residual.is_contiguous():
         return torch.ops.mkldnn._linear_pointwise.binary(x, residual, w, b, "add")
     return torch.addmm(residual if b is None else residual + b, x, w.t())
+
+
+# glibc mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc keep freed blocks for reuse instead of returning them to the OS.
+
+    Every torch op allocates its output; with glibc's defaults, blocks of a few MB are mapped
+    fresh and unmapped on free, so each op pays page faults for its output (costly in a VM:
+    see docs/benchmarks.md). This raises the mmap threshold to
+    1 GiB and the trim threshold to 1 GiB for the whole process, so the resident set stays at
+    its high-water mark. A process-wide choice for servers and benchmarks to make (nothing in
+    ``adapters`` calls it). Returns False where it does not apply (not glibc).
+    """
+    name = ctypes.util.find_library("c")
+    if not name or platform.system() != "Linux":
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+        return all(libc.mallopt(p, v) == 1 for p, v in (
+            (_M_MMAP_THRESHOLD, 1 << 30), (_M_TRIM_THRESHOLD, 1 << 30), (_M_TOP_PAD, 1 << 28)))
+    except (OSError, AttributeError):
+        return False
