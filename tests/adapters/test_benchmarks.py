@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -22,7 +24,7 @@ def report():
     with contextlib.redirect_stdout(buf):
         code = aat(["bench", "model", "--quick", "--device", "cpu", "--clips", "1s",
                     "--batches", "1,4", "--memory-tasks", "1,2", "--agreement-clips", "8",
-                    "--runtime", "onnxruntime", "--json"])
+                    "--runtime", "onnxruntime", "--glibc-defaults", "--json"])
     assert code == 0
     return json.loads(buf.getvalue())
 
@@ -100,3 +102,12 @@ def test_kernel_bench_baselines_compute_the_fused_op():
     torch.testing.assert_close(_eager(x, h, mlp, pool, segs), ref, atol=1e-10, rtol=0)
     torch.testing.assert_close(_widened(x, h, wide, segs), ref, atol=1e-10, rtol=0)
     assert (_mlp_only(x, h, mlp) - ref).abs().max() > 1e-3
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt")
+def test_keep_freed_memory_sets_glibc_thresholds():
+    code = ("from adapters.kernels.cpu import keep_freed_memory as k; import torch; "
+            "print(k()); x = [torch.empty(4 << 20) for _ in range(3)]")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, check=True).stdout
+    assert out.strip() == "True"
