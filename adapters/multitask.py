@@ -436,9 +436,14 @@ class MultiTaskModel(torch.nn.Module):
             groups.append(_Group(clips, ents, mlp, spatial, ents[0] if single else None))
         return groups
 
-    @torch.inference_mode()
     def _run(self, features: torch.Tensor, entries: Sequence[_Entry | None],
              pools: _Pools) -> list[torch.Tensor]:
+        # The dtypes are this model's own choice: a caller's autocast must not change them.
+        with torch.inference_mode(), torch.autocast(self.device.type, enabled=False):
+            return self._run_groups(features, entries, pools)
+
+    def _run_groups(self, features: torch.Tensor, entries: Sequence[_Entry | None],
+                    pools: _Pools) -> list[torch.Tensor]:
         out: list[torch.Tensor | None] = [None] * len(entries)
         if not entries:
             return []

@@ -298,6 +298,9 @@ def test_bf16_mode_tracks_fp32(base, bundles):
     x = torch.randn(10, 64, 32)
     tasks = [name for name in bundles for _ in range(2)]
     a, b = fp32.classify(x, tasks), bf16.classify(x, tasks)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # a caller's autocast changes nothing
+        for la, lc in zip(a, fp32.classify(x, tasks), strict=True):
+            torch.testing.assert_close(lc, la, atol=ATOL, rtol=0)
     for la, lb in zip(a, b, strict=True):
         assert lb.dtype == torch.float32
         assert not torch.equal(la, lb)  # really computed in bf16
