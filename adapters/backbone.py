@@ -58,6 +58,16 @@ def resample_pos_grid(
     return grid.permute(0, 2, 3, 1).reshape(1, f * t, d).to(dtype)
 
 
+def insert_prompts(h: torch.Tensor, prompts: torch.Tensor, n: int) -> torch.Tensor:
+    """Prompt tokens ``(B, P, D)`` inserted right after the ``n`` prefix tokens of ``h``."""
+    return torch.cat([h[:, :n], prompts, h[:, n:]], dim=1)
+
+
+def drop_prompts(h: torch.Tensor, k: int, n: int) -> torch.Tensor:
+    """``h`` without the ``k`` prompt tokens that follow its ``n`` prefix tokens."""
+    return torch.cat([h[:, :n], h[:, n + k:]], dim=1)
+
+
 class PatchEmbed(nn.Module):
     """Conv patch embedding of a 1-channel spectrogram with separate f/t strides."""
 
@@ -155,6 +165,12 @@ class AST(nn.Module):
     def num_prefix_tokens(self) -> int:
         return self.cfg.num_prefix_tokens
 
+    def prefix_tokens(self) -> torch.Tensor:
+        """The cls (and dist) tokens, ``(1, n_prefix, D)``."""
+        if self.dist_token is None:
+            return self.cls_token
+        return torch.cat([self.cls_token, self.dist_token], dim=1)
+
     def pos_embed_for(self, grid: tuple[int, int]) -> torch.Tensor:
         """Positional embedding (prefix tokens + patches) for a patch grid."""
         n = self.num_prefix_tokens
@@ -169,10 +185,7 @@ class AST(nn.Module):
                 f"got {tuple(x.shape)}")
         grid = self.cfg.grid(x.shape[1])
         tokens = self.patch_embed(x)
-        prefix = [self.cls_token.expand(x.shape[0], -1, -1)]
-        if self.dist_token is not None:
-            prefix.append(self.dist_token.expand(x.shape[0], -1, -1))
-        tokens = torch.cat([*prefix, tokens], dim=1)
+        tokens = torch.cat([self.prefix_tokens().expand(x.shape[0], -1, -1), tokens], dim=1)
         return tokens + self.pos_embed_for(grid).to(tokens.dtype)
 
     def pool(self, x: torch.Tensor) -> torch.Tensor:
@@ -189,9 +202,7 @@ class AST(nn.Module):
                 h = block(h)
             else:
                 p = prompts[i].to(h.dtype).unsqueeze(0).expand(h.shape[0], -1, -1)
-                k = p.shape[1]
-                h = block(torch.cat([h[:, :n], p, h[:, n:]], dim=1))
-                h = torch.cat([h[:, :n], h[:, n + k:]], dim=1)
+                h = drop_prompts(block(insert_prompts(h, p, n)), p.shape[1], n)
         return self.pool(h)
 
     def frozen_state_dict(self) -> dict[str, torch.Tensor]:

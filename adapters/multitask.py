@@ -46,7 +46,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
-from adapters.backbone import AST, Block
+from adapters.backbone import AST, Block, drop_prompts, insert_prompts
 from adapters.bundle import Manifest, TaskBundle
 from adapters.errors import BundleError, ConfigError, SlotsFullError, UnknownTaskError
 from adapters.kernels import cpu
@@ -476,13 +476,13 @@ class MultiTaskModel(torch.nn.Module):
             row_slots = self._row_slots(g, h.shape[1] + p) if self.backend != "segments" else None
             for i, blk in enumerate(bb.blocks):
                 if prompts is not None:
-                    h = torch.cat([h[:, :n], prompts[:, i], h[:, n:]], dim=1)
+                    h = insert_prompts(h, prompts[:, i], n)
                 if row_slots is None:
                     h = self._block_segments(i, blk, h, g, pools, widened)
                 else:
                     h = self._block_fused(i, blk, h, pools, *row_slots)
                 if prompts is not None:
-                    h = torch.cat([h[:, :n], h[:, n + p:]], dim=1)
+                    h = drop_prompts(h, p, n)
         finally:
             if widened:
                 self._widened.lock.release()

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from adapters.backbone import AST, Block
+from adapters.backbone import AST, Block, drop_prompts, insert_prompts
 from adapters.errors import ConfigError
 from adapters.model import AudioClassifier
 
@@ -62,40 +62,48 @@ class _WidenedBlock(nn.Module):
         return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
 
 
+class FixedLengthEmbed(nn.Module):
+    """``AST.embed`` for one clip length, with prefix tokens and positions as constants."""
+
+    def __init__(self, backbone: AST, num_frames: int) -> None:
+        super().__init__()
+        self.patch_embed = backbone.patch_embed
+        self.register_buffer("prefix", backbone.prefix_tokens().detach().clone())
+        grid = backbone.cfg.grid(num_frames)
+        self.register_buffer("pos", backbone.pos_embed_for(grid).detach().clone())
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return self.prefix.shape[1]
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        tokens = self.patch_embed(features)
+        return torch.cat([self.prefix.expand(features.shape[0], -1, -1), tokens], 1) + self.pos
+
+
 class ExportableClassifier(nn.Module):
     """A fixed-length, graph-friendly copy of a single-task ``AudioClassifier``."""
 
     def __init__(self, model: AudioClassifier, num_frames: int) -> None:
         super().__init__()
         bb: AST = model.backbone
-        self.cfg = bb.cfg
-        self.num_frames = num_frames
-        self.patch_embed = bb.patch_embed
-        prefix = [bb.cls_token] + ([bb.dist_token] if bb.dist_token is not None else [])
-        self.register_buffer("prefix", torch.cat(prefix, dim=1).detach().clone())
-        grid = bb.cfg.grid(num_frames)
-        self.register_buffer("pos", bb.pos_embed_for(grid).detach().clone())
+        self.embed = FixedLengthEmbed(bb, num_frames)
         prompts = model.prompts.tokens.detach().clone() if model.prompts is not None else None
         self.register_buffer("prompts", prompts)
         self.blocks = nn.ModuleList(_WidenedBlock(b) for b in bb.blocks)
-        self.norm = bb.norm
+        self.backbone = bb  # for ``pool`` (final norm + prefix mean)
         self.head = model.head
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        b = features.shape[0]
-        n = self.prefix.shape[1]
-        tokens = self.patch_embed(features)
-        h = torch.cat([self.prefix.expand(b, -1, -1), tokens], dim=1) + self.pos
+        n = self.embed.num_prefix_tokens
+        h = self.embed(features)
         for i, block in enumerate(self.blocks):
             if self.prompts is None:
                 h = block(h)
             else:
-                p = self.prompts[i].unsqueeze(0).expand(b, -1, -1)
-                k = p.shape[1]
-                h = block(torch.cat([h[:, :n], p, h[:, n:]], dim=1))
-                h = torch.cat([h[:, :n], h[:, n + k:]], dim=1)
-        pooled = self.norm(h)[:, :n].mean(dim=1)
-        return self.head(pooled)
+                p = self.prompts[i].unsqueeze(0).expand(features.shape[0], -1, -1)
+                h = drop_prompts(block(insert_prompts(h, p, n)), p.shape[1], n)
+        return self.head(self.backbone.pool(h))
 
 
 def export_onnx(model: AudioClassifier, out: str | os.PathLike, *, num_frames: int,

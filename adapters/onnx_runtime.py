@@ -33,9 +33,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from adapters.backbone import AST
+from adapters.backbone import AST, drop_prompts, insert_prompts
 from adapters.errors import ConfigError
 from adapters.multitask import MultiTaskModel
+from adapters.onnx_export import FixedLengthEmbed
 
 log = logging.getLogger(__name__)
 
@@ -57,22 +58,18 @@ class _PooledBody(nn.Module):
             block.mlp_adapter = block.spatial_adapter = None
         self.bb = bb
         self.with_prompts = with_prompts
-        self.register_buffer("pos", bb.pos_embed_for(bb.cfg.grid(num_frames)).detach().clone())
-        prefix = [bb.cls_token] + ([bb.dist_token] if bb.dist_token is not None else [])
-        self.register_buffer("prefix", torch.cat(prefix, dim=1).detach().clone())
+        self.embed = FixedLengthEmbed(bb, num_frames)
 
     def forward(self, features, row_task, md_w, md_b, mu_w, mu_b, sd_w, sd_b, su_w, su_b,
                 prompts=None):
-        b = features.shape[0]
-        n = self.prefix.shape[1]
-        h = torch.cat([self.prefix.expand(b, -1, -1), self.bb.patch_embed(features)], 1)
-        h = h + self.pos
+        n = self.embed.num_prefix_tokens
+        h = self.embed(features)
         for i, blk in enumerate(self.bb.blocks):
             k = 0
             if prompts is not None:
                 p = prompts[i].index_select(0, row_task)
                 k = p.shape[1]
-                h = torch.cat([h[:, :n], p, h[:, n:]], dim=1)
+                h = insert_prompts(h, p, n)
             a = blk.attn(blk.norm1(h))
             a = a + _adapter(
                 a, sd_w[i].index_select(0, row_task), sd_b[i].index_select(0, row_task),
@@ -83,8 +80,8 @@ class _PooledBody(nn.Module):
                 z, md_w[i].index_select(0, row_task), md_b[i].index_select(0, row_task),
                 mu_w[i].index_select(0, row_task), mu_b[i].index_select(0, row_task))
             if prompts is not None:
-                h = torch.cat([h[:, :n], h[:, n + k:]], dim=1)
-        return self.bb.norm(h)[:, :n].mean(dim=1)
+                h = drop_prompts(h, k, n)
+        return self.bb.pool(h)
 
 
 @dataclass
