@@ -20,6 +20,7 @@ import torch
 
 from adapters.checkpoints import LoadedCheckpoint, load_checkpoint
 from adapters.config import FeatureConfig
+from adapters.device import onnx_providers, resolve_device
 from adapters.errors import ConfigError
 from adapters.features import fbank, load_audio
 from adapters.multitask import MultiTaskModel
@@ -36,15 +37,6 @@ NO_CHECKPOINT = (
     "no backbone configured: set AAT_CHECKPOINT (or pass --checkpoint) to an AST/SSAST .pth "
     "file or a Hugging Face AST directory, and AAT_BUNDLE_DIR (or --bundle-dir) to the "
     "directory holding the task bundles; or build the embedded demo with `aat demo build`")
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("AAT_DEVICE is 'cuda' but no CUDA device is available; use 'auto' "
-                          "or 'cpu'")
-    return torch.device(name)
 
 
 def with_embedded_defaults(settings: Settings) -> Settings:
@@ -83,10 +75,8 @@ def build_model(settings: Settings, backbone, device: torch.device, dtype: torch
     if settings.runtime == "onnxruntime":
         from adapters.onnx_runtime import OrtMultiTaskModel
 
-        providers = (["CUDAExecutionProvider", "CPUExecutionProvider"] if device.type == "cuda"
-                     else ["CPUExecutionProvider"])
         model = OrtMultiTaskModel(backbone, max_tasks=settings.max_tasks,
-                                  fingerprint=fingerprint, providers=providers)
+                                  fingerprint=fingerprint, providers=onnx_providers(device))
         log.info("runtime onnxruntime", extra={"provider": model.provider})
         return model
     return MultiTaskModel(backbone, max_tasks=settings.max_tasks, dtype=dtype, device=device,
@@ -108,7 +98,7 @@ class Service:
         self.settings = settings
         self.checkpoint = checkpoint
         self.metrics = metrics or Metrics()
-        self.device = resolve_device(settings.device)
+        self.device = resolve_device(settings.device, "AAT_DEVICE")
         self.dtype = torch.bfloat16 if settings.dtype == "bfloat16" else torch.float32
         self.backbone = checkpoint.backbone
         self.fingerprint = self.backbone.fingerprint()

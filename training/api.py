@@ -20,6 +20,7 @@ from adapters.backbone import AST
 from adapters.bundle import check_task_name
 from adapters.checkpoints import load_checkpoint
 from adapters.config import AdapterConfig, FeatureConfig
+from adapters.device import resolve_device
 from adapters.errors import ConfigError
 from adapters.methods import get_method
 from adapters.model import AudioClassifier
@@ -29,7 +30,7 @@ from training.data.base import BadAudioRule, DataSource
 from training.evaluate import evaluate_examples
 from training.export import load_trained
 from training.recipes import Recipe, default_recipe, get_recipe
-from training.trainer import RunOptions, Trainer, TrainResult, resolve_device
+from training.trainer import RunOptions, Trainer, TrainResult
 
 
 def default_task_name(dataset: str, root: str | os.PathLike) -> str:

@@ -38,6 +38,7 @@ from tqdm import tqdm
 from adapters.bundle import TaskBundle
 from adapters.checkpoints import checkpoint_filter_fn
 from adapters.config import FeatureConfig
+from adapters.device import resolve_device
 from adapters.errors import ConfigError
 from adapters.fileio import atomic_write
 from adapters.model import AudioClassifier, count_trainable
@@ -101,18 +102,6 @@ class TrainResult:
                 "trainable_params": self.trainable_params, "total_params": self.total_params,
                 "epoch_time_s": self.epoch_time_s, "clips_per_s": self.clips_per_s,
                 "peak_memory_mb": self.peak_memory_mb, "epochs": len(self.history)}
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"unknown device {name!r}; expected auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {name!r} requested but CUDA is not available")
-    return dev
 
 
 def _json_safe(x: Any) -> Any:

@@ -34,6 +34,7 @@ from adapters.benchmarks import memory
 from adapters.benchmarks.common import interleaved, machine, median, table
 from adapters.bundle import Manifest, TaskBundle, expected_tensor_shapes
 from adapters.config import AdapterConfig, BackboneConfig, FeatureConfig
+from adapters.device import onnx_providers, resolve_device
 from adapters.errors import ConfigError
 from adapters.kernels.cpu import keep_freed_memory
 from adapters.multitask import MultiTaskModel
@@ -86,14 +87,6 @@ class ModelBenchConfig:
     @property
     def bottleneck(self) -> int:
         return self.backbone.embed_dim // 4
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda was requested but CUDA is not available")
-    return torch.device(name)
 
 
 # -- tasks -------------------------------------------------------------------------------------
@@ -256,7 +249,7 @@ def _memory(cfg: ModelBenchConfig, device: torch.device, bar: tqdm) -> list[dict
 
 def run_model_bench(cfg: ModelBenchConfig) -> dict[str, Any]:
     """Run every measurement and return the report (see the module docstring)."""
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device, "--device")
     malloc_tuned = keep_freed_memory() if cfg.keep_freed_memory else False
     torch.manual_seed(cfg.seed)
     backbone = AST(cfg.backbone).eval().requires_grad_(False)
@@ -277,11 +270,9 @@ def run_model_bench(cfg: ModelBenchConfig) -> dict[str, Any]:
     if "onnxruntime" in cfg.runtimes:
         from adapters.onnx_runtime import OrtMultiTaskModel
 
-        providers = (["CUDAExecutionProvider", "CPUExecutionProvider"] if device.type == "cuda"
-                     else ["CPUExecutionProvider"])
         models["ort"] = OrtMultiTaskModel(copy.deepcopy(backbone), max_tasks=8,
                                           fingerprint=fingerprint, bottleneck=cfg.bottleneck,
-                                          providers=providers)
+                                          providers=onnx_providers(device))
         for b in [*bundles, parity]:
             models["ort"].load_task(b)
         for clip in cfg.clips:  # build each graph before timing (export is a one-off)
