@@ -34,3 +34,17 @@ def require_tool(name: str) -> str:
             pytest.fail(f"{name} is required (AAT_REQUIRE_TOOLS=1) but not installed")
         pytest.skip(f"{name} not installed")
     return path
+
+
+def perturb_task_weights(model: torch.nn.Module, seed: int, scale: float = 0.05):
+    """Stand-in for training: add N(0, scale^2) noise to every trainable tensor, in place.
+
+    Fresh adapters are the identity (zero up-projection), so tests that compare task outputs
+    need non-zero task weights to mean anything. Returns ``model``.
+    """
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(scale * torch.randn(p.shape, generator=g))
+    return model

@@ -11,7 +11,7 @@ from adapters.errors import ConfigError
 from adapters.methods import BUNDLE_METHODS
 from adapters.model import AudioClassifier
 from adapters.onnx_export import export_onnx
-from tests.helpers import tiny_backbone
+from tests.helpers import perturb_task_weights, tiny_backbone
 
 ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
@@ -22,12 +22,7 @@ FRAMES = 48  # shorter than the backbone's 64: exercises the positional-grid cut
 def _trained(method: str, seed: int = 0) -> AudioClassifier:
     """A model whose task weights are random and non-zero (fresh adapters are the identity)."""
     model = AudioClassifier(tiny_backbone(seed=seed), method, 5).eval()
-    g = torch.Generator().manual_seed(seed + 100)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(0.05 * torch.randn(p.shape, generator=g))
-    return model
+    return perturb_task_weights(model, seed=seed + 100)
 
 
 def _run(path, x: torch.Tensor):
@@ -122,11 +117,7 @@ def test_cli_exports_a_plain_checkpoint_and_a_bundle(tmp_path, capsys):
         ref = ckpt.logits(x)
     assert (_run(out, x) - ref).abs().max().item() < 1e-4
 
-    model = AudioClassifier(ckpt.backbone, "aat_ms", 3).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(0.05 * torch.randn_like(p))
+    model = perturb_task_weights(AudioClassifier(ckpt.backbone, "aat_ms", 3).eval(), seed=3)
     bundle = TaskBundle.from_model(model, "dogs", ["a", "b", "c"],
                                    FeatureConfig(target_length=96))
     bundle.save(tmp_path / "dogs.safetensors")

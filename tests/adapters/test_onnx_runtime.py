@@ -10,19 +10,14 @@ import torch
 from adapters.errors import ConfigError
 from adapters.model import AudioClassifier
 from adapters.onnx_runtime import OrtBackbone, TaskArrays
-from tests.helpers import tiny_backbone
+from tests.helpers import perturb_task_weights, tiny_backbone
 
 pytest.importorskip("onnxruntime")
 
 
 def _task(backbone, method: str, classes: int, seed: int) -> AudioClassifier:
     model = AudioClassifier(copy.deepcopy(backbone), method, classes).eval()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(0.05 * torch.randn(p.shape, generator=g))
-    return model
+    return perturb_task_weights(model, seed)
 
 
 def _arrays(model: AudioClassifier) -> TaskArrays:
