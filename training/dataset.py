@@ -46,6 +46,8 @@ class ClipDataset(Dataset):
         self.seed = int(seed)
         self.epoch = 0
         self._cache: dict[int, torch.Tensor] | None = {} if cache_waveforms else None
+        self._mel_cache: dict[int, torch.Tensor] | None = {} if cache_waveforms else None
+        """Log-mel of the clip alone (before SpecAugment): reused by items without mixup."""
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -69,6 +71,16 @@ class ClipDataset(Dataset):
             self._cache[i] = w
         return w
 
+    def log_mel(self, i: int) -> torch.Tensor:
+        """The clip's log-mel at the target length, cached with the waveform when asked."""
+        if self._mel_cache is not None and i in self._mel_cache:
+            return self._mel_cache[i]
+        feats = pad_or_cut(log_mel(self.waveform(i), self.features),
+                           self.features.target_length)
+        if self._mel_cache is not None:
+            self._mel_cache[i] = feats
+        return feats
+
     def rng(self, i: int) -> np.random.Generator:
         return np.random.default_rng((self.seed, self.epoch, i))
 
@@ -76,17 +88,18 @@ class ClipDataset(Dataset):
         ex = self.examples[i]
         aug = self.augment
         rng = self.rng(i)
-        wave = self.waveform(i)
         target = ex.target(self.num_classes)
         mask = ex.mask_vector(self.num_classes)
         mix = sample_mixup(rng, aug.mixup, len(self))
         if mix is not None:
             j, lam = mix
-            wave = mix_waveforms(wave, self.waveform(j), lam)
+            wave = mix_waveforms(self.waveform(i), self.waveform(j), lam)
             other = self.examples[j]
             target = lam * target + (1.0 - lam) * other.target(self.num_classes)
             mask = mask * other.mask_vector(self.num_classes)  # observed in both clips
-        feats = pad_or_cut(log_mel(wave, self.features), self.features.target_length)
+            feats = pad_or_cut(log_mel(wave, self.features), self.features.target_length)
+        else:
+            feats = self.log_mel(i)
         feats = spec_augment(feats, aug.freqm, aug.timem, rng)
         feats = normalise(feats, self.features)
         if aug.noise:

@@ -146,6 +146,27 @@ def test_dataset_augmentation_is_seeded_per_epoch_and_index(tmp_path):
     assert 0 < float(a["target"].max()) <= 1 and abs(float(a["target"].sum()) - 1) < 1e-6
 
 
+@pytest.mark.parametrize("mixup", [0.0, 0.5])
+def test_cached_clips_give_the_same_items_as_decoding_every_time(tmp_path, mixup):
+    """The clip cache (waveform and log-mel) changes nothing but speed, mixup included."""
+    aug = Augment(freqm=8, timem=16, mixup=mixup)
+    plain = ClipDataset(_clips(tmp_path), 2, FEATS, aug, seed=5)
+    cached = ClipDataset(_clips(tmp_path), 2, FEATS, aug, seed=5, cache_waveforms=True)
+    firsts = []
+    for epoch in (0, 1, 2):
+        plain.set_epoch(epoch)
+        cached.set_epoch(epoch)
+        for i in range(len(plain)):
+            a, b = plain[i], cached[i]
+            assert torch.equal(a["features"], b["features"])
+            assert torch.equal(a["target"], b["target"])
+        firsts.append(cached[0]["features"])
+    # SpecAugment still draws new masks each epoch from the cached log-mel
+    assert not torch.equal(firsts[0], firsts[1]) or not torch.equal(firsts[1], firsts[2])
+    if mixup == 0:
+        assert len(cached._mel_cache) == len(plain)  # the log-mel was computed once per clip
+
+
 def test_spec_augment_is_applied_before_normalisation(tmp_path):
     """A masked cell is 0 in the log-mel domain, i.e. -mean / (2 std) once normalised."""
     ds = ClipDataset(_clips(tmp_path, 1), 2, FEATS, Augment(freqm=10, timem=20), seed=1)
