@@ -14,13 +14,14 @@ def run(args: argparse.Namespace) -> int:
 
     from service.app import create_app
     from service.logs import configure_logging
-    from service.runtime import load_backbone, with_embedded_defaults
+    from service.runtime import load_backbone, tune_process, with_embedded_defaults
     from service.settings import load_settings
 
     settings = load_settings(host=args.host, port=args.port, checkpoint=args.checkpoint,
                              bundle_dir=args.bundle_dir, log_level=args.log_level)
     configure_logging(settings.log_level)
     settings = with_embedded_defaults(settings)
+    malloc_tuned = tune_process(settings)
     # Load the backbone before binding the port: a bad checkpoint stops start-up right here.
     checkpoint = load_backbone(settings)
     app = create_app(settings, checkpoint=checkpoint)
@@ -28,6 +29,7 @@ def run(args: argparse.Namespace) -> int:
                                "checkpoint": str(settings.checkpoint),
                                "bundle_dir": str(settings.bundle_dir),
                                "management": settings.management_enabled,
+                               "keep_freed_memory": malloc_tuned,
                                "api_token": settings.api_token is not None})
     uvicorn.run(app, host=settings.host, port=settings.port, log_config=None,
                 log_level=settings.log_level, access_log=False, timeout_graceful_shutdown=30)
@@ -42,7 +44,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "AAT_ADMIN_TOKEN, AAT_API_TOKEN, AAT_DEVICE, AAT_DTYPE, AAT_MAX_BATCH, "
                     "AAT_MAX_WAIT_MS, AAT_MAX_QUEUE, AAT_REQUEST_TIMEOUT_S, AAT_MAX_AUDIO_MB, "
                     "AAT_MAX_AUDIO_SECONDS, AAT_MAX_BUNDLE_MB, AAT_MAX_TASKS, AAT_PRELOAD, "
-                    "AAT_REFRESH_S, AAT_LOG_LEVEL, ...); these flags override them.")
+                    "AAT_REFRESH_S, AAT_KEEP_FREED_MEMORY, AAT_LOG_LEVEL, ...); these flags "
+                    "override them.")
     p.add_argument("--host", help="address to bind (AAT_HOST, default 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (AAT_PORT, default 8000)")
     p.add_argument("--checkpoint", type=Path,

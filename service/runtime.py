@@ -56,6 +56,16 @@ def with_embedded_defaults(settings: Settings) -> Settings:
     return settings.model_copy(update=update)
 
 
+def tune_process(settings: Settings) -> bool:
+    """Process-wide choices of a server (not of ``adapters``): the glibc allocator keeps freed
+    blocks when ``AAT_KEEP_FREED_MEMORY`` is on. Returns whether that applied."""
+    if not settings.keep_freed_memory:
+        return False
+    from adapters.kernels.cpu import keep_freed_memory
+
+    return keep_freed_memory()
+
+
 def load_backbone(settings: Settings) -> LoadedCheckpoint:
     """The configured checkpoint, or ``ConfigError`` saying what to configure."""
     if settings.checkpoint is None:

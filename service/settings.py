@@ -64,6 +64,9 @@ class Settings(BaseSettings):
     """Interval of the store rescan that makes replicas converge."""
     decode_workers: int = Field(2, ge=1, le=64)
     """Threads that decode audio and compute features, off the event loop."""
+    keep_freed_memory: bool = True
+    """glibc keeps freed blocks for reuse: each op's output no longer costs fresh page faults
+    (CPU serving, see docs/benchmarks.md); the resident set stays at its high-water mark."""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @field_validator("log_level", "device", "dtype", "preload", "runtime", mode="before")

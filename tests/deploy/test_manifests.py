@@ -480,5 +480,6 @@ def test_docs_table_lists_every_setting_with_its_default():
             assert shown.startswith("("), name
         else:
             default = field.default
-            expected = f"{default:g}" if isinstance(default, float) else str(default)
+            expected = (str(default).lower() if isinstance(default, bool)
+                        else f"{default:g}" if isinstance(default, float) else str(default))
             assert shown == f"`{expected}`", name

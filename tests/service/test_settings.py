@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,7 +15,7 @@ from service.settings import load_settings
 ALL = ("CHECKPOINT", "BUNDLE_DIR", "ADMIN_TOKEN", "API_TOKEN", "HOST", "PORT", "DEVICE", "DTYPE",
        "MAX_BATCH", "MAX_WAIT_MS", "MAX_QUEUE", "REQUEST_TIMEOUT_S", "MAX_AUDIO_MB",
        "MAX_AUDIO_SECONDS", "MAX_BUNDLE_MB", "MAX_TASKS", "PRELOAD", "REFRESH_S", "LOG_LEVEL",
-       "MAX_UPLOADS", "DECODE_WORKERS")
+       "MAX_UPLOADS", "DECODE_WORKERS", "KEEP_FREED_MEMORY")
 
 
 @pytest.fixture(autouse=True)
@@ -30,6 +33,7 @@ def test_defaults_are_the_documented_ones():
     assert (s.max_tasks, s.preload, s.refresh_s, s.log_level) == (64, "eager", 5.0, "info")
     assert s.max_audio_bytes == 25 * 1024 * 1024 and s.max_bundle_bytes == 200 * 1024 * 1024
     assert not s.management_enabled
+    assert s.keep_freed_memory is True
 
 
 def test_environment_is_read_with_the_aat_prefix(monkeypatch, tmp_path):
@@ -112,3 +116,37 @@ def test_identical_tokens_and_admin_without_store_are_refused(monkeypatch, tmp_p
     assert str(e.value) == ("invalid configuration: settings: AAT_ADMIN_TOKEN is set but "
                             "AAT_BUNDLE_DIR is not: uploaded bundles need a store directory")
     assert load_settings(admin_token=token, bundle_dir=tmp_path).management_enabled
+
+
+@pytest.mark.parametrize(("value", "expected"), [("false", False), ("0", False), ("true", True)])
+def test_keep_freed_memory_reads_booleans(monkeypatch, value, expected):
+    monkeypatch.setenv("AAT_KEEP_FREED_MEMORY", value)
+    assert load_settings().keep_freed_memory is expected
+
+
+_RSS_AFTER_FREE = """
+import os, sys, torch
+from service.runtime import tune_process
+from service.settings import load_settings
+applied = tune_process(load_settings())
+page = os.sysconf("SC_PAGE_SIZE")
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * page
+before = rss()
+x = torch.ones(64 << 18)  # 64 MiB: above glibc's largest dynamic mmap threshold (32 MiB)
+del x
+print(applied, (rss() - before) >> 20)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt, /proc")
+@pytest.mark.parametrize("on", [True, False])
+def test_tune_process_keeps_freed_blocks_only_when_asked(on):
+    """With the setting on, a freed 64 MiB tensor stays in the process for reuse; off (glibc's
+    defaults), it is unmapped at once."""
+    env = {**os.environ, "AAT_KEEP_FREED_MEMORY": "1" if on else "0"}
+    out = subprocess.run([sys.executable, "-c", _RSS_AFTER_FREE], capture_output=True,
+                         text=True, timeout=120, check=True, env=env).stdout.split()
+    assert out[0] == str(on)
+    kept_mib = int(out[1])
+    assert kept_mib >= 60 if on else kept_mib < 8
