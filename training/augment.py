@@ -5,6 +5,9 @@
   log-mel fbank *before* normalisation with mask value 0, as AST does.
 - Mixup on waveforms: partner padded or cut to the clip's length, ``lam * w1 + (1 - lam) * w2``
   with ``lam ~ Beta(10, 10)``, mean removed; labels mixed with the same ``lam``.
+- Frequency warp (vocal tract length perturbation, off unless asked): the log-mel is resampled
+  along frequency so content at ``f`` Hz moves to ``alpha * f`` (``alpha`` log-uniform in
+  ``[1 / (1 + w), 1 + w]``), as a speaker with a shorter or longer vocal tract would say it.
 - Noise and roll (after normalisation): ``+ U(0,1) * u / 10`` noise per bin, then a roll along
   time by an integer in ``[-10, 10)`` frames.
 """
@@ -15,6 +18,45 @@ import numpy as np
 import torch
 
 MIXUP_ALPHA = 10.0
+KALDI_LOW_FREQ = 20.0
+"""Lowest edge of Kaldi's (and so AST's) mel filterbank in Hz; the highest is Nyquist."""
+
+
+def _mel(hz: np.ndarray) -> np.ndarray:
+    return 1127.0 * np.log1p(hz / 700.0)
+
+
+def _hz(mel: np.ndarray) -> np.ndarray:
+    return 700.0 * np.expm1(mel / 1127.0)
+
+
+def warp_positions(num_mel_bins: int, sample_rate: int, alpha: float) -> np.ndarray:
+    """For each mel bin, the fractional input bin whose centre frequency is ``centre / alpha``
+    (Kaldi's bank: ``num_mel_bins + 2`` points equally spaced in mel from 20 Hz to Nyquist)."""
+    lo, hi = _mel(np.array(KALDI_LOW_FREQ)), _mel(np.array(sample_rate / 2.0))
+    step = (hi - lo) / (num_mel_bins + 1)
+    centres = _hz(lo + step * np.arange(1, num_mel_bins + 1))
+    pos = (_mel(centres / alpha) - lo) / step - 1.0
+    return np.clip(pos, 0.0, num_mel_bins - 1.0)
+
+
+def frequency_warp(fbank: torch.Tensor, alpha: float, sample_rate: int) -> torch.Tensor:
+    """``(frames, mel)`` log-mel as spoken with every frequency scaled by ``alpha`` (linear
+    interpolation between mel bins; bins past the edges repeat the edge bin)."""
+    if alpha == 1.0:
+        return fbank
+    pos = torch.from_numpy(warp_positions(fbank.shape[1], sample_rate, alpha)).to(fbank.dtype)
+    left = pos.floor().long()
+    right = (left + 1).clamp(max=fbank.shape[1] - 1)
+    w = pos - left.to(fbank.dtype)
+    return fbank[:, left] * (1.0 - w) + fbank[:, right] * w
+
+
+def sample_warp(rng: np.random.Generator, max_warp: float) -> float:
+    """``alpha`` log-uniform in ``[1 / (1 + max_warp), 1 + max_warp]`` (1.0 when off; no draw)."""
+    if max_warp <= 0:
+        return 1.0
+    return float((1.0 + max_warp) ** rng.uniform(-1.0, 1.0))
 
 
 def mask_band(x: torch.Tensor, dim: int, param: int, u1: float, u2: float,

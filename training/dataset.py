@@ -1,6 +1,7 @@
-"""Examples -> model input, as AST's data loader: decode, mixup, fbank, SpecAugment, normalise,
-noise. Every random choice comes from a generator seeded by (seed, epoch, index), so an item
-is the same whatever the worker count, the order, or whether the run was resumed.
+"""Examples -> model input, as AST's data loader: decode, mixup, fbank, (frequency warp),
+SpecAugment, normalise, noise. Every random choice comes from a generator seeded by
+(seed, epoch, index), so an item is the same whatever the worker count, the order, or whether
+the run was resumed.
 """
 
 from __future__ import annotations
@@ -15,7 +16,14 @@ from torch.utils.data import Dataset, Sampler
 from adapters.config import FeatureConfig
 from adapters.errors import AudioError
 from adapters.features import load_audio, log_mel, normalise, pad_or_cut
-from training.augment import mix_waveforms, noise_and_roll, sample_mixup, spec_augment
+from training.augment import (
+    frequency_warp,
+    mix_waveforms,
+    noise_and_roll,
+    sample_mixup,
+    sample_warp,
+    spec_augment,
+)
 from training.data.base import Example
 
 
@@ -27,10 +35,11 @@ class Augment:
     timem: int = 0
     mixup: float = 0.0
     noise: bool = False
+    freq_warp: float = 0.0
 
     @property
     def active(self) -> bool:
-        return bool(self.freqm or self.timem or self.mixup or self.noise)
+        return bool(self.freqm or self.timem or self.mixup or self.noise or self.freq_warp)
 
 
 class ClipDataset(Dataset):
@@ -100,6 +109,7 @@ class ClipDataset(Dataset):
             feats = pad_or_cut(log_mel(wave, self.features), self.features.target_length)
         else:
             feats = self.log_mel(i)
+        feats = frequency_warp(feats, sample_warp(rng, aug.freq_warp), self.features.sample_rate)
         feats = spec_augment(feats, aug.freqm, aug.timem, rng)
         feats = normalise(feats, self.features)
         if aug.noise:

@@ -37,6 +37,8 @@ class Recipe:
     timem: int = _f(0, "SpecAugment time mask width bound (0: off)")
     mixup: float = _f(0.0, "probability of waveform mixup per clip, lambda ~ Beta(10, 10)")
     noise: bool = _f(False, "add AST's random noise and time roll to the features")
+    freq_warp: float = _f(0.0, "vocal tract length perturbation: scale frequencies by up to "
+                               "1 + this, or down by as much (0: off)")
     loss: Literal["ce", "bce"] = _f("ce", "ce (argmax target) or bce (multi-label, mixup)")
     metric: Literal["acc", "mAP"] = _f("acc", "validation metric that picks the best epoch")
     warmup: bool = _f(False, "AAT's linear warm-up of the learning rate")
@@ -68,6 +70,8 @@ class Recipe:
             out.append(f"std must be positive, got {self.std!r}")
         if not isinstance(self.mean, int | float):
             out.append(f"mean must be a number, got {self.mean!r}")
+        if not (isinstance(self.freq_warp, int | float) and 0.0 <= self.freq_warp <= 1.0):
+            out.append(f"freq_warp must be in [0, 1], got {self.freq_warp!r}")
         if not (isinstance(self.mixup, int | float) and 0.0 <= self.mixup <= 1.0):
             out.append(f"mixup must be a probability in [0, 1], got {self.mixup!r}")
         if not (isinstance(self.lr_scheduler_decay, int | float)

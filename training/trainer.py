@@ -187,7 +187,8 @@ class Trainer:
         if r.amp and cuda:
             self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
-        aug = Augment(freqm=r.freqm, timem=r.timem, mixup=r.mixup, noise=r.noise)
+        aug = Augment(freqm=r.freqm, timem=r.timem, mixup=r.mixup, noise=r.noise,
+                      freq_warp=r.freq_warp)
         n = len(self.labels)
         self.train_set = ClipDataset(self.splits["train"], n, self.features, aug, seed=r.seed,
                                      cache_waveforms=self.options.cache_waveforms)

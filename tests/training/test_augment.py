@@ -3,6 +3,8 @@ dataset pipeline (train features equal serving features when augmentation is off
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -14,11 +16,14 @@ from adapters.features import features_from_audio, load_audio, log_mel, normalis
 from tests.training import synth
 from training.augment import (
     MIXUP_ALPHA,
+    frequency_warp,
     mask_band,
     mix_waveforms,
     noise_and_roll,
     sample_mixup,
+    sample_warp,
     spec_augment,
+    warp_positions,
 )
 from training.data.base import Example
 from training.dataset import Augment, ClipDataset, EpochSampler
@@ -199,3 +204,53 @@ def test_epoch_sampler_is_seeded_and_resumable():
     s.set_epoch(3)
     assert list(s) != full
     assert list(EpochSampler(10, shuffle=False)) == list(range(10))
+
+
+def _tone_mel(hz, cfg):
+    t = torch.arange(16000, dtype=torch.float64) / 16000
+    return log_mel((0.5 * torch.sin(2 * torch.pi * hz * t)).float(), cfg)
+
+
+@pytest.mark.parametrize(("f0", "alpha"), [(300.0, 1.3), (1000.0, 1.2), (2500.0, 0.8),
+                                           (700.0, 1 / 1.25)])
+def test_frequency_warp_moves_a_tone_where_the_scaled_tone_is(f0, alpha):
+    """Warping the log-mel of a tone at f0 puts its peak in the bin of a tone at alpha * f0."""
+    cfg = FeatureConfig(num_mel_bins=64, target_length=100)
+    warped = frequency_warp(_tone_mel(f0, cfg), alpha, 16000).mean(0)
+    direct = _tone_mel(alpha * f0, cfg).mean(0)
+    original = _tone_mel(f0, cfg).mean(0)
+    assert abs(int(warped.argmax()) - int(direct.argmax())) <= 1
+    assert abs(int(original.argmax()) - int(direct.argmax())) >= 2  # the tone really moved
+
+
+def test_frequency_warp_positions_follow_the_mel_formula():
+    """Independent check of the bin map: centre c of bin m comes from c / alpha."""
+    n, sr, alpha = 32, 16000, 1.15
+    mel = lambda f: 1127.0 * math.log(1 + f / 700.0)  # noqa: E731
+    lo, hi = mel(20.0), mel(8000.0)
+    step = (hi - lo) / (n + 1)
+    for m in (3, 10, 20, 30):
+        centre = 700.0 * (math.exp((lo + (m + 1) * step) / 1127.0) - 1)
+        expected = (mel(centre / alpha) - lo) / step - 1
+        assert warp_positions(n, sr, alpha)[m] == pytest.approx(expected, abs=1e-9)
+    assert np.allclose(warp_positions(n, sr, 1.0), np.arange(n))
+
+
+def test_frequency_warp_is_identity_at_one_and_seeded_in_the_dataset(tmp_path):
+    x = torch.randn(20, 32)
+    assert torch.equal(frequency_warp(x, 1.0, 16000), x)
+    assert not torch.allclose(frequency_warp(x, 1.1, 16000), x)
+    rng = np.random.default_rng(0)
+    alphas = [sample_warp(rng, 0.2) for _ in range(2000)]
+    assert 1 / 1.2 <= min(alphas) < 0.85 and 1.17 < max(alphas) <= 1.2
+    assert abs(float(np.mean(np.log(alphas)))) < 0.01  # log-symmetric: as often up as down
+    assert sample_warp(rng, 0.0) == 1.0
+    plain = ClipDataset(_clips(tmp_path), 2, FEATS, Augment(), seed=2)
+    warped = ClipDataset(_clips(tmp_path), 2, FEATS, Augment(freq_warp=0.2), seed=2)
+    assert Augment(freq_warp=0.2).active and not Augment().active
+    a = warped[1]["features"]
+    assert torch.equal(a, warped[1]["features"])  # same (seed, epoch, index), same warp
+    assert not torch.allclose(a, plain[1]["features"], atol=1e-3)
+    alpha = sample_warp(warped.rng(1), 0.2)
+    raw = warped.log_mel(1)
+    torch.testing.assert_close(a, normalise(frequency_warp(raw, alpha, 16000), FEATS))
