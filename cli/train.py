@@ -144,7 +144,8 @@ def _register_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint-every", type=int, default=0, metavar="STEPS",
                    help="also save the training state every STEPS optimiser steps")
     p.add_argument("--cache-audio", action="store_true",
-                   help="keep decoded training audio in memory")
+                   help="keep decoded training audio and its log-mel in memory (the fbank "
+                        "is then computed once per clip, not once per epoch)")
     p.add_argument("--bottleneck", type=int, help="adapter width (default: width / 4)")
     p.add_argument("--num-prompts", type=int, help="deep prompts per block (default 12)")
     p.add_argument("--progress", action="store_true",
