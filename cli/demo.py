@@ -77,6 +77,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--methods", nargs="+", choices=["head", "aat_ms", "full"],
                    help="only these methods (trials)")
     b.add_argument("--workers", type=int, help="synthesis processes in parallel (default 2)")
-    b.add_argument("--threads", type=int, help="torch threads (default 1)")
+    b.add_argument("--threads", type=int, help="torch threads (default 2)")
     b.add_argument("--json", action="store_true", help="print the build summary as JSON")
     b.set_defaults(func=run_build)

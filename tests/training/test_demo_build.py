@@ -17,6 +17,7 @@ from adapters.errors import BackboneMismatchError, ConfigError
 from adapters.model import AudioClassifier
 from cli.main import main as aat
 from tests.helpers import require_tool, tiny_backbone
+from training.demo import corpus as C
 from training.demo.build import TASKS, check_targets, export_backbone
 from training.demo.report import render_report
 from training.export import save_model_checkpoint
@@ -127,7 +128,8 @@ def test_tiny_build_through_the_cli(tmp_path, capsys):
     assert set(summary["results"]) == {"instruments"}
     assert set(summary["results"]["instruments"]) == {"head", "aat_ms"}
     served = load_checkpoint(assets / "backbone")
-    assert served.backbone.cfg.embed_dim == 32 and len(served.labels) == 48
+    assert served.backbone.cfg.embed_dim == 32
+    assert len(served.labels) == len(C.UPSTREAM_WORDS) + len(C.UPSTREAM_SOUNDS) == 85
     bundle = TaskBundle.load(assets / "tasks" / "instruments.safetensors")
     bundle.check_backbone(served.backbone)
     assert bundle.manifest.method == "aat_ms" and bundle.manifest.labels == sorted(

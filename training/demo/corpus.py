@@ -74,8 +74,15 @@ UPSTREAM_WORDS = (
     "forward", "garden", "green", "happy", "house", "learn", "light", "marvin", "money",
     "music", "orange", "paper", "pencil", "rabbit", "river", "sheila", "summer", "table",
     "tree", "visual", "water", "window", "winter", "wow", "yellow",
+    "answer", "baby", "basket", "butter", "camera", "candle", "chicken", "circle", "cloud",
+    "dinner", "elephant", "feather", "finger", "flower", "hammer", "island", "jacket",
+    "kitchen", "ladder", "lemon", "magic", "monkey", "morning", "ocean", "pillow", "pocket",
+    "purple", "rocket", "shadow", "silver", "sister", "thunder", "tiger", "tomato", "village",
+    "wagon", "zebra",
 )
-"""Upstream (pretraining) words: none is a digit or a command."""
+"""Upstream (pretraining) words: none is a digit or a command, nor sounds like one (no "for",
+"to", "won", "ate", "know", "write"): the backbone learns the sounds of English words in general,
+never the downstream labels."""
 
 NOTES = tuple(range(45, 85))
 """MIDI notes the sounds are played at (A2 to C6); split like voice variants."""
