@@ -54,9 +54,11 @@ class ClipDataset(Dataset):
         self.augment = augment or Augment()
         self.seed = int(seed)
         self.epoch = 0
-        self._cache: dict[int, torch.Tensor] | None = {} if cache_waveforms else None
+        # The log-mel of a clip alone (before any augmentation) serves every item without
+        # mixup; decoded waveforms are kept too only when mixup may need them.
         self._mel_cache: dict[int, torch.Tensor] | None = {} if cache_waveforms else None
-        """Log-mel of the clip alone (before SpecAugment): reused by items without mixup."""
+        self._cache: dict[int, torch.Tensor] | None = (
+            {} if cache_waveforms and self.augment.mixup > 0 else None)
 
     def __len__(self) -> int:
         return len(self.examples)

@@ -70,8 +70,8 @@ class RunOptions:
     checkpoint_every: int = 0
     """Also save the training state every this many optimiser steps (0: after each epoch)."""
     cache_waveforms: bool = False
-    """Keep decoded training clips and their log-mel in memory (fast for small data sets:
-    the fbank is then computed once per clip instead of once per epoch)."""
+    """Keep each training clip's log-mel (and, with mixup, its waveform) in memory: fast for
+    small data sets, the fbank is then computed once per clip instead of once per epoch."""
     fresh: bool = False
     """Discard a previous run in the run directory instead of resuming it."""
 

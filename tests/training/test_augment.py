@@ -170,6 +170,9 @@ def test_cached_clips_give_the_same_items_as_decoding_every_time(tmp_path, mixup
     assert not torch.equal(firsts[0], firsts[1]) or not torch.equal(firsts[1], firsts[2])
     if mixup == 0:
         assert len(cached._mel_cache) == len(plain)  # the log-mel was computed once per clip
+        assert cached._cache is None  # and no waveform is held: nothing will mix them
+    else:
+        assert cached._cache  # mixup partners are decoded once too
 
 
 def test_spec_augment_is_applied_before_normalisation(tmp_path):
