@@ -16,28 +16,22 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torchaudio.compliance.kaldi as kaldi
 
 MIXUP_ALPHA = 10.0
 KALDI_LOW_FREQ = 20.0
 """Lowest edge of Kaldi's (and so AST's) mel filterbank in Hz; the highest is Nyquist."""
 
 
-def _mel(hz: np.ndarray) -> np.ndarray:
-    return 1127.0 * np.log1p(hz / 700.0)
-
-
-def _hz(mel: np.ndarray) -> np.ndarray:
-    return 700.0 * np.expm1(mel / 1127.0)
-
-
 def warp_positions(num_mel_bins: int, sample_rate: int, alpha: float) -> np.ndarray:
     """For each mel bin, the fractional input bin whose centre frequency is ``centre / alpha``
     (Kaldi's bank: ``num_mel_bins + 2`` points equally spaced in mel from 20 Hz to Nyquist)."""
-    lo, hi = _mel(np.array(KALDI_LOW_FREQ)), _mel(np.array(sample_rate / 2.0))
+    lo, hi = kaldi.mel_scale_scalar(KALDI_LOW_FREQ), kaldi.mel_scale_scalar(sample_rate / 2.0)
     step = (hi - lo) / (num_mel_bins + 1)
-    centres = _hz(lo + step * np.arange(1, num_mel_bins + 1))
-    pos = (_mel(centres / alpha) - lo) / step - 1.0
-    return np.clip(pos, 0.0, num_mel_bins - 1.0)
+    centres = kaldi.inverse_mel_scale(lo + step * torch.arange(1, num_mel_bins + 1,
+                                                               dtype=torch.float64))
+    pos = (kaldi.mel_scale(centres / alpha) - lo) / step - 1.0
+    return pos.clamp(0.0, num_mel_bins - 1.0).numpy()
 
 
 def frequency_warp(fbank: torch.Tensor, alpha: float, sample_rate: int) -> torch.Tensor:

@@ -79,12 +79,13 @@ def _summary(head=0.5, aat=0.95, full=0.97):
     return {"command": "aat demo build --seed 7", "seed": 7, "threads": 1, "torch": "x",
             "tools": {"espeak-ng": "espeak", "sox": "sox"},
             "config": {"embed_dim": 128, "depth": 4, "num_heads": 2, "patch": 16, "stride": 16,
-                       "num_mel_bins": 64, "target_length": 100, "bottleneck": 32,
+                       "time_stride": 8, "num_mel_bins": 64, "target_length": 100, "bottleneck": 32,
                        "epochs": 10},
             "speakers": {"variants": {"train": ["a"] * 73, "valid": ["b"] * 10,
                                       "test": ["c"] * 14},
                          "notes": {"train": [1], "valid": [2], "test": [3] * 8}},
-            "pretrain": {"params": 1000, "classes": 48, "train_clips": 4800, "epochs": 12,
+            "pretrain": {"params": 1000, "classes": 48, "words": 35, "sounds": 13,
+                         "train_clips": 4800, "epochs": 12,
                          "valid_acc": 0.8123},
             "times": {"total_s": 1800.0, "synthesis_s": 300.0, "pretrain_s": 600.0},
             "results": res, "backbone_fingerprint": "sha256:abc",
@@ -98,6 +99,7 @@ def test_report_shows_every_figure():
     assert "| head-only (linear probe) | 10 / 10 / 10 | 43.2% | 43.2% | 43.2% |" in text
     assert "| full fine-tuning | 1,000 / 1,000 / 1,000 | 98.8% | 98.8% | 98.8% |" in text
     assert "validation accuracy 81.2%" in text and "(14) sets" in text
+    assert "stride 16 in frequency and 8 in time" in text and "(35 words and 13 sound" in text
     assert "| `adapters/demo_assets/backbone/model.safetensors` | 1.60 MB |" in text
     assert "above head-only on every task. All met." in text
     assert "Missed: digits: aat_ms 85.0% < 90%; commands: aat_ms 85.0% < 90%." in render_report(

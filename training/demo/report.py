@@ -80,10 +80,10 @@ def render_report(s: dict[str, Any]) -> str:
         f"({len(s['speakers']['notes']['test'])} test notes).",
         f"3. **Pretraining.** A {cfg['embed_dim']}-wide, {cfg['depth']}-block AST "
         f"({cfg['num_heads']} heads, {cfg['patch']}x{cfg['patch']} patches at stride "
-        f"{cfg['stride']} in frequency and {cfg.get('time_stride', cfg['stride'])} in time, "
+        f"{cfg['stride']} in frequency and {cfg['time_stride']} in time, "
         f"{cfg['num_mel_bins']} mel bins, {cfg['target_length']} frames; "
         f"{pre['params']:,} parameters) learns {pre['classes']} upstream classes",
-        f"   ({pre.get('words', 35)} words and {pre.get('sounds', 13)} sound classes; "
+        f"   ({pre['words']} words and {pre['sounds']} sound classes; "
         f"{pre['train_clips']:,} clips, "
         f"{pre['epochs']} epochs, supervised, method `full`): validation accuracy "
         f"{pre['valid_acc']:.1%}.",
