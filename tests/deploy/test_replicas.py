@@ -625,15 +625,16 @@ def test_sigterm_finishes_in_flight_requests_and_nginx_fails_over(cluster):
     MEASURED["task_back_on_restarted_replica_after_ready_s"] = round(time.monotonic() - t_up, 3)
 
 
-def _unread_bytes_on(port: int) -> bool:
-    """Whether an established connection to ``port`` holds request bytes nobody has read."""
+def _unread_bytes_on(port: int, at_least: int = 1) -> bool:
+    """Whether an established connection to ``port`` holds ``at_least`` request bytes nobody
+    has read."""
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         with open(table) as f:
             for line in f.readlines()[1:]:
                 cols = line.split()
                 local_port = int(cols[1].rsplit(":", 1)[1], 16)
                 rx_queue = int(cols[4].split(":")[1], 16)
-                if local_port == port and cols[3] == "01" and rx_queue > 0:
+                if local_port == port and cols[3] == "01" and rx_queue >= at_least:
                     return True
     return False
 
@@ -643,8 +644,13 @@ def test_sigkill_mid_request_is_retried_on_another_replica(cluster):
     task, spare, targets = _failover_traffic(cluster, victim, seed=61)
     held: dict[str, httpx.Response] = {}
 
+    # Longer than the streamer's clips, so the unread bytes that show it reached the frozen
+    # victim are this request's and not a streamer request's (which, failing first, would
+    # mark the victim down and send this one straight to the spare).
+    held_audio = wav_bytes(1.5, seed=2)
+
     def pending() -> None:
-        held["r"] = classify(cluster.nginx_url, task, "held-2", timeout=60)
+        held["r"] = classify(cluster.nginx_url, task, "held-2", audio=held_audio, timeout=60)
 
     with Streamer(targets, threads=2, prefix="kill") as s:
         s.wait_for(lambda res: len(res) >= 8, CONVERGE_BOUND_S, "traffic flows")
@@ -654,7 +660,7 @@ def test_sigkill_mid_request_is_retried_on_another_replica(cluster):
             t = threading.Thread(target=pending, daemon=True)
             t.start()
             deadline = time.monotonic() + 20
-            while not _unread_bytes_on(victim.port):
+            while not _unread_bytes_on(victim.port, at_least=len(held_audio)):
                 assert time.monotonic() < deadline, "nginx never forwarded to the victim"
                 time.sleep(0.005)
         finally:
