@@ -105,6 +105,12 @@ def test_report_shows_every_figure():
     assert "Missed: digits: aat_ms 85.0% < 90%; commands: aat_ms 85.0% < 90%." in render_report(
         _summary(aat=0.85))
     assert render_report(_summary(aat=0.9)) != text
+    assert "train (73), validation (10)" in text
+    made = _summary()
+    made["speakers"]["synthetic"] = {f"aat-vtl{i:03d}": "x" for i in range(4)}
+    made["speakers"]["variants"]["train"] += list(made["speakers"]["synthetic"])
+    assert ("train (73 of espeak-ng's, plus 4 made-up variants: random vocal tract length "
+            "0.8-1.5x, formants and pitch), validation (10)") in render_report(made)
 
 
 def test_check_targets():
@@ -128,6 +134,11 @@ def test_tiny_build_through_the_cli(tmp_path, capsys):
     assert summary["command"] == ("aat demo build --seed 0 --preset tiny --tasks instruments "
                                   "--methods head aat_ms")
     assert set(summary["results"]) == {"instruments"}
+    made = summary["speakers"]["synthetic"]  # the made-up training speakers were spoken
+    assert len(made) == 2 and set(made) <= set(summary["speakers"]["variants"]["train"])
+    heard = {C.speaker_of(p.name).split("+")[1]
+             for p in (tmp_path / "work" / "corpus" / "upstream").rglob("*+*_train*.wav")}
+    assert heard & set(made) and not heard - set(summary["speakers"]["variants"]["train"])
     assert set(summary["results"]["instruments"]) == {"head", "aat_ms"}
     served = load_checkpoint(assets / "backbone")
     assert served.backbone.cfg.embed_dim == 32
@@ -190,8 +201,8 @@ def test_committed_record_reproduces_on_resynthesized_test_speakers(tmp_path):
     cfg = BuildConfig(**{k: v for k, v in summary["config"].items() if k != "lr"})
     digits = next(c for c in cfg.corpora() if c.name == "digits")
     only_test = C.CorpusDef("digits", words=digits.words, per_class={"test": cfg.test})
-    speakers = C.make_speakers(cfg.seed)
-    assert speakers.to_dict() == summary["speakers"]
+    speakers = C.make_speakers(cfg.seed, synthetic=cfg.synthetic_speakers)
+    assert speakers.to_dict() == {"synthetic": {}, **summary["speakers"]}
     root = C.synthesize([only_test], tmp_path, seed=cfg.seed, speakers=speakers,
                         progress=False)["digits"]
     examples = [e for e in load_folder(root).examples if e.split == "test"]

@@ -130,3 +130,65 @@ def test_missing_tool_is_a_clear_error(monkeypatch):
     with pytest.raises(ConfigError, match=r"sox is not installed; the demo corpus is "
                                           r"synthesized with espeak-ng and sox"):
         C.require_tools()
+
+
+def test_synthetic_speakers_join_the_training_split_only():
+    plain, sp = C.make_speakers(0), C.make_speakers(0, synthetic=5)
+    assert sp.variants["test"] == plain.variants["test"]
+    assert sp.variants["valid"] == plain.variants["valid"]
+    made = [f"{C.SYNTHETIC_PREFIX}{i:03d}" for i in range(5)]
+    assert sp.variants["train"] == plain.variants["train"] + tuple(made)
+    assert list(sp.synthetic) == made and plain.synthetic == {}
+    assert not set(made) & set(C.VARIANTS)
+    assert C.make_speakers(0, synthetic=5) == sp
+    assert C.make_speakers(1, synthetic=5).synthetic != sp.synthetic
+    assert sp.to_dict()["synthetic"] == sp.synthetic
+    with pytest.raises(ConfigError, match="synthetic speakers must be >= 0, got -1"):
+        C.make_speakers(0, synthetic=-1)
+
+
+def test_synthetic_variant_scales_formants_by_a_vocal_tract_factor():
+    scales = []
+    for i in range(200):
+        name, text = C.synthetic_variant(0, i)
+        assert name == f"aat-vtl{i:03d}" and text.startswith("language variant\n")
+        formants = {int(line.split()[1]): [int(v) for v in line.split()[2:]]
+                    for line in text.splitlines() if line.startswith("formant ")}
+        assert sorted(formants) == list(range(9))
+        f012 = [formants[k][0] / 100 for k in range(3)]
+        # One factor times +-7 % jitter: the three lowest formants agree within 15 %.
+        assert max(f012) / min(f012) < 1.07 / 0.93 + 0.01
+        assert min(f012) >= 0.8 * 0.93 - 0.01 and max(f012) <= 1.5 * 1.07 + 0.01
+        scales.append(sum(f012) / 3)
+        base, top = (int(v) for v in next(line for line in text.splitlines()
+                                          if line.startswith("pitch ")).split()[1:])
+        assert 30 <= base < top <= 540
+    # The population spans the range (children-like and large voices both drawn).
+    assert min(scales) < 0.85 and max(scales) > 1.4
+    assert C.synthetic_variant(0, 3) == C.synthetic_variant(0, 3) != C.synthetic_variant(1, 3)
+
+
+def test_synthetic_variant_is_rendered_from_its_own_file(tmp_path):
+    require_tool("espeak-ng")
+    require_tool("sox")
+    sp = C.make_speakers(0, synthetic=2)
+    data = C.espeak_data(sp, tmp_path / "esp")
+    assert C.espeak_data(C.make_speakers(0), tmp_path / "none") is None
+    plan = C.plan_corpus(TINY[0], sp, seed=0)[0]
+    beds = C.noise_beds(1.0)
+
+    def clip(variant, path):
+        params = {**plan.params, "variant": variant, "noise": None, "reverb": None}
+        return C.render(C.ClipPlan(plan.corpus, plan.label, "train", plan.rel, "speech",
+                                   params), beds, path)
+
+    made = list(sp.synthetic)
+    a, b, default = clip(made[0], data), clip(made[1], data), clip("nonexistent", None)
+    # espeak-ng falls back to its default voice for an unknown variant: a synthetic variant
+    # that sounds different from that (and from another one) was read from its file.
+    assert not np.array_equal(a, default) and not np.array_equal(a, b)
+    # The installed variants sound the same through the private data directory.
+    np.testing.assert_array_equal(clip("zac", data), clip("zac", None))
+    with pytest.raises(ConfigError, match=f"variant {made[0]} is synthetic; render it with the "
+                                          "espeak-ng data directory"):
+        clip(made[0], None)

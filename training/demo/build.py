@@ -65,6 +65,8 @@ class BuildConfig:
     train: int = 200
     valid: int = 20
     test: int = 40
+    synthetic_speakers: int = 0
+    """Made-up voice variants added to the training split (``corpus.synthetic_variant``)."""
     # model
     embed_dim: int = 192
     depth: int = 4
@@ -119,7 +121,8 @@ class BuildConfig:
 PRESETS: dict[str, BuildConfig] = {
     "full": BuildConfig(),
     "tiny": BuildConfig(upstream_train=3, upstream_valid=1, train=3, valid=2, test=2,
-                        embed_dim=32, depth=2, num_heads=2, num_mel_bins=32, bottleneck=8,
+                        synthetic_speakers=2, embed_dim=32, depth=2, num_heads=2,
+                        num_mel_bins=32, bottleneck=8,
                         pretrain_batch_size=16, batch_size=16, pretrain_epochs=1, epochs=1),
 }
 """``full`` makes the committed artifacts; ``tiny`` exercises every step in seconds (tests)."""
@@ -239,7 +242,7 @@ def _build(cfg: BuildConfig, workdir: Path, assets: Path, docs: str | Path | Non
     options = RunOptions(device="cpu", progress=progress, cache_waveforms=True)
 
     t = time.perf_counter()
-    speakers = C.make_speakers(cfg.seed)
+    speakers = C.make_speakers(cfg.seed, synthetic=cfg.synthetic_speakers)
     folders = C.synthesize(cfg.corpora(), workdir / "corpus", seed=cfg.seed, speakers=speakers,
                            workers=cfg.workers, progress=progress)
     times["synthesis_s"] = time.perf_counter() - t

@@ -11,8 +11,10 @@ noise and reverb treatment.
 
 Splits are speaker-disjoint: every voice variant belongs to exactly one of train, valid and
 test, so no (voice, variant) speaker of the test split is heard in training (upstream corpus
-included). For sounds the musical note plays that role. The layout is the generic
-folder-per-label source (``training.data.generic.load_folder``)::
+included). For sounds the musical note plays that role. The training split can also hold
+made-up variants (``synthetic_variant``: random vocal tract length, formants and pitch), more
+speakers for training only; validation and test use espeak-ng's own variants. The layout is
+the generic folder-per-label source (``training.data.generic.load_folder``)::
 
     <out>/<corpus>/<label>/<voice>+<variant>_<n>.wav    (speech)
     <out>/<corpus>/<label>/note<midi>_<n>.wav           (sounds)
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 import shutil
 import subprocess
@@ -230,23 +233,62 @@ class CorpusDef:
         return tuple(sorted(self.words + self.sounds))
 
 
+SYNTHETIC_PREFIX = "aat-vtl"
+"""Name prefix of the made-up training variants (no espeak-ng variant starts with it)."""
+
+
+def synthetic_variant(seed: int, index: int) -> tuple[str, str]:
+    """A made-up espeak-ng voice variant: its name and the text of its variant file.
+
+    One speaker of a larger population than espeak-ng's own variants: a vocal tract length
+    factor, log-uniform in [0.8, 1.5] (adult male 1.0; women about 1.15; children up to 1.5),
+    scales every formant, each with its own jitter of +-7 %; sometimes a high formant (F3 or F4)
+    is far off (as in several espeak-ng variants); pitch follows the vocal tract length.
+    """
+    rng = random.Random(f"aat-demo-vtl/{seed}/{index}")
+    scale = math.exp(rng.uniform(math.log(0.8), math.log(1.5)))
+    lines = ["language variant", f"name {SYNTHETIC_PREFIX}{index:03d}"]
+    base = round(min(300.0, 95.0 * scale ** 2.5 * rng.uniform(0.75, 1.33)))
+    lines.append(f"pitch {base} {round(base * rng.uniform(1.15, 1.8))}")
+    lines.append(f"flutter {rng.randint(0, 20)}")
+    for k in range(9):
+        freq = scale * rng.uniform(0.93, 1.07)
+        if k in (3, 4) and rng.random() < 0.2:
+            freq *= math.exp(rng.uniform(math.log(0.3), math.log(2.5)))
+        height = rng.randint(60, 140) if k else 100
+        lines.append(f"formant {k} {round(100 * freq)} {height} {rng.randint(80, 130)}")
+    return f"{SYNTHETIC_PREFIX}{index:03d}", "\n".join(lines) + "\n"
+
+
 @dataclass(frozen=True)
 class Speakers:
-    """The speaker-disjoint partition: voice variants and notes per split."""
+    """The speaker-disjoint partition: voice variants and notes per split.
+
+    ``synthetic`` maps the made-up training variants (also listed under ``variants["train"]``)
+    to their variant files.
+    """
 
     variants: dict[str, tuple[str, ...]]
     notes: dict[str, tuple[int, ...]]
+    synthetic: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {"variants": {k: list(v) for k, v in self.variants.items()},
-                "notes": {k: list(v) for k, v in self.notes.items()}}
+                "notes": {k: list(v) for k, v in self.notes.items()},
+                "synthetic": dict(self.synthetic)}
 
 
 def make_speakers(seed: int, valid_variants: int = 10, test_variants: int = 14,
-                  valid_notes: int = 6, test_notes: int = 8) -> Speakers:
-    """Shuffle the variants and notes under ``seed`` and cut them into test, valid, train."""
+                  valid_notes: int = 6, test_notes: int = 8, synthetic: int = 0) -> Speakers:
+    """Shuffle the variants and notes under ``seed`` and cut them into test, valid, train.
+
+    ``synthetic`` made-up variants join the training split only (held-out speakers stay
+    espeak-ng's own voices).
+    """
     if valid_variants + test_variants >= len(VARIANTS) or valid_notes + test_notes >= len(NOTES):
         raise ConfigError("held-out variants or notes leave nothing to train on")
+    if synthetic < 0:
+        raise ConfigError(f"synthetic speakers must be >= 0, got {synthetic}")
     rng = random.Random(f"aat-demo-speakers/{seed}")
     variants = list(VARIANTS)
     rng.shuffle(variants)
@@ -257,8 +299,10 @@ def make_speakers(seed: int, valid_variants: int = 10, test_variants: int = 14,
         return {"test": tuple(sorted(items[:n_test])),
                 "valid": tuple(sorted(items[n_test:n_test + n_valid])),
                 "train": tuple(sorted(items[n_test + n_valid:]))}
-    return Speakers(cut(variants, test_variants, valid_variants), cut(notes, test_notes,
-                                                                      valid_notes))
+    split = cut(variants, test_variants, valid_variants)
+    made = dict(synthetic_variant(seed, i) for i in range(synthetic))
+    split["train"] = split["train"] + tuple(made)
+    return Speakers(split, cut(notes, test_notes, valid_notes), made)
 
 
 @dataclass(frozen=True)
@@ -378,8 +422,41 @@ def noise_beds(seconds: float = 4.0) -> dict[str, np.ndarray]:
     return beds
 
 
-def _speech(p: dict[str, Any], max_len: int) -> np.ndarray:
-    wav = _run(["espeak-ng", "-v", f"{p['voice']}+{p['variant']}", "-s", str(p["speed"]),
+def espeak_data(speakers: Speakers, root: Path) -> Path | None:
+    """A private espeak-ng data directory that adds the synthetic variants (None if none).
+
+    Everything but the variant folder links to the installed data; espeak-ng reads it with
+    ``--path`` (the installed variants sound exactly as without it).
+    """
+    if not speakers.synthetic:
+        return None
+    res = _run(["espeak-ng", "--version"]).decode("utf-8", "replace")
+    if "Data at:" not in res:
+        raise ConfigError(f"cannot find espeak-ng's data directory in {res.strip()!r}")
+    system = Path(res.split("Data at:", 1)[1].strip())
+    data = root / "espeak-ng-data"
+    shutil.rmtree(root, ignore_errors=True)
+    (data / "voices" / "!v").mkdir(parents=True)
+    for item in system.iterdir():
+        if item.name != "voices":
+            (data / item.name).symlink_to(item)
+    for item in (system / "voices").iterdir():
+        if item.name != "!v":
+            (data / "voices" / item.name).symlink_to(item)
+    for item in (system / "voices" / "!v").iterdir():
+        (data / "voices" / "!v" / item.name).symlink_to(item)
+    for name, text in speakers.synthetic.items():
+        (data / "voices" / "!v" / name).write_text(text)
+    return root
+
+
+def _speech(p: dict[str, Any], max_len: int, data: Path | None = None) -> np.ndarray:
+    synthetic = p["variant"].startswith(SYNTHETIC_PREFIX)
+    if synthetic and data is None:
+        raise ConfigError(f"variant {p['variant']} is synthetic; render it with the espeak-ng "
+                          "data directory from espeak_data()")
+    path = ["--path", str(data)] if synthetic else []
+    wav = _run(["espeak-ng", *path, "-v", f"{p['voice']}+{p['variant']}", "-s", str(p["speed"]),
                 "-p", str(p["pitch"]), "-a", str(p["amplitude"]), "--stdout", p["text"]])
     trim = ["silence", "1", "0.01", "-50d", "reverse", "silence", "1", "0.01", "-50d", "reverse"]
     w = _run(["sox", "-R", "-V1", "-t", "wav", "-", *_RAW, "-", *trim], wav)
@@ -403,11 +480,15 @@ def _sound(p: dict[str, Any]) -> np.ndarray:
     return _sox_raw(args)
 
 
-def render(plan: ClipPlan, beds: dict[str, np.ndarray]) -> np.ndarray:
-    """The clip as float32 samples at 16 kHz, exactly ``CLIP_SECONDS`` long."""
+def render(plan: ClipPlan, beds: dict[str, np.ndarray], espeak_path: Path | None = None,
+           ) -> np.ndarray:
+    """The clip as float32 samples at 16 kHz, exactly ``CLIP_SECONDS`` long.
+
+    ``espeak_path``: the data directory from ``espeak_data`` (needed by synthetic variants).
+    """
     n = int(SAMPLE_RATE * CLIP_SECONDS)
     p = plan.params
-    w = _speech(p, int(0.95 * n)) if plan.kind == "speech" else _sound(p)
+    w = _speech(p, int(0.95 * n), espeak_path) if plan.kind == "speech" else _sound(p)
     if w.size == 0 or not np.isfinite(w).all():
         raise ConfigError(f"synthesis of {plan.corpus}/{plan.rel} produced no usable audio")
     if w.size > n:  # a reverb tail past the window: cut with a short fade
@@ -444,6 +525,7 @@ def synthesize(corpora: Iterable[CorpusDef], out: str | Path, *, seed: int = 0,
                           "espeak-ng 1.51 or later with its standard variants")
     out = Path(out)
     beds = noise_beds()
+    data = espeak_data(speakers, out / ".espeak")
     versions = tool_versions()
     plans = [p for c in corpora for p in plan_corpus(c, speakers, seed)]
     todo = [p for p in plans if not (out / p.corpus / p.rel).is_file()]
@@ -452,7 +534,7 @@ def synthesize(corpora: Iterable[CorpusDef], out: str | Path, *, seed: int = 0,
         path = out / plan.corpus / plan.rel
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp")
-        sf.write(tmp, render(plan, beds), SAMPLE_RATE, subtype="PCM_16", format="WAV")
+        sf.write(tmp, render(plan, beds, data), SAMPLE_RATE, subtype="PCM_16", format="WAV")
         tmp.replace(path)
 
     with ThreadPoolExecutor(max(1, workers)) as pool, tqdm(

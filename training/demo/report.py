@@ -27,6 +27,15 @@ def _targets(s: dict[str, Any]) -> str:
     return "All met." if not misses else "Missed: " + "; ".join(misses) + "."
 
 
+def _train_speakers(speakers: dict[str, Any]) -> str:
+    made = len(speakers.get("synthetic", {}))
+    real = len(speakers["variants"]["train"]) - made
+    if not made:
+        return str(real)
+    return (f"{real} of espeak-ng's, plus {made} made-up variants: random vocal tract length "
+            "0.8-1.5x, formants and pitch")
+
+
 def _timing(times: dict[str, float], pre: dict[str, Any]) -> str:
     syn = times["synthesis_s"]
     reused = " (the clips were already on disk)" if syn < 60 else ""
@@ -72,7 +81,7 @@ def render_report(s: dict[str, Any]) -> str:
         "   in a 1-s clip. Sounds: sox `synth` recipes at random notes, lengths and levels, with",
         "   the same noise and reverb.",
         "2. **Speaker-disjoint splits.** The voice variants are cut into train "
-        f"({len(s['speakers']['variants']['train'])}), validation "
+        f"({_train_speakers(s['speakers'])}), validation "
         f"({len(s['speakers']['variants']['valid'])}) and test "
         f"({len(s['speakers']['variants']['test'])}) sets; a test speaker is heard nowhere "
         "else,",
