@@ -113,6 +113,20 @@ def test_report_shows_every_figure():
             "0.8-1.5x, formants and pitch), validation (10)") in render_report(made)
 
 
+def test_report_says_what_the_synthesis_time_covers():
+    s = _summary()
+    assert "(synthesis 5.0 min, pretraining 10.0 min)" in render_report(s)  # older records
+    s["times"]["synthesis_s"] = 20.0
+    assert "(synthesis 0.3 min (the clips were already on disk), " in render_report(s)
+    s["synthesis"] = {"clips": 20530, "reused": 0, "seconds": 20.0}
+    assert "(synthesis 0.3 min for 20,530 clips, pretraining" in render_report(s)
+    s["synthesis"]["reused"] = 5170
+    assert ("(synthesis 0.3 min for 15,360 new clips; 5,170 of the 20,530 were already on "
+            "disk, pretraining") in render_report(s)
+    s["synthesis"]["reused"] = 20530
+    assert "(synthesis 0.3 min (all 20,530 clips were already on disk), " in render_report(s)
+
+
 def test_check_targets():
     assert check_targets(_summary()) == []
     misses = check_targets(_summary(head=0.5, aat=0.85))
@@ -151,6 +165,8 @@ def test_tiny_build_through_the_cli(tmp_path, capsys):
     assert summary["results"]["instruments"]["aat_ms"]["test_acc"] == pytest.approx(
         bundle.manifest.metrics["test"]["acc"])
     assert json.loads((assets / "build.json").read_text())["sizes"] == summary["sizes"]
+    assert summary["synthesis"]["reused"] == 0 and summary["synthesis"]["clips"] == sum(
+        sum(c.values()) for c in summary["corpus"].values())
     assert "| AAT^MS (adapters) |" in docs.read_text()
     with pytest.raises(ConfigError, match="unknown demo task or method"):
         from training.demo.build import PRESETS, build

@@ -80,7 +80,10 @@ def test_synthesize_tiny_corpus(tmp_path):
     require_tool("espeak-ng")
     require_tool("sox")
     sp = C.make_speakers(0)
+    assert C.clips_on_disk(TINY, tmp_path / "a", seed=0, speakers=sp) == (14, 0)
     folders = C.synthesize(TINY, tmp_path / "a", seed=0, speakers=sp, workers=2, progress=False)
+    assert C.clips_on_disk(TINY, tmp_path / "a", seed=0, speakers=sp) == (14, 14)
+    assert C.clips_on_disk(TINY, tmp_path / "a", seed=1, speakers=sp)[1] < 14  # other clips
     words = load_folder(folders["words"])
     assert words.labels == ["no", "yes"]
     assert words.counts() == {"train": 4, "valid": 2, "test": 2}

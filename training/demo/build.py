@@ -243,9 +243,12 @@ def _build(cfg: BuildConfig, workdir: Path, assets: Path, docs: str | Path | Non
 
     t = time.perf_counter()
     speakers = C.make_speakers(cfg.seed, synthetic=cfg.synthetic_speakers)
+    planned, present = C.clips_on_disk(cfg.corpora(), workdir / "corpus", seed=cfg.seed,
+                                       speakers=speakers)
     folders = C.synthesize(cfg.corpora(), workdir / "corpus", seed=cfg.seed, speakers=speakers,
                            workers=cfg.workers, progress=progress)
     times["synthesis_s"] = time.perf_counter() - t
+    synthesis = {"clips": planned, "reused": present, "seconds": times["synthesis_s"]}
 
     t = time.perf_counter()
     mean, std = feature_stats(folders[UPSTREAM], cfg)
@@ -318,6 +321,7 @@ def _build(cfg: BuildConfig, workdir: Path, assets: Path, docs: str | Path | Non
         "features": {"num_mel_bins": cfg.num_mel_bins, "target_length": cfg.target_length,
                      "mean": mean, "std": std},
         "backbone_fingerprint": fingerprint, "speakers": speakers.to_dict(),
+        "synthesis": synthesis,
         "corpus": {c.name: json.loads((folders[c.name] / "corpus.json").read_text())["counts"]
                    for c in cfg.corpora()},
         "tools": C.tool_versions(), "torch": torch.__version__,

@@ -507,6 +507,13 @@ def render(plan: ClipPlan, beds: dict[str, np.ndarray], espeak_path: Path | None
     return (out * (10.0 ** (p["peak_db"] / 20.0) / peak)).astype(np.float32)
 
 
+def clips_on_disk(corpora: Iterable[CorpusDef], out: str | Path, *, seed: int,
+                  speakers: Speakers) -> tuple[int, int]:
+    """How many clips ``synthesize`` plans for ``corpora`` and how many are already on disk."""
+    plans = [p for c in corpora for p in plan_corpus(c, speakers, seed)]
+    return len(plans), sum((Path(out) / p.corpus / p.rel).is_file() for p in plans)
+
+
 def synthesize(corpora: Iterable[CorpusDef], out: str | Path, *, seed: int = 0,
                speakers: Speakers | None = None, workers: int = 2, progress: bool = True,
                ) -> dict[str, Path]:

@@ -36,9 +36,22 @@ def _train_speakers(speakers: dict[str, Any]) -> str:
             "0.8-1.5x, formants and pitch")
 
 
-def _timing(times: dict[str, float], pre: dict[str, Any]) -> str:
+def _reused(times: dict[str, float], synthesis: dict[str, Any] | None) -> str:
+    """What the synthesis time covers (records before ``synthesis`` existed: a guess)."""
+    if synthesis is None:
+        return " (the clips were already on disk)" if times["synthesis_s"] < 60 else ""
+    if not synthesis["reused"]:
+        return f" for {synthesis['clips']:,} clips"
+    if synthesis["reused"] == synthesis["clips"]:
+        return f" (all {synthesis['clips']:,} clips were already on disk)"
+    return (f" for {synthesis['clips'] - synthesis['reused']:,} new clips; "
+            f"{synthesis['reused']:,} of the {synthesis['clips']:,} were already on disk")
+
+
+def _timing(times: dict[str, float], pre: dict[str, Any],
+            synthesis: dict[str, Any] | None = None) -> str:
     syn = times["synthesis_s"]
-    reused = " (the clips were already on disk)" if syn < 60 else ""
+    reused = _reused(times, synthesis)
     if not pre.get("resumed"):
         return (f"Build time **{_mins(times['total_s'])}** (synthesis {_mins(syn)}{reused}, "
                 f"pretraining {_mins(times['pretrain_s'])}).")
@@ -47,7 +60,7 @@ def _timing(times: dict[str, float], pre: dict[str, Any]) -> str:
             f"resumed a finished pretraining run from its run directory, whose "
             f"{pre['epochs']} epochs had taken {_mins(pre['epoch_seconds'])} of training "
             f"(validation passes not counted). From scratch: about **{_mins(scratch)}**"
-            + (" plus the synthesis." if reused else "."))
+            + (" plus the synthesis." if "already on disk" in reused else "."))
 
 
 def render_report(s: dict[str, Any]) -> str:
@@ -72,7 +85,7 @@ def render_report(s: dict[str, Any]) -> str:
         "",
         f"Seed {s['seed']}; torch {s['torch']} with {s['threads']} thread(s); "
         f"{s['tools'].get('espeak-ng', '?')}; {s['tools'].get('sox', '?')}. "
-        + _timing(times, pre),
+        + _timing(times, pre, s.get("synthesis")),
         "",
         "1. **Corpus.** Spoken words: espeak-ng's eight English voices, each combined with a voice",
         "   variant (`en-us+klatt3`), random speed (130-210 wpm), pitch and amplitude; sox trims,",
