@@ -24,11 +24,7 @@ import time
 
 import torch
 
-
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        pages = int(f.read().split()[1])
-    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+from adapters.benchmarks.memory import rss_bytes
 
 
 def measure(method: str, frames: int, batch: int, steps: int, warmup: int, device: str,
@@ -58,7 +54,7 @@ def measure(method: str, frames: int, batch: int, steps: int, warmup: int, devic
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    rss_before = _rss_mb()
+    rss_before = (rss_bytes() or 0) / 2**20
     for _ in range(warmup):
         step()
     if dev.type == "cuda":

@@ -25,7 +25,8 @@ import torch
 MB = 1 / 2**20
 
 
-def _rss() -> int | None:
+def rss_bytes() -> int | None:
+    """This process's resident set size now (None where ``/proc`` is missing)."""
     try:
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -67,7 +68,7 @@ def measure(tasks: int, dtype: str, quick: bool, device: str, seed: int = 0) -> 
         torch.cuda.reset_peak_memory_stats(dev)
         base = torch.cuda.memory_allocated(dev)
     else:
-        base = _rss()
+        base = rss_bytes()
         has_peak = _reset_peak()
     cfg = QUICK if quick else FULL
     torch.manual_seed(seed)
@@ -93,7 +94,7 @@ def measure(tasks: int, dtype: str, quick: bool, device: str, seed: int = 0) -> 
         row["growth_mb"] = (torch.cuda.memory_allocated(dev) - base) * MB
         row["peak_growth_mb"] = (torch.cuda.max_memory_allocated(dev) - base) * MB
     elif base is not None:
-        row["growth_mb"] = (_rss() - base) * MB
+        row["growth_mb"] = (rss_bytes() - base) * MB
         peak = _peak() if has_peak else None
         row["peak_growth_mb"] = (peak - base) * MB if peak else None
     return row

@@ -125,13 +125,11 @@ def test_keep_freed_memory_reads_booleans(monkeypatch, value, expected):
 
 
 _RSS_AFTER_FREE = """
-import os, sys, torch
+import torch
+from adapters.benchmarks.memory import rss_bytes as rss
 from service.runtime import tune_process
 from service.settings import load_settings
 applied = tune_process(load_settings())
-page = os.sysconf("SC_PAGE_SIZE")
-def rss():
-    return int(open("/proc/self/statm").read().split()[1]) * page
 before = rss()
 x = torch.ones(64 << 18)  # 64 MiB: above glibc's largest dynamic mmap threshold (32 MiB)
 del x
