@@ -121,8 +121,8 @@ def test_report_says_what_the_synthesis_time_covers():
     s["synthesis"] = {"clips": 20530, "reused": 0, "seconds": 20.0}
     assert "(synthesis 0.3 min for 20,530 clips, pretraining" in render_report(s)
     s["synthesis"]["reused"] = 5170
-    assert ("(synthesis 0.3 min for 15,360 new clips; 5,170 of the 20,530 were already on "
-            "disk, pretraining") in render_report(s)
+    assert ("(synthesis 0.3 min for 15,360 new clips with 5,170 already on disk, "
+            "pretraining") in render_report(s)
     s["synthesis"]["reused"] = 20530
     assert "(synthesis 0.3 min (all 20,530 clips were already on disk), " in render_report(s)
 

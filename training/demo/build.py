@@ -62,11 +62,12 @@ class BuildConfig:
     # corpus sizes: clips per class and split
     upstream_train: int = 80
     upstream_valid: int = 10
-    train: int = 200
+    train: int = 400
     valid: int = 20
     test: int = 40
-    synthetic_speakers: int = 0
-    """Made-up voice variants added to the training split (``corpus.synthetic_variant``)."""
+    synthetic_speakers: int = 64
+    """Made-up voice variants added to the training split (``corpus.synthetic_variant``): more
+    speakers, a wider range of vocal tract lengths than espeak-ng's 73 training variants."""
     # model
     embed_dim: int = 192
     depth: int = 4
@@ -81,7 +82,7 @@ class BuildConfig:
     bottleneck: int = 32
     # optimisation
     pretrain_batch_size: int = 64
-    pretrain_epochs: int = 30
+    pretrain_epochs: int = 40
     pretrain_lr: float = 1e-3
     batch_size: int = 32
     epochs: int = 10

@@ -44,8 +44,8 @@ def _reused(times: dict[str, float], synthesis: dict[str, Any] | None) -> str:
         return f" for {synthesis['clips']:,} clips"
     if synthesis["reused"] == synthesis["clips"]:
         return f" (all {synthesis['clips']:,} clips were already on disk)"
-    return (f" for {synthesis['clips'] - synthesis['reused']:,} new clips; "
-            f"{synthesis['reused']:,} of the {synthesis['clips']:,} were already on disk")
+    return (f" for {synthesis['clips'] - synthesis['reused']:,} new clips with "
+            f"{synthesis['reused']:,} already on disk")
 
 
 def _timing(times: dict[str, float], pre: dict[str, Any],
