@@ -156,7 +156,7 @@ def test_tiny_build_through_the_cli(tmp_path, capsys):
     assert set(summary["results"]["instruments"]) == {"head", "aat_ms"}
     served = load_checkpoint(assets / "backbone")
     assert served.backbone.cfg.embed_dim == 32
-    assert len(served.labels) == len(C.UPSTREAM_WORDS) + len(C.UPSTREAM_SOUNDS) == 85
+    assert len(served.labels) == len(C.UPSTREAM_WORDS) + len(C.UPSTREAM_SOUNDS) == 97
     bundle = TaskBundle.load(assets / "tasks" / "instruments.safetensors")
     bundle.check_backbone(served.backbone)
     assert bundle.manifest.method == "aat_ms" and bundle.manifest.labels == sorted(

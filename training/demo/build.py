@@ -1,6 +1,6 @@
 """``aat demo build``: corpus -> pretrained small AST -> task bundles -> evaluation -> artifacts.
 
-1. Synthesize the upstream corpus (72 words, 13 sound classes) and the three downstream
+1. Synthesize the upstream corpus (84 words, 13 sound classes) and the three downstream
    corpora (digits, commands, instruments) with speaker-disjoint splits (``corpus``).
 2. Pretrain a small AST (same ``AST`` code as ViT-B, only smaller) on the upstream corpus,
    supervised, with the training package's trainer (method ``full``).

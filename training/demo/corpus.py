@@ -82,6 +82,8 @@ UPSTREAM_WORDS = (
     "kitchen", "ladder", "lemon", "magic", "monkey", "morning", "ocean", "pillow", "pocket",
     "purple", "rocket", "shadow", "silver", "sister", "thunder", "tiger", "tomato", "village",
     "wagon", "zebra",
+    "bucket", "muffin", "jumping", "lobster", "robot", "ticket", "shop", "soft", "topic",
+    "hobby", "tough", "button",
 )
 """Upstream (pretraining) words: none is a digit or a command, nor sounds like one (no "for",
 "to", "won", "ate", "know", "write"): the backbone learns the sounds of English words in general,
