@@ -54,7 +54,7 @@ def measure(method: str, frames: int, batch: int, steps: int, warmup: int, devic
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    rss_before = (rss_bytes() or 0) / 2**20
+    rss_before = rss_bytes()  # None without /proc: the difference below is then unknown
     for _ in range(warmup):
         step()
     if dev.type == "cuda":
@@ -76,7 +76,8 @@ def measure(method: str, frames: int, batch: int, steps: int, warmup: int, devic
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
         out["peak_mb"] = peak
-        out["peak_over_start_mb"] = peak - rss_before
+        out["peak_over_start_mb"] = (peak - rss_before / 2**20 if rss_before is not None
+                                     else float("nan"))
     return out
 
 

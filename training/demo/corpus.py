@@ -438,15 +438,13 @@ def espeak_data(speakers: Speakers, root: Path) -> Path | None:
     system = Path(res.split("Data at:", 1)[1].strip())
     data = root / "espeak-ng-data"
     shutil.rmtree(root, ignore_errors=True)
-    (data / "voices" / "!v").mkdir(parents=True)
-    for item in system.iterdir():
-        if item.name != "voices":
-            (data / item.name).symlink_to(item)
-    for item in (system / "voices").iterdir():
-        if item.name != "!v":
-            (data / "voices" / item.name).symlink_to(item)
-    for item in (system / "voices" / "!v").iterdir():
-        (data / "voices" / "!v" / item.name).symlink_to(item)
+    # Link every entry on the way down to the variant folder except the folder made here (own);
+    # the variant folder gets real children.
+    for sub, own in ((Path("."), "voices"), (Path("voices"), "!v"), (Path("voices/!v"), None)):
+        (data / sub).mkdir(parents=True, exist_ok=True)
+        for item in (system / sub).iterdir():
+            if item.name != own:
+                (data / sub / item.name).symlink_to(item)
     for name, text in speakers.synthetic.items():
         (data / "voices" / "!v" / name).write_text(text)
     return root
@@ -512,8 +510,17 @@ def render(plan: ClipPlan, beds: dict[str, np.ndarray], espeak_path: Path | None
 def clips_on_disk(corpora: Iterable[CorpusDef], out: str | Path, *, seed: int,
                   speakers: Speakers) -> tuple[int, int]:
     """How many clips ``synthesize`` plans for ``corpora`` and how many are already on disk."""
-    plans = [p for c in corpora for p in plan_corpus(c, speakers, seed)]
-    return len(plans), sum((Path(out) / p.corpus / p.rel).is_file() for p in plans)
+    plans = _plan_all(corpora, speakers, seed)
+    return len(plans), len(plans) - len(_missing(plans, Path(out)))
+
+
+def _plan_all(corpora: Iterable[CorpusDef], speakers: Speakers, seed: int) -> list[ClipPlan]:
+    return [p for c in corpora for p in plan_corpus(c, speakers, seed)]
+
+
+def _missing(plans: list[ClipPlan], out: Path) -> list[ClipPlan]:
+    """The plans whose clip is not on disk yet (clips on disk are kept, never re-rendered)."""
+    return [p for p in plans if not (out / p.corpus / p.rel).is_file()]
 
 
 def synthesize(corpora: Iterable[CorpusDef], out: str | Path, *, seed: int = 0,
@@ -536,8 +543,8 @@ def synthesize(corpora: Iterable[CorpusDef], out: str | Path, *, seed: int = 0,
     beds = noise_beds()
     data = espeak_data(speakers, out / ".espeak")
     versions = tool_versions()
-    plans = [p for c in corpora for p in plan_corpus(c, speakers, seed)]
-    todo = [p for p in plans if not (out / p.corpus / p.rel).is_file()]
+    plans = _plan_all(corpora, speakers, seed)
+    todo = _missing(plans, out)
 
     def job(plan: ClipPlan) -> None:
         path = out / plan.corpus / plan.rel

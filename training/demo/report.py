@@ -36,11 +36,18 @@ def _train_speakers(speakers: dict[str, Any]) -> str:
             "0.8-1.5x, formants and pitch")
 
 
-def _reused(times: dict[str, float], synthesis: dict[str, Any] | None) -> str:
-    """What the synthesis time covers (records before ``synthesis`` existed: a guess)."""
+def _found_clips(times: dict[str, float], synthesis: dict[str, Any] | None) -> bool:
+    """Whether the build found clips on disk (records before ``synthesis`` existed: a guess)."""
     if synthesis is None:
-        return " (the clips were already on disk)" if times["synthesis_s"] < 60 else ""
-    if not synthesis["reused"]:
+        return times["synthesis_s"] < 60
+    return synthesis["reused"] > 0
+
+
+def _reused(times: dict[str, float], synthesis: dict[str, Any] | None) -> str:
+    """What the synthesis time covers."""
+    if synthesis is None:
+        return " (the clips were already on disk)" if _found_clips(times, synthesis) else ""
+    if not _found_clips(times, synthesis):
         return f" for {synthesis['clips']:,} clips"
     if synthesis["reused"] == synthesis["clips"]:
         return f" (all {synthesis['clips']:,} clips were already on disk)"
@@ -60,7 +67,7 @@ def _timing(times: dict[str, float], pre: dict[str, Any],
             f"resumed a finished pretraining run from its run directory, whose "
             f"{pre['epochs']} epochs had taken {_mins(pre['epoch_seconds'])} of training "
             f"(validation passes not counted). From scratch: about **{_mins(scratch)}**"
-            + (" plus the synthesis." if "already on disk" in reused else "."))
+            + (" plus the synthesis." if _found_clips(times, synthesis) else "."))
 
 
 def render_report(s: dict[str, Any]) -> str:
