@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 
 import numpy as np
@@ -195,3 +196,37 @@ def test_synthetic_variant_is_rendered_from_its_own_file(tmp_path):
     with pytest.raises(ConfigError, match=f"variant {made[0]} is synthetic; render it with the "
                                           "espeak-ng data directory"):
         clip(made[0], None)
+
+
+def test_espeak_data_has_room_for_many_synthetic_speakers(tmp_path):
+    # espeak-ng's voice list is short: with every installed language and MBROLA voice linked,
+    # 128 made-up variants did not fit and espeak-ng answered "voice does not exist".
+    require_tool("espeak-ng")
+    require_tool("sox")
+    most = C.make_speakers(0, synthetic=200)
+    data = C.espeak_data(most, tmp_path / "esp")
+    plan = C.plan_corpus(TINY[0], most, seed=0)[0]
+    beds = C.noise_beds(1.0)
+    last = list(most.synthetic)[-1]
+    params = {**plan.params, "variant": last, "noise": None, "reverb": None}
+    clip = C.render(C.ClipPlan(plan.corpus, plan.label, "train", plan.rel, "speech", params),
+                    beds, data)
+    default = C.render(C.ClipPlan(plan.corpus, plan.label, "train", plan.rel, "speech",
+                                  {**params, "variant": "nonexistent"}), beds, None)
+    assert clip.size > 0 and not np.array_equal(clip, default)
+    listed = sum(len(f) for top in ("lang", "voices")
+                 for _, _, f in os.walk(data / "espeak-ng-data" / top, followlinks=True))
+    made = C.ESPEAK_MAX_VOICES - (listed - 200) + 1
+    with pytest.raises(ConfigError) as err:
+        C.espeak_data(C.make_speakers(0, synthetic=made), tmp_path / "esp2")
+    assert str(err.value) == (
+        f"{made} synthetic speakers are too many: with the {listed - 200} installed voice files "
+        f"the demo needs that makes {C.ESPEAK_MAX_VOICES + 1}, and espeak-ng takes at most "
+        f"{C.ESPEAK_MAX_VOICES}; use at most {made - 1} synthetic speakers")
+    # The limit is espeak-ng's own: at the most allowed, the last variant still renders.
+    fullest = C.make_speakers(0, synthetic=made - 1)
+    data = C.espeak_data(fullest, tmp_path / "esp3")
+    params["variant"] = list(fullest.synthetic)[-1]
+    clip = C.render(C.ClipPlan(plan.corpus, plan.label, "train", plan.rel, "speech", params),
+                    beds, data)
+    assert clip.size > 0 and not np.array_equal(clip, default)

@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
 import shutil
 import subprocess
@@ -424,11 +425,19 @@ def noise_beds(seconds: float = 4.0) -> dict[str, np.ndarray]:
     return beds
 
 
+ESPEAK_MAX_VOICES = 347
+"""The most voice files (languages plus variants) a data directory may hold: espeak-ng 1.51's
+voice list has 349 places (``N_VOICES_LIST - 1``); past 347 files it warns and drops voices
+(measured)."""
+
+
 def espeak_data(speakers: Speakers, root: Path) -> Path | None:
     """A private espeak-ng data directory that adds the synthetic variants (None if none).
 
-    Everything but the variant folder links to the installed data; espeak-ng reads it with
-    ``--path`` (the installed variants sound exactly as without it).
+    Everything but the voice folders links to the installed data; espeak-ng reads it with
+    ``--path`` (the installed variants sound exactly as without it). espeak-ng's voice list is
+    short, so the directory holds only the West Germanic languages (every voice in ``VOICES``)
+    and no MBROLA voices: that leaves room for about 230 made-up variants.
     """
     if not speakers.synthetic:
         return None
@@ -438,15 +447,27 @@ def espeak_data(speakers: Speakers, root: Path) -> Path | None:
     system = Path(res.split("Data at:", 1)[1].strip())
     data = root / "espeak-ng-data"
     shutil.rmtree(root, ignore_errors=True)
-    # Link every entry on the way down to the variant folder except the folder made here (own);
-    # the variant folder gets real children.
-    for sub, own in ((Path("."), "voices"), (Path("voices"), "!v"), (Path("voices/!v"), None)):
+    # Real folders down to the variant folder, and the language folder; in each, links to the
+    # installed entries it keeps.
+    keep = {Path("."): lambda name: name not in ("voices", "lang"),
+            Path("voices"): lambda name: name not in ("!v", "mb"),
+            Path("voices/!v"): lambda name: True,
+            Path("lang"): lambda name: name == "gmw"}
+    for sub, kept in keep.items():
         (data / sub).mkdir(parents=True, exist_ok=True)
         for item in (system / sub).iterdir():
-            if item.name != own:
+            if kept(item.name):
                 (data / sub / item.name).symlink_to(item)
     for name, text in speakers.synthetic.items():
         (data / "voices" / "!v" / name).write_text(text)
+    listed = sum(len(files) for top in ("lang", "voices")
+                 for _, _, files in os.walk(data / top, followlinks=True))
+    if listed > ESPEAK_MAX_VOICES:
+        made = len(speakers.synthetic)
+        raise ConfigError(f"{made} synthetic speakers are too many: with the {listed - made} "
+                          f"installed voice files the demo needs that makes {listed}, and "
+                          f"espeak-ng takes at most {ESPEAK_MAX_VOICES}; use at most "
+                          f"{ESPEAK_MAX_VOICES - listed + made} synthetic speakers")
     return root
 
 
