@@ -19,6 +19,8 @@ def _command(args: argparse.Namespace, seed: int) -> str:
         parts += ["--preset", args.preset]
     if args.threads is not None:
         parts += ["--threads", str(args.threads)]
+    if args.device != "cpu":
+        parts += ["--device", args.device]
     for flag in ("tasks", "methods"):
         if getattr(args, flag):
             parts += [f"--{flag}", *getattr(args, flag)]
@@ -35,7 +37,8 @@ def run_build(args: argparse.Namespace) -> int:
     summary = build(cfg, args.workdir, args.assets, docs=args.docs,
                     progress=not args.json, command=_command(args, cfg.seed),
                     tasks=tuple(args.tasks or TASKS),
-                    methods=tuple(args.methods) if args.methods else ("head", "aat_ms", "full"))
+                    methods=tuple(args.methods) if args.methods else ("head", "aat_ms", "full"),
+                    device=args.device)
     complete = not args.tasks and not args.methods
     misses = check_targets(summary) if complete else []
     if args.json:
@@ -78,5 +81,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="only these methods (trials)")
     b.add_argument("--workers", type=int, help="synthesis processes in parallel (default 2)")
     b.add_argument("--threads", type=int, help="torch threads (default 2)")
+    b.add_argument("--device", default="cpu",
+                   help="where to train: cpu (default; the committed artifacts), cuda, cuda:N "
+                        "(fast trials; results differ from the CPU's in the last bits)")
     b.add_argument("--json", action="store_true", help="print the build summary as JSON")
     b.set_defaults(func=run_build)

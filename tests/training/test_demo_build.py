@@ -168,9 +168,32 @@ def test_tiny_build_through_the_cli(tmp_path, capsys):
     assert summary["synthesis"]["reused"] == 0 and summary["synthesis"]["clips"] == sum(
         sum(c.values()) for c in summary["corpus"].values())
     assert "| AAT^MS (adapters) |" in docs.read_text()
+    assert summary["device"] == "cpu"
+    from training.demo.build import PRESETS, build
     with pytest.raises(ConfigError, match="unknown demo task or method"):
-        from training.demo.build import PRESETS, build
         build(PRESETS["tiny"], tmp_path / "work", assets, tasks=("nope",))
+    # A device that cannot run fails before anything is written.
+    with pytest.raises(ConfigError) as err:
+        build(PRESETS["tiny"], tmp_path / "never", assets, device="tpu:x")
+    assert str(err.value) == ("demo build device: unknown device 'tpu:x'; expected auto, cpu, "
+                              "cuda or cuda:N")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError) as err:
+            build(PRESETS["tiny"], tmp_path / "never", assets, device="cuda")
+        assert str(err.value) == ("demo build device is 'cuda' but no CUDA device is "
+                                  "available; use 'auto' or 'cpu'")
+    assert not (tmp_path / "never").exists()
+
+
+def test_build_command_names_a_non_default_device():
+    import argparse
+
+    from cli.demo import _command
+    args = argparse.Namespace(preset="full", threads=None, tasks=None, methods=None,
+                              device="cuda:1")
+    assert _command(args, 0) == "aat demo build --seed 0 --device cuda:1"
+    assert _command(argparse.Namespace(**{**vars(args), "device": "cpu"}), 0) == (
+        "aat demo build --seed 0")
 
 
 # -- the committed artifacts -----------------------------------------------------------------

@@ -31,6 +31,7 @@ from adapters.backbone import AST
 from adapters.bundle import TaskBundle
 from adapters.checkpoints import load_checkpoint, to_hf_state_dict
 from adapters.config import BackboneConfig, FeatureConfig
+from adapters.device import resolve_device
 from adapters.errors import ConfigError
 from adapters.features import load_audio, log_mel
 from training.api import train
@@ -214,33 +215,37 @@ def _sizes(root: Path) -> dict[str, int]:
 def build(cfg: BuildConfig, workdir: str | Path, assets: str | Path, *,
           docs: str | Path | None = None, progress: bool = True,
           command: str = "aat demo build", tasks: tuple[str, ...] = tuple(TASKS),
-          methods: tuple[str, ...] = METHODS) -> dict[str, Any]:
+          methods: tuple[str, ...] = METHODS, device: str = "cpu") -> dict[str, Any]:
     """Run every step; return the summary written to ``<assets>/build.json``.
 
     ``tasks`` and ``methods`` restrict the downstream runs (for trials; the committed artifacts
     need every task with ``aat_ms``). Finished steps in ``workdir`` are reused: clips on disk
     are kept and a finished or interrupted training run resumes from its run directory.
+    ``device``: where training runs; the committed artifacts are built on the CPU (a GPU is
+    much faster for trials, and its results differ in the last bits).
     """
     unknown = sorted(set(tasks) - set(TASKS)) + sorted(set(methods) - set(METHODS))
     if unknown:
         raise ConfigError(f"unknown demo task or method {unknown}; tasks: {', '.join(TASKS)}; "
                           f"methods: {', '.join(METHODS)}")
+    dev = resolve_device(device, "demo build device")  # fails before anything is written
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
     try:
-        return _build(cfg, Path(workdir), Path(assets), docs, progress, command, tasks, methods)
+        return _build(cfg, Path(workdir), Path(assets), docs, progress, command, tasks, methods,
+                      dev)
     finally:
         torch.set_num_threads(threads)
 
 
 def _build(cfg: BuildConfig, workdir: Path, assets: Path, docs: str | Path | None,
            progress: bool, command: str, tasks: tuple[str, ...], methods: tuple[str, ...],
-           ) -> dict[str, Any]:
+           device: torch.device) -> dict[str, Any]:
     t_start = time.perf_counter()
     workdir, assets = Path(workdir), Path(assets)
     workdir.mkdir(parents=True, exist_ok=True)
     times: dict[str, float] = {}
-    options = RunOptions(device="cpu", progress=progress, cache_waveforms=True)
+    options = RunOptions(device=str(device), progress=progress, cache_waveforms=True)
 
     t = time.perf_counter()
     speakers = C.make_speakers(cfg.seed, synthetic=cfg.synthetic_speakers)
@@ -325,7 +330,7 @@ def _build(cfg: BuildConfig, workdir: Path, assets: Path, docs: str | Path | Non
         "synthesis": synthesis,
         "corpus": {c.name: json.loads((folders[c.name] / "corpus.json").read_text())["counts"]
                    for c in cfg.corpora()},
-        "tools": C.tool_versions(), "torch": torch.__version__,
+        "tools": C.tool_versions(), "torch": torch.__version__, "device": device.type,
         "threads": torch.get_num_threads(), "pretrain": pretrain, "results": results,
         "times": times}
     summary["sizes"] = _sizes(assets)
