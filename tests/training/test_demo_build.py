@@ -80,7 +80,8 @@ def _summary(head=0.5, aat=0.95, full=0.97):
             "tools": {"espeak-ng": "espeak", "sox": "sox"},
             "config": {"embed_dim": 128, "depth": 4, "num_heads": 2, "patch": 16, "stride": 16,
                        "time_stride": 8, "num_mel_bins": 64, "target_length": 100, "bottleneck": 32,
-                       "epochs": 10},
+                       "epochs": 10, "lr": {"head": 1e-2, "aat_ms": 5e-3, "full": 1e-3},
+                       "task_lr": {"commands": {"aat_ms": 2e-3}}},
             "speakers": {"variants": {"train": ["a"] * 73, "valid": ["b"] * 10,
                                       "test": ["c"] * 14},
                          "notes": {"train": [1], "valid": [2], "test": [3] * 8}},
@@ -102,6 +103,10 @@ def test_report_shows_every_figure():
     assert "stride 16 in frequency and 8 in time" in text and "(35 words and 13 sound" in text
     assert "| `adapters/demo_assets/backbone/model.safetensors` | 1.60 MB |" in text
     assert "above head-only on every task. All met." in text
+    assert "Learning rates: `head` 0.01, `aat_ms` 0.005 (commands 0.002), `full` 0.001." in text
+    plain = _summary()
+    plain["config"]["task_lr"] = {}
+    assert "Learning rates: `head` 0.01, `aat_ms` 0.005, `full` 0.001." in render_report(plain)
     assert "Missed: digits: aat_ms 85.0% < 90%; commands: aat_ms 85.0% < 90%." in render_report(
         _summary(aat=0.85))
     assert render_report(_summary(aat=0.9)) != text
@@ -154,6 +159,8 @@ def test_tiny_build_through_the_cli(tmp_path, capsys):
              for p in (tmp_path / "work" / "corpus" / "upstream").rglob("*+*_train*.wav")}
     assert heard & set(made) and not heard - set(summary["speakers"]["variants"]["train"])
     assert set(summary["results"]["instruments"]) == {"head", "aat_ms"}
+    lrs = {m: r["lr"] for m, r in summary["results"]["instruments"].items()}
+    assert lrs == {"head": 1e-2, "aat_ms": 5e-3}  # each run records the rate it trained at
     served = load_checkpoint(assets / "backbone")
     assert served.backbone.cfg.embed_dim == 32
     assert len(served.labels) == len(C.UPSTREAM_WORDS) + len(C.UPSTREAM_SOUNDS) == 97
@@ -183,6 +190,22 @@ def test_tiny_build_through_the_cli(tmp_path, capsys):
         assert str(err.value) == ("demo build device is 'cuda' but no CUDA device is "
                                   "available; use 'auto' or 'cpu'")
     assert not (tmp_path / "never").exists()
+
+
+def test_task_lr_overrides_one_run_and_rejects_unknown_names():
+    from training.demo.build import BuildConfig
+    cfg = BuildConfig(task_lr={"commands": {"aat_ms": 2e-3}})
+    assert cfg.lr_for("commands", "aat_ms") == 2e-3
+    assert cfg.lr_for("digits", "aat_ms") == cfg.lr["aat_ms"] == 5e-3  # the others keep lr
+    assert cfg.lr_for("commands", "head") == cfg.lr["head"] == 1e-2
+    with pytest.raises(ConfigError) as err:
+        BuildConfig(task_lr={"comands": {"aat_ms": 2e-3}, "digits": {"lora": 1e-3}})
+    assert str(err.value) == ("demo task_lr names unknown tasks or methods ['comands', 'lora']; "
+                              "tasks: digits, commands, instruments; methods: head, aat_ms, full")
+    with pytest.raises(ConfigError) as err:
+        BuildConfig(lr={"head": 1e-2, "aat_ms": 5e-3})
+    assert str(err.value) == ("demo lr needs exactly the methods head, aat_ms, full; "
+                              "got aat_ms, head")
 
 
 def test_build_command_names_a_non_default_device():
@@ -226,6 +249,20 @@ def test_committed_bundles_validate_against_the_committed_backbone():
 
 
 @needs_assets
+def test_committed_bundles_trained_at_the_configured_learning_rates():
+    from training.demo.build import BuildConfig
+    summary = json.loads(BUILD_JSON.read_text())
+    cfg = BuildConfig(**summary["config"])
+    assert cfg == BuildConfig()  # the committed artifacts are the defaults' build
+    lrs = {}
+    for task in TASKS:
+        lrs[task] = TaskBundle.load(TASKS_DIR / f"{task}.safetensors").manifest.recipe["lr"]
+        assert lrs[task] == summary["results"][task]["aat_ms"]["lr"] == cfg.lr_for(task,
+                                                                                     "aat_ms")
+    assert lrs["commands"] != lrs["digits"]  # the per-task override reached the bundle
+
+
+@needs_assets
 def test_committed_record_reproduces_on_resynthesized_test_speakers(tmp_path):
     """Resynthesize the digits test split (held-out speakers) from the recorded seed and score
     the committed bundle: the recorded held-out accuracy comes back (up to one clip)."""
@@ -237,7 +274,7 @@ def test_committed_record_reproduces_on_resynthesized_test_speakers(tmp_path):
     from training.demo.build import BuildConfig
 
     summary = json.loads(BUILD_JSON.read_text())
-    cfg = BuildConfig(**{k: v for k, v in summary["config"].items() if k != "lr"})
+    cfg = BuildConfig(**summary["config"])
     digits = next(c for c in cfg.corpora() if c.name == "digits")
     only_test = C.CorpusDef("digits", words=digits.words, per_class={"test": cfg.test})
     speakers = C.make_speakers(cfg.seed, synthetic=cfg.synthetic_speakers)

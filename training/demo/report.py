@@ -70,6 +70,16 @@ def _timing(times: dict[str, float], pre: dict[str, Any],
             + (" plus the synthesis." if _found_clips(times, synthesis) else "."))
 
 
+def _learning_rates(cfg: dict[str, Any], methods: list[str]) -> str:
+    """`head` 0.01, `aat_ms` 0.005 (commands 0.002), ... from ``lr`` and ``task_lr``."""
+    parts = []
+    for m in methods:
+        over = ", ".join(f"{t} {lrs[m]:g}" for t, lrs in sorted(cfg.get("task_lr", {}).items())
+                         if m in lrs)
+        parts.append(f"`{m}` {cfg['lr'][m]:g}" + (f" ({over})" if over else ""))
+    return ", ".join(parts)
+
+
 def render_report(s: dict[str, Any]) -> str:
     """Markdown for a build summary (``build.json``)."""
     cfg, res, pre, times = s["config"], s["results"], s["pretrain"], s["times"]
@@ -120,6 +130,7 @@ def render_report(s: dict[str, Any]) -> str:
         "4. **Downstream.** For each task, head-only, AAT^MS (bottleneck "
         f"{cfg['bottleneck']}) and full fine-tuning, {cfg['epochs']} epochs each, the best",
         "   epoch chosen on the validation speakers; accuracy below is on the test speakers.",
+        f"   Learning rates: {_learning_rates(cfg, methods)}.",
         "   The bundles are trained on the backbone as exported (fp16 weights read back as",
         "   fp32), so their fingerprint is the served backbone's.",
         "",
