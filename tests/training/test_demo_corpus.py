@@ -223,6 +223,7 @@ def test_espeak_data_has_room_for_many_synthetic_speakers(tmp_path):
         f"{made} synthetic speakers are too many: with the {listed - 200} installed voice files "
         f"the demo needs that makes {C.ESPEAK_MAX_VOICES + 1}, and espeak-ng takes at most "
         f"{C.ESPEAK_MAX_VOICES}; use at most {made - 1} synthetic speakers")
+    assert not (tmp_path / "esp2").exists()
     # The limit is espeak-ng's own: at the most allowed, the last variant still renders.
     fullest = C.make_speakers(0, synthetic=made - 1)
     data = C.espeak_data(fullest, tmp_path / "esp3")

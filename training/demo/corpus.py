@@ -463,6 +463,7 @@ def espeak_data(speakers: Speakers, root: Path) -> Path | None:
     listed = sum(len(files) for top in ("lang", "voices")
                  for _, _, files in os.walk(data / top, followlinks=True))
     if listed > ESPEAK_MAX_VOICES:
+        shutil.rmtree(root, ignore_errors=True)  # no half-usable directory left behind
         made = len(speakers.synthetic)
         raise ConfigError(f"{made} synthetic speakers are too many: with the {listed - made} "
                           f"installed voice files the demo needs that makes {listed}, and "
