@@ -132,6 +132,20 @@ def test_report_says_what_the_synthesis_time_covers():
     assert "(synthesis 0.3 min (all 20,530 clips were already on disk), " in render_report(s)
 
 
+def test_report_counts_resumed_runs_at_the_time_they_had_taken():
+    s = _summary()
+    assert "digits: head 12, aat_ms 12, full 12;" in render_report(s)
+    # A rerun in a finished work directory: pretraining and one run resume, one run trains.
+    s["pretrain"].update(resumed=True, epoch_seconds=1200.0)
+    s["times"] = {"total_s": 60.0, "synthesis_s": 6.0, "pretrain_s": 3.0}
+    s["results"]["digits"]["aat_ms"].update(seconds=2.0, epoch_seconds=150.0)
+    s["results"]["digits"]["head"]["epoch_seconds"] = 10.0
+    text = render_report(s)
+    assert "digits: head 12, aat_ms 150 (resumed), full 12;" in text
+    assert "This run took 1.0 min: " in text and "whose 12 epochs had taken 20.0 min" in text
+    assert "From scratch: about **23.4 min** plus the synthesis." in text  # 60 - 3 + 1200 + 148 s
+
+
 def test_check_targets():
     assert check_targets(_summary()) == []
     misses = check_targets(_summary(head=0.5, aat=0.85))
@@ -161,6 +175,8 @@ def test_tiny_build_through_the_cli(tmp_path, capsys):
     assert set(summary["results"]["instruments"]) == {"head", "aat_ms"}
     lrs = {m: r["lr"] for m, r in summary["results"]["instruments"].items()}
     assert lrs == {"head": 1e-2, "aat_ms": 5e-3}  # each run records the rate it trained at
+    assert all(0 < r["epoch_seconds"] <= r["seconds"]  # trained here, not resumed
+               for r in summary["results"]["instruments"].values())
     served = load_checkpoint(assets / "backbone")
     assert served.backbone.cfg.embed_dim == 32
     assert len(served.labels) == len(C.UPSTREAM_WORDS) + len(C.UPSTREAM_SOUNDS) == 97

@@ -322,6 +322,7 @@ def _build(cfg: BuildConfig, workdir: Path, assets: Path, docs: str | Path | Non
                 "test_acc": res.test["acc"], "valid_acc": res.valid["acc"], "lr": rec.lr,
                 "best_epoch": res.best_epoch, "trainable_params": res.trainable_params,
                 "total_params": res.total_params, "seconds": seconds,
+                "epoch_seconds": sum(h["epoch_time_s"] for h in res.history),
                 "train_clips": len(src.splits()["train"]), "test_clips": len(src.splits()["test"])}
             times[f"{task}_{method}_s"] = seconds
             if method == "aat_ms":

@@ -55,14 +55,29 @@ def _reused(times: dict[str, float], synthesis: dict[str, Any] | None) -> str:
             f"{synthesis['reused']:,} already on disk")
 
 
+def _resumed_s(run: dict[str, Any]) -> float:
+    """Training time a run did not spend in this build (resumed from the work directory)."""
+    return max(0.0, run.get("epoch_seconds", 0.0) - run["seconds"])
+
+
+def _run_time(run: dict[str, Any]) -> str:
+    """A run's time in seconds; a resumed run shows the time its epochs had taken."""
+    if _resumed_s(run) > 0:
+        return f"{run['epoch_seconds']:.0f} (resumed)"
+    return f"{run['seconds']:.0f}"
+
+
 def _timing(times: dict[str, float], pre: dict[str, Any],
-            synthesis: dict[str, Any] | None = None) -> str:
+            synthesis: dict[str, Any] | None = None,
+            results: dict[str, dict[str, Any]] | None = None) -> str:
     syn = times["synthesis_s"]
     reused = _reused(times, synthesis)
     if not pre.get("resumed"):
         return (f"Build time **{_mins(times['total_s'])}** (synthesis {_mins(syn)}{reused}, "
                 f"pretraining {_mins(times['pretrain_s'])}).")
-    scratch = times["total_s"] - times["pretrain_s"] + pre["epoch_seconds"]
+    runs = [r for by_method in (results or {}).values() for r in by_method.values()]
+    scratch = (times["total_s"] - times["pretrain_s"] + pre["epoch_seconds"]
+               + sum(_resumed_s(r) for r in runs))
     return (f"This run took {_mins(times['total_s'])}: synthesis {_mins(syn)}{reused}, and it "
             f"resumed a finished pretraining run from its run directory, whose "
             f"{pre['epochs']} epochs had taken {_mins(pre['epoch_seconds'])} of training "
@@ -102,7 +117,7 @@ def render_report(s: dict[str, Any]) -> str:
         "",
         f"Seed {s['seed']}; torch {s['torch']} with {s['threads']} thread(s); "
         f"{s['tools'].get('espeak-ng', '?')}; {s['tools'].get('sox', '?')}. "
-        + _timing(times, pre, s.get("synthesis")),
+        + _timing(times, pre, s.get("synthesis"), res),
         "",
         "1. **Corpus.** Spoken words: espeak-ng's eight English voices, each combined with a voice",
         "   variant (`en-us+klatt3`), random speed (130-210 wpm), pitch and amplitude; sox trims,",
@@ -152,7 +167,7 @@ def render_report(s: dict[str, Any]) -> str:
         + ".",
         "",
         "Training time per run (s): "
-        + "; ".join(f"{t}: " + ", ".join(f"{m} {res[t][m]['seconds']:.0f}" for m in methods)
+        + "; ".join(f"{t}: " + ", ".join(f"{m} {_run_time(res[t][m])}" for m in methods)
                     for t in tasks)
         + ".",
         "",
