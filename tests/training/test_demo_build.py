@@ -314,8 +314,9 @@ def test_committed_record_reproduces_on_resynthesized_test_speakers(tmp_path):
 @needs_assets
 def test_committed_record_and_docs_match():
     summary = json.loads(BUILD_JSON.read_text())
-    for task, res in summary["results"].items():  # adapters beat the linear probe everywhere
-        assert res["aat_ms"]["test_acc"] > res["head"]["test_acc"], task
+    # The targets: aat_ms >= 90 % on the spoken tasks and above head-only everywhere.
+    assert check_targets(summary) == []
+    assert all(r["aat_ms"]["test_acc"] > r["head"]["test_acc"] for r in summary["results"].values())
     assert summary["command"].startswith("aat demo build --seed ")
     total = sum(summary["sizes"].values())
     assert total < 8_000_000, summary["sizes"]
