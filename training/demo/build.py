@@ -20,6 +20,7 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,14 @@ TASKS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 METHODS = ("head", "aat_ms", "full")
 BACKBONE_DIR = "backbone"
 TASKS_DIR = "tasks"
+
+
+def _check_names(what: str, tasks: Iterable[str], methods: Iterable[str]) -> None:
+    """Raise if ``tasks`` or ``methods`` name a demo task or method that does not exist."""
+    unknown = sorted(set(tasks) - set(TASKS)) + sorted(set(methods) - set(METHODS))
+    if unknown:
+        raise ConfigError(f"{what} {unknown}; tasks: {', '.join(TASKS)}; "
+                          f"methods: {', '.join(METHODS)}")
 
 
 @dataclass(frozen=True)
@@ -108,14 +117,11 @@ class BuildConfig:
     """Store the backbone in fp16 (halves the committed size; loaded back as fp32)."""
 
     def __post_init__(self) -> None:
-        unknown = sorted(set(self.task_lr) - set(TASKS)) + sorted(
-            {m for over in self.task_lr.values() for m in over} - set(METHODS))
         if set(self.lr) != set(METHODS):
             raise ConfigError(f"demo lr needs exactly the methods {', '.join(METHODS)}; "
                               f"got {', '.join(sorted(self.lr))}")
-        if unknown:
-            raise ConfigError(f"demo task_lr names unknown tasks or methods {unknown}; "
-                              f"tasks: {', '.join(TASKS)}; methods: {', '.join(METHODS)}")
+        _check_names("demo task_lr names unknown tasks or methods", self.task_lr,
+                       {m for over in self.task_lr.values() for m in over})
 
     def lr_for(self, task: str, method: str) -> float:
         """The learning rate of one downstream run: ``task_lr`` if it names it, else ``lr``."""
@@ -243,10 +249,7 @@ def build(cfg: BuildConfig, workdir: str | Path, assets: str | Path, *,
     ``device``: where training runs; the committed artifacts are built on the CPU (a GPU is
     much faster for trials, and its results differ in the last bits).
     """
-    unknown = sorted(set(tasks) - set(TASKS)) + sorted(set(methods) - set(METHODS))
-    if unknown:
-        raise ConfigError(f"unknown demo task or method {unknown}; tasks: {', '.join(TASKS)}; "
-                          f"methods: {', '.join(METHODS)}")
+    _check_names("unknown demo task or method", tasks, methods)
     dev = resolve_device(device, "demo build device")  # fails before anything is written
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
