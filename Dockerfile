@@ -37,7 +37,7 @@ COPY pyproject.toml README.md ./
 COPY adapters ./adapters
 COPY training ./training
 COPY service ./service
-COPY cli ./cli
+COPY aat_serve ./aat_serve
 RUN pip install . \
     && pip uninstall -y pip
 

@@ -3,10 +3,10 @@
 Knows nothing of HTTP or training loops.
 """
 
-from adapters.backbone import AST
-from adapters.bundle import Manifest, TaskBundle
-from adapters.config import AdapterConfig, BackboneConfig, FeatureConfig
-from adapters.errors import (
+from aat_serve.adapters.backbone import AST
+from aat_serve.adapters.bundle import Manifest, TaskBundle
+from aat_serve.adapters.config import AdapterConfig, BackboneConfig, FeatureConfig
+from aat_serve.adapters.errors import (
     AATError,
     AudioError,
     BackboneMismatchError,
@@ -14,8 +14,8 @@ from adapters.errors import (
     CheckpointError,
     ConfigError,
 )
-from adapters.methods import METHODS, get_method
-from adapters.model import AudioClassifier, count_trainable
+from aat_serve.adapters.methods import METHODS, get_method
+from aat_serve.adapters.model import AudioClassifier, count_trainable
 
 __all__ = [
     "AST",

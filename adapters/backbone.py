@@ -25,9 +25,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from adapters.config import BackboneConfig
-from adapters.errors import ConfigError
-from adapters.modules import Adapter
+from aat_serve.adapters.config import BackboneConfig
+from aat_serve.adapters.errors import ConfigError
+from aat_serve.adapters.modules import Adapter
 
 
 def resample_pos_grid(

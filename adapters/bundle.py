@@ -29,12 +29,12 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from adapters.backbone import AST
-from adapters.config import AdapterConfig, BackboneConfig, FeatureConfig
-from adapters.errors import BackboneMismatchError, BundleError, ConfigError
-from adapters.fileio import atomic_write
-from adapters.methods import METHODS, get_method
-from adapters.model import AudioClassifier
+from aat_serve.adapters.backbone import AST
+from aat_serve.adapters.config import AdapterConfig, BackboneConfig, FeatureConfig
+from aat_serve.adapters.errors import BackboneMismatchError, BundleError, ConfigError
+from aat_serve.adapters.fileio import atomic_write
+from aat_serve.adapters.methods import METHODS, get_method
+from aat_serve.adapters.model import AudioClassifier
 
 FORMAT = "aat-bundle/1"
 TASK_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")

@@ -28,12 +28,12 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
-from adapters.backbone import AST
-from adapters.bundle import TaskBundle
-from adapters.config import AUDIOSET_MEAN, AUDIOSET_STD, BackboneConfig, FeatureConfig
-from adapters.errors import AATError, CheckpointError, ConfigError
-from adapters.hub import looks_like_model_id, resolve_checkpoint
-from adapters.model import AudioClassifier
+from aat_serve.adapters.backbone import AST
+from aat_serve.adapters.bundle import TaskBundle
+from aat_serve.adapters.config import AUDIOSET_MEAN, AUDIOSET_STD, BackboneConfig, FeatureConfig
+from aat_serve.adapters.errors import AATError, CheckpointError, ConfigError
+from aat_serve.adapters.hub import looks_like_model_id, resolve_checkpoint
+from aat_serve.adapters.model import AudioClassifier
 
 HEAD_KEYS = ("norm.weight", "norm.bias", "fc.weight", "fc.bias")
 """Names in ``LoadedCheckpoint.head`` (``head.`` + these in a canonical state dict)."""

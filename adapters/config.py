@@ -7,7 +7,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from adapters.errors import ConfigError
+from aat_serve.adapters.errors import ConfigError
 
 AUDIOSET_MEAN = -4.2677393
 AUDIOSET_STD = 4.5689974

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from adapters.errors import ConfigError
+from aat_serve.adapters.errors import ConfigError
 
 
 def resolve_device(name: str, setting: str = "device") -> torch.device:

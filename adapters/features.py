@@ -19,8 +19,8 @@ import torch
 import torchaudio.compliance.kaldi as kaldi
 import torchaudio.functional as taf
 
-from adapters.config import FeatureConfig
-from adapters.errors import AudioError, ConfigError
+from aat_serve.adapters.config import FeatureConfig
+from aat_serve.adapters.errors import AudioError, ConfigError
 
 AudioSource = bytes | bytearray | memoryview | str | os.PathLike | BinaryIO
 

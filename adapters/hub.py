@@ -16,7 +16,7 @@ import os
 import re
 from pathlib import Path
 
-from adapters.errors import CheckpointError
+from aat_serve.adapters.errors import CheckpointError
 
 MODEL_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 """``owner/name`` as the hub spells repository ids."""

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from adapters.config import AdapterConfig
-from adapters.errors import ConfigError
+from aat_serve.adapters.config import AdapterConfig
+from aat_serve.adapters.errors import ConfigError
 
 
 @dataclass(frozen=True)

@@ -7,11 +7,11 @@ import dataclasses
 import torch
 from torch import nn
 
-from adapters.backbone import AST
-from adapters.config import AdapterConfig
-from adapters.errors import ConfigError
-from adapters.methods import MethodSpec, get_method
-from adapters.modules import Adapter, ClassifierHead, DeepPrompt
+from aat_serve.adapters.backbone import AST
+from aat_serve.adapters.config import AdapterConfig
+from aat_serve.adapters.errors import ConfigError
+from aat_serve.adapters.methods import MethodSpec, get_method
+from aat_serve.adapters.modules import Adapter, ClassifierHead, DeepPrompt
 
 
 class AudioClassifier(nn.Module):

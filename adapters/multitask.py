@@ -18,8 +18,9 @@ Execution (``backend``):
   backbone); the R adapter rows are rewritten when the single task changes (a few MB, under a
   lock; a batch that finds the buffer busy takes the shared path). fc2 is not concatenated
   because oneDNN needs contiguous weights and a second copy of W2 would cost 113 MB (fp32).
-  GEMMs go through oneDNN with fused epilogues where available (``adapters.kernels.cpu``).
-- ``triton`` (CUDA): the fused kernels of ``adapters.kernels``; ``torch`` / ``interpret`` run
+  GEMMs go through oneDNN with fused epilogues where available (``aat_serve.adapters.kernels.cpu``).
+- ``triton`` (CUDA): the fused kernels of ``aat_serve.adapters.kernels``; ``torch`` / ``interpret``
+run
   the same code path through the torch reference or Triton's interpreter (tests).
 
 Hot swap: copy-on-write per task. Loading a task fills a fresh slot (and pool row) while the old
@@ -46,13 +47,13 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
-from adapters.backbone import AST, Block, drop_prompts, insert_prompts
-from adapters.bundle import Manifest, TaskBundle
-from adapters.errors import BundleError, ConfigError, SlotsFullError, UnknownTaskError
-from adapters.kernels import cpu
-from adapters.kernels.dispatch import mlp_adapter, triton_available
-from adapters.kernels.layout import AdapterPool, MlpWeights, segments
-from adapters.methods import get_method
+from aat_serve.adapters.backbone import AST, Block, drop_prompts, insert_prompts
+from aat_serve.adapters.bundle import Manifest, TaskBundle
+from aat_serve.adapters.errors import BundleError, ConfigError, SlotsFullError, UnknownTaskError
+from aat_serve.adapters.kernels import cpu
+from aat_serve.adapters.kernels.dispatch import mlp_adapter, triton_available
+from aat_serve.adapters.kernels.layout import AdapterPool, MlpWeights, segments
+from aat_serve.adapters.methods import get_method
 
 BACKENDS = ("auto", "segments", "triton", "interpret", "torch")
 _SLOT_WAIT_S = 60.0

@@ -24,9 +24,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from adapters.backbone import AST, Block, drop_prompts, insert_prompts
-from adapters.errors import ConfigError
-from adapters.model import AudioClassifier
+from aat_serve.adapters.backbone import AST, Block, drop_prompts, insert_prompts
+from aat_serve.adapters.errors import ConfigError
+from aat_serve.adapters.model import AudioClassifier
 
 OPSET = 17
 

@@ -33,10 +33,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from adapters.backbone import AST, drop_prompts, insert_prompts
-from adapters.errors import ConfigError
-from adapters.multitask import MultiTaskModel
-from adapters.onnx_export import FixedLengthEmbed
+from aat_serve.adapters.backbone import AST, drop_prompts, insert_prompts
+from aat_serve.adapters.errors import ConfigError
+from aat_serve.adapters.multitask import MultiTaskModel
+from aat_serve.adapters.onnx_export import FixedLengthEmbed
 
 log = logging.getLogger(__name__)
 

@@ -41,15 +41,15 @@ else
 fi
 
 echo "== aat bench kernel (without the torch.compile baseline) =="
-timeout 90 "$PY" -m cli.bench kernel --no-compile --json > "$OUTDIR/bench_kernel.json" || status=1
+timeout 90 "$PY" -m aat_serve.cli.bench kernel --no-compile --json > "$OUTDIR/bench_kernel.json" || status=1
 echo "== aat bench kernel (all baselines; torch.compile may take long: bounded, optional) =="
-timeout 75 "$PY" -m cli.bench kernel --json > "$OUTDIR/bench_kernel_compile.json" \
+timeout 75 "$PY" -m aat_serve.cli.bench kernel --json > "$OUTDIR/bench_kernel_compile.json" \
   || echo "(the run with torch.compile did not finish in time; figures above stand)"
 for f in "$OUTDIR/bench_kernel.json" "$OUTDIR/bench_kernel_compile.json"; do
   if [ -s "$f" ]; then
     "$PY" - "$f" <<'PYEOF' | tee "${f%.json}.txt"
 import json, sys
-from adapters.benchmarks.kernel import format_report
+from aat_serve.adapters.benchmarks.kernel import format_report
 print(format_report(json.load(open(sys.argv[1]))))
 PYEOF
   fi

@@ -13,21 +13,21 @@ import torch
 from fastapi import APIRouter, Depends, Query, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from adapters.bundle import check_task_name
-from adapters.errors import AATError, ConfigError
-from service.auth import require_admin_token, require_api_token
-from service.bodies import check_media_type, read_payload
-from service.engine import Job
-from service.errors import (
+from aat_serve.adapters.bundle import check_task_name
+from aat_serve.adapters.errors import AATError, ConfigError
+from aat_serve.service.auth import require_admin_token, require_api_token
+from aat_serve.service.bodies import check_media_type, read_payload
+from aat_serve.service.engine import Job
+from aat_serve.service.errors import (
     ServiceError,
     error_responses,
     from_aat_error,
     not_ready,
     timed_out,
 )
-from service.metrics import UNKNOWN_TASK
-from service.runtime import Service, runtime_info
-from service.schemas import (
+from aat_serve.service.metrics import UNKNOWN_TASK
+from aat_serve.service.runtime import Service, runtime_info
+from aat_serve.service.schemas import (
     ClassifyResponse,
     DeleteResult,
     Health,

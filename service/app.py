@@ -15,13 +15,13 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from adapters.checkpoints import LoadedCheckpoint
-from adapters.errors import AATError
-from service.api import router
-from service.errors import ServiceError, error_response, from_aat_error
-from service.logs import RequestContextMiddleware
-from service.runtime import Service, load_backbone, with_embedded_defaults
-from service.settings import Settings, load_settings
+from aat_serve.adapters.checkpoints import LoadedCheckpoint
+from aat_serve.adapters.errors import AATError
+from aat_serve.service.api import router
+from aat_serve.service.errors import ServiceError, error_response, from_aat_error
+from aat_serve.service.logs import RequestContextMiddleware
+from aat_serve.service.runtime import Service, load_backbone, with_embedded_defaults
+from aat_serve.service.settings import Settings, load_settings
 
 DESCRIPTION = """\
 One frozen Audio Spectrogram Transformer serves many audio classification tasks; each task is a

@@ -13,7 +13,7 @@ import hmac
 
 from fastapi import Request
 
-from service.errors import ServiceError
+from aat_serve.service.errors import ServiceError
 
 
 def _digest(token: str) -> bytes:

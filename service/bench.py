@@ -37,12 +37,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from adapters.backbone import AST
-from adapters.bundle import TaskBundle
-from adapters.checkpoints import load_checkpoint, to_hf_state_dict
-from adapters.config import BackboneConfig, FeatureConfig
-from adapters.errors import ConfigError
-from adapters.model import AudioClassifier
+from aat_serve.adapters.backbone import AST
+from aat_serve.adapters.bundle import TaskBundle
+from aat_serve.adapters.checkpoints import load_checkpoint, to_hf_state_dict
+from aat_serve.adapters.config import BackboneConfig, FeatureConfig
+from aat_serve.adapters.errors import ConfigError
+from aat_serve.adapters.model import AudioClassifier
 
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(embed_dim=32, depth=2, num_heads=2, mlp_hidden=64, freq_stride=16,
@@ -137,8 +137,8 @@ class LocalServer:
     def __init__(self, **settings: Any) -> None:
         import uvicorn
 
-        from service.app import create_app
-        from service.settings import Settings
+        from aat_serve.service.app import create_app
+        from aat_serve.service.settings import Settings
 
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"

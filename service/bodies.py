@@ -14,7 +14,7 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect
 
-from service.errors import ServiceError, bad_request, too_large
+from aat_serve.service.errors import ServiceError, bad_request, too_large
 
 RAW_AUDIO_TYPES = ("audio/*", "application/octet-stream")
 MULTIPART = "multipart/form-data"

@@ -27,12 +27,12 @@ from typing import Any
 
 import torch
 
-from adapters.bundle import Manifest, TaskBundle
-from adapters.errors import UnknownTaskError
-from service.errors import ServiceError, overloaded, timed_out
-from service.metrics import Metrics
+from aat_serve.adapters.bundle import Manifest, TaskBundle
+from aat_serve.adapters.errors import UnknownTaskError
+from aat_serve.service.errors import ServiceError, overloaded, timed_out
+from aat_serve.service.metrics import Metrics
 
-log = logging.getLogger("aat.service.engine")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """One error path: every failure becomes ``{"error": {"type", "message"}}`` with one status.
 
 ``ServiceError`` carries the HTTP status, a stable ``type`` string and a message; the model
-package's own errors (``adapters.errors``) are mapped to it in ``from_aat_error``.
+package's own errors (``aat_serve.adapters.errors``) are mapped to it in ``from_aat_error``.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
-from adapters.errors import (
+from aat_serve.adapters.errors import (
     AATError,
     AudioError,
     BackboneMismatchError,

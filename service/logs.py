@@ -17,9 +17,9 @@ import time
 import uuid
 from typing import Any
 
-from service.errors import error_response
+from aat_serve.service.errors import error_response
 
-log = logging.getLogger("aat.service.access")
+log = logging.getLogger("aat_serve.service.access")
 
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _RESERVED = set(vars(logging.makeLogRecord({})))

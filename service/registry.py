@@ -18,13 +18,13 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from adapters.bundle import Manifest, TaskBundle, content_version, read_manifest
-from adapters.errors import AATError, BundleError, SlotsFullError, UnknownTaskError
-from service.engine import Engine, TaskInfo
-from service.metrics import Metrics
-from service.store import BundleStore, StoreEntry
+from aat_serve.adapters.bundle import Manifest, TaskBundle, content_version, read_manifest
+from aat_serve.adapters.errors import AATError, BundleError, SlotsFullError, UnknownTaskError
+from aat_serve.service.engine import Engine, TaskInfo
+from aat_serve.service.metrics import Metrics
+from aat_serve.service.store import BundleStore, StoreEntry
 
-log = logging.getLogger("aat.service.registry")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)

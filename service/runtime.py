@@ -18,20 +18,20 @@ from typing import Any
 
 import torch
 
-from adapters.checkpoints import LoadedCheckpoint, load_checkpoint
-from adapters.config import FeatureConfig
-from adapters.device import onnx_providers, resolve_device
-from adapters.errors import ConfigError
-from adapters.features import fbank, load_audio
-from adapters.multitask import MultiTaskModel
-from service.engine import Engine
-from service.errors import overloaded
-from service.metrics import Metrics
-from service.registry import Registry
-from service.settings import Settings
-from service.store import BundleStore
+from aat_serve.adapters.checkpoints import LoadedCheckpoint, load_checkpoint
+from aat_serve.adapters.config import FeatureConfig
+from aat_serve.adapters.device import onnx_providers, resolve_device
+from aat_serve.adapters.errors import ConfigError
+from aat_serve.adapters.features import fbank, load_audio
+from aat_serve.adapters.multitask import MultiTaskModel
+from aat_serve.service.engine import Engine
+from aat_serve.service.errors import overloaded
+from aat_serve.service.metrics import Metrics
+from aat_serve.service.registry import Registry
+from aat_serve.service.settings import Settings
+from aat_serve.service.store import BundleStore
 
-log = logging.getLogger("aat.service")
+log = logging.getLogger(__name__)
 
 NO_CHECKPOINT = (
     "no backbone configured: set AAT_CHECKPOINT (or pass --checkpoint) to an AST/SSAST .pth "
@@ -44,7 +44,7 @@ def with_embedded_defaults(settings: Settings) -> Settings:
     and, without AAT_BUNDLE_DIR too, its task bundles as a read-only store."""
     if settings.checkpoint is not None:
         return settings
-    from adapters import demo_assets
+    from aat_serve.adapters import demo_assets
 
     if not demo_assets.available():
         return settings  # load_backbone says what to configure
@@ -61,7 +61,7 @@ def tune_process(settings: Settings) -> bool:
     blocks when ``AAT_KEEP_FREED_MEMORY`` is on. Returns whether that applied."""
     if not settings.keep_freed_memory:
         return False
-    from adapters.kernels.cpu import keep_freed_memory
+    from aat_serve.adapters.kernels.cpu import keep_freed_memory
 
     return keep_freed_memory()
 
@@ -83,7 +83,7 @@ def build_model(settings: Settings, backbone, device: torch.device, dtype: torch
                 fingerprint: str) -> MultiTaskModel:
     """The multi-task model for the configured runtime (``AAT_RUNTIME``)."""
     if settings.runtime == "onnxruntime":
-        from adapters.onnx_runtime import OrtMultiTaskModel
+        from aat_serve.adapters.onnx_runtime import OrtMultiTaskModel
 
         model = OrtMultiTaskModel(backbone, max_tasks=settings.max_tasks,
                                   fingerprint=fingerprint, providers=onnx_providers(device))

@@ -6,7 +6,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from adapters.bundle import Manifest
+from aat_serve.adapters.bundle import Manifest
 
 
 class Prediction(BaseModel):

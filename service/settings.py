@@ -12,7 +12,7 @@ from typing import Any, Literal
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from adapters.errors import ConfigError
+from aat_serve.adapters.errors import ConfigError
 
 # Values people leave in example files; a token equal to one of these is refused.
 PLACEHOLDER_SECRETS = frozenset({

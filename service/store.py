@@ -10,7 +10,8 @@ A task directory with an ``ACTIVE`` file takes precedence over a hand-placed fil
 is atomic (temporary file in the same directory, fsync, rename, fsync of the directory), so a
 reader sees the old or the new state and never a partial file. The previous version is kept
 until a newer one is active; older ones are pruned. Other files (dotfiles, temporaries) are
-ignored. Nothing here loads tensors (``adapters.bundle.read_manifest`` parses only the header).
+ignored. Nothing here loads tensors (``aat_serve.adapters.bundle.read_manifest`` parses only the
+header).
 """
 
 from __future__ import annotations
@@ -22,11 +23,11 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from adapters.bundle import TASK_NAME_RE
-from adapters.errors import BundleError
-from adapters.fileio import atomic_write, fsync_dir
+from aat_serve.adapters.bundle import TASK_NAME_RE
+from aat_serve.adapters.errors import BundleError
+from aat_serve.adapters.fileio import atomic_write, fsync_dir
 
-log = logging.getLogger("aat.service.store")
+log = logging.getLogger(__name__)
 
 ACTIVE = "ACTIVE"
 SUFFIX = ".safetensors"

@@ -7,8 +7,8 @@ import os
 import pytest
 import torch
 
-from adapters.backbone import AST
-from adapters.config import BackboneConfig
+from aat_serve.adapters.backbone import AST
+from aat_serve.adapters.config import BackboneConfig
 from tests.helpers import tiny_backbone, tiny_config
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))

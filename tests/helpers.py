@@ -8,8 +8,8 @@ import shutil
 import pytest
 import torch
 
-from adapters.backbone import AST
-from adapters.config import BackboneConfig
+from aat_serve.adapters.backbone import AST
+from aat_serve.adapters.config import BackboneConfig
 
 
 def tiny_config(**overrides) -> BackboneConfig:

@@ -16,21 +16,21 @@ from typing import Any
 
 import torch
 
-from adapters.backbone import AST
-from adapters.bundle import check_task_name
-from adapters.checkpoints import load_checkpoint
-from adapters.config import AdapterConfig, FeatureConfig
-from adapters.device import resolve_device
-from adapters.errors import ConfigError
-from adapters.methods import get_method
-from adapters.model import AudioClassifier
-from training.cv import CVResult, run_cv
-from training.data import load_source
-from training.data.base import BadAudioRule, DataSource
-from training.evaluate import evaluate_examples
-from training.export import load_trained
-from training.recipes import Recipe, default_recipe, get_recipe
-from training.trainer import RunOptions, Trainer, TrainResult
+from aat_serve.adapters.backbone import AST
+from aat_serve.adapters.bundle import check_task_name
+from aat_serve.adapters.checkpoints import load_checkpoint
+from aat_serve.adapters.config import AdapterConfig, FeatureConfig
+from aat_serve.adapters.device import resolve_device
+from aat_serve.adapters.errors import ConfigError
+from aat_serve.adapters.methods import get_method
+from aat_serve.adapters.model import AudioClassifier
+from aat_serve.training.cv import CVResult, run_cv
+from aat_serve.training.data import load_source
+from aat_serve.training.data.base import BadAudioRule, DataSource
+from aat_serve.training.evaluate import evaluate_examples
+from aat_serve.training.export import load_trained
+from aat_serve.training.recipes import Recipe, default_recipe, get_recipe
+from aat_serve.training.trainer import RunOptions, Trainer, TrainResult
 
 
 def default_task_name(dataset: str, root: str | os.PathLike) -> str:

@@ -1,6 +1,6 @@
 """Training step time and peak memory of fine-tuning methods on one batch (ViT-B AST).
 
-    python -m training.benchmark --methods full,aat_ms --frames 128,512 --batch 8 --steps 5
+    python -m aat_serve.training.benchmark --methods full,aat_ms --frames 128,512 --batch 8
 
 Each (method, clip length) runs in a fresh subprocess so that peak memory is its own: the CUDA
 allocator's peak on a GPU; on the CPU the process's peak RSS, also shown minus the RSS before
@@ -24,16 +24,16 @@ import time
 
 import torch
 
-from adapters.benchmarks.memory import rss_bytes
+from aat_serve.adapters.benchmarks.memory import rss_bytes
 
 
 def measure(method: str, frames: int, batch: int, steps: int, warmup: int, device: str,
             classes: int = 50) -> dict:
     """Time ``steps`` training steps after ``warmup`` ones; report peak memory."""
-    from adapters.backbone import AST
-    from adapters.config import BackboneConfig
-    from adapters.model import AudioClassifier, count_trainable
-    from training.api import model_factory
+    from aat_serve.adapters.backbone import AST
+    from aat_serve.adapters.config import BackboneConfig
+    from aat_serve.adapters.model import AudioClassifier, count_trainable
+    from aat_serve.training.api import model_factory
 
     dev = torch.device(device)
     torch.manual_seed(0)
@@ -106,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for frames in [int(f) for f in args.frames.split(",")]:
         for method in args.methods.split(","):
-            cmd = [sys.executable, "-m", "training.benchmark", "--one", f"{method}:{frames}",
+            cmd = [sys.executable, "-m", "aat_serve.training.benchmark",
+                   "--one", f"{method}:{frames}",
                    "--batch", str(args.batch), "--steps", str(args.steps), "--warmup",
                    str(args.warmup), "--device", args.device]
             res = subprocess.run(cmd, capture_output=True, text=True, check=True)

@@ -14,9 +14,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from adapters.errors import ConfigError
-from adapters.methods import get_method
-from training.trainer import write_json
+from aat_serve.adapters.errors import ConfigError
+from aat_serve.adapters.methods import get_method
+from aat_serve.training.trainer import write_json
 
 
 def _cell(x: Any, fmt: str) -> str:
@@ -71,7 +71,7 @@ def compare_methods(methods: list[str], train_args: list[str], out_dir: str | os
     out_dir.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict[str, Any]] = {}
     for m in methods:
-        cmd = [sys.executable, "-m", "cli.main", "train", *train_args, "--method", m,
+        cmd = [sys.executable, "-m", "aat_serve.cli.main", "train", *train_args, "--method", m,
                "--out", str(out_dir / f"{m}.safetensors"), "--run-dir", str(out_dir / f"{m}.run"),
                "--json"]
         if progress:

@@ -17,12 +17,12 @@ from typing import Any
 
 import numpy as np
 
-from adapters.config import FeatureConfig
-from adapters.errors import ConfigError
-from adapters.model import AudioClassifier
-from training.data.base import DataSource
-from training.recipes import Recipe
-from training.trainer import RunOptions, Trainer, TrainResult, write_json
+from aat_serve.adapters.config import FeatureConfig
+from aat_serve.adapters.errors import ConfigError
+from aat_serve.adapters.model import AudioClassifier
+from aat_serve.training.data.base import DataSource
+from aat_serve.training.recipes import Recipe
+from aat_serve.training.trainer import RunOptions, Trainer, TrainResult, write_json
 
 log = logging.getLogger(__name__)
 

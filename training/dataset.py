@@ -13,10 +13,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from adapters.config import FeatureConfig
-from adapters.errors import AudioError
-from adapters.features import load_audio, log_mel, normalise, pad_or_cut
-from training.augment import (
+from aat_serve.adapters.config import FeatureConfig
+from aat_serve.adapters.errors import AudioError
+from aat_serve.adapters.features import load_audio, log_mel, normalise, pad_or_cut
+from aat_serve.training.augment import (
     frequency_warp,
     mix_waveforms,
     noise_and_roll,
@@ -24,7 +24,7 @@ from training.augment import (
     sample_warp,
     spec_augment,
 )
-from training.data.base import Example
+from aat_serve.training.data.base import Example
 
 
 @dataclass(frozen=True)

@@ -11,12 +11,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from adapters.config import FeatureConfig
-from adapters.errors import ConfigError
-from training.data.base import Example
-from training.dataset import ClipDataset
-from training.losses import compute_loss
-from training.metrics import class_report, compute_metrics
+from aat_serve.adapters.config import FeatureConfig
+from aat_serve.adapters.errors import ConfigError
+from aat_serve.training.data.base import Example
+from aat_serve.training.dataset import ClipDataset
+from aat_serve.training.losses import compute_loss
+from aat_serve.training.metrics import class_report, compute_metrics
 
 
 @dataclass

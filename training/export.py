@@ -1,7 +1,8 @@
 """What a finished run hands over: a task bundle, or a whole-model checkpoint for full/partial.
 
 The whole-model checkpoint is one safetensors file in the original AST layout
-(``module.v.*`` + ``module.mlp_head.{0,1}.*``), so ``adapters.checkpoints.load_checkpoint``
+(``module.v.*`` + ``module.mlp_head.{0,1}.*``), so
+``aat_serve.adapters.checkpoints.load_checkpoint``
 reads it as a backbone with its head; its ``__metadata__`` carries ``format: aat-model/1``
 and a manifest (task, method, labels, features, backbone config, recipe, metrics).
 """
@@ -18,13 +19,17 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as st_save
 
-from adapters.bundle import FORMAT as BUNDLE_FORMAT
-from adapters.bundle import TaskBundle, check_task_name
-from adapters.checkpoints import build_backbone, checkpoint_filter_fn, to_original_state_dict
-from adapters.config import BackboneConfig, FeatureConfig
-from adapters.errors import BundleError, CheckpointError
-from adapters.fileio import atomic_write
-from adapters.model import AudioClassifier
+from aat_serve.adapters.bundle import FORMAT as BUNDLE_FORMAT
+from aat_serve.adapters.bundle import TaskBundle, check_task_name
+from aat_serve.adapters.checkpoints import (
+    build_backbone,
+    checkpoint_filter_fn,
+    to_original_state_dict,
+)
+from aat_serve.adapters.config import BackboneConfig, FeatureConfig
+from aat_serve.adapters.errors import BundleError, CheckpointError
+from aat_serve.adapters.fileio import atomic_write
+from aat_serve.adapters.model import AudioClassifier
 
 MODEL_FORMAT = "aat-model/1"
 

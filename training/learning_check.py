@@ -1,7 +1,7 @@
 """Learning check on real speech: keywords spoken by ``espeak-ng`` voices, a small randomly
 initialised AST, head-only vs AAT^MS with the same recipe and data (not a unit test).
 
-    python -m training.learning_check --out-dir /tmp/aat-learning-check
+    python -m aat_serve.training.learning_check --out-dir /tmp/aat-learning-check
 
 Clips are written in the folder layout (``<word>/<voice>+<variant>_s<speed>_p<pitch>.wav``);
 held-out voice variants form the validation and test lists, so test speakers are unseen.
@@ -21,11 +21,11 @@ from pathlib import Path
 
 import torch
 
-from adapters.backbone import AST
-from adapters.config import BackboneConfig
-from training.api import train
-from training.recipes import get_recipe
-from training.trainer import RunOptions
+from aat_serve.adapters.backbone import AST
+from aat_serve.adapters.config import BackboneConfig
+from aat_serve.training.api import train
+from aat_serve.training.recipes import get_recipe
+from aat_serve.training.trainer import RunOptions
 
 WORDS = ("yes", "no", "up", "down", "left", "right", "stop", "go")
 VOICES = ("en-us", "en-gb", "en-gb-scotland", "en-029")

@@ -13,7 +13,7 @@ from typing import Literal
 import torch
 from torch.nn import functional as F
 
-from adapters.errors import ConfigError
+from aat_serve.adapters.errors import ConfigError
 
 LossName = Literal["ce", "bce"]
 LOSSES = ("ce", "bce")

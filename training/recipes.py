@@ -11,9 +11,9 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from adapters.config import AUDIOSET_MEAN, AUDIOSET_STD
-from adapters.errors import ConfigError
-from training.losses import LOSSES
+from aat_serve.adapters.config import AUDIOSET_MEAN, AUDIOSET_STD
+from aat_serve.adapters.errors import ConfigError
+from aat_serve.training.losses import LOSSES
 
 METRICS = ("acc", "mAP")
 

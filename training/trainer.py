@@ -35,21 +35,21 @@ from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from adapters.bundle import TaskBundle
-from adapters.checkpoints import checkpoint_filter_fn
-from adapters.config import FeatureConfig
-from adapters.device import resolve_device
-from adapters.errors import ConfigError
-from adapters.fileio import atomic_write
-from adapters.model import AudioClassifier, count_trainable
-from training.data.base import Example
-from training.dataset import Augment, ClipDataset, EpochSampler
-from training.evaluate import EvalOutput, score_batches
-from training.export import save_model_checkpoint
-from training.losses import compute_loss
-from training.metrics import confusion_matrix
-from training.plots import plot_confusion, plot_curves
-from training.recipes import Recipe, check_fits
+from aat_serve.adapters.bundle import TaskBundle
+from aat_serve.adapters.checkpoints import checkpoint_filter_fn
+from aat_serve.adapters.config import FeatureConfig
+from aat_serve.adapters.device import resolve_device
+from aat_serve.adapters.errors import ConfigError
+from aat_serve.adapters.fileio import atomic_write
+from aat_serve.adapters.model import AudioClassifier, count_trainable
+from aat_serve.training.data.base import Example
+from aat_serve.training.dataset import Augment, ClipDataset, EpochSampler
+from aat_serve.training.evaluate import EvalOutput, score_batches
+from aat_serve.training.export import save_model_checkpoint
+from aat_serve.training.losses import compute_loss
+from aat_serve.training.metrics import confusion_matrix
+from aat_serve.training.plots import plot_confusion, plot_curves
+from aat_serve.training.recipes import Recipe, check_fits
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ For each (clips of ``tokens`` rows, tasks) the op ``x + MLP(h) + A_{task}(h)`` a
 - ``eager``: the MLP plus each task's adapter on its contiguous rows, in eager PyTorch;
 - ``widened``: per task, cuBLAS GEMMs on materialised ``[W1 | W_down]`` / ``[W2 ; W_up]``;
 - ``compiled``: ``torch.compile`` of the eager path;
-- ``fused``: the two Triton kernels (``adapters.kernels.triton_mlp``).
+- ``fused``: the two Triton kernels (``aat_serve.adapters.kernels.triton_mlp``).
 
 Every implementation's output is compared with the fused one first. Reported: ms, TFLOP/s
 (2·M·D·(H + R)·2 FLOPs) and the ratios fused/mlp (target <= 1.10) and eager/fused
@@ -25,10 +25,10 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
-from adapters.benchmarks.common import machine, table
-from adapters.errors import ConfigError
-from adapters.kernels.layout import AdapterPool, MlpWeights, segments
-from adapters.kernels.reference import widened_weights
+from aat_serve.adapters.benchmarks.common import machine, table
+from aat_serve.adapters.errors import ConfigError
+from aat_serve.adapters.kernels.layout import AdapterPool, MlpWeights, segments
+from aat_serve.adapters.kernels.reference import widened_weights
 
 D, H, R = 768, 3072, 192
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -73,7 +73,7 @@ def _mlp_only(x, h, mlp: MlpWeights):
 def run_kernel_bench(cfg: KernelBenchConfig) -> dict[str, Any]:
     from triton.testing import do_bench
 
-    from adapters.kernels.triton_mlp import default_config, fused_mlp_adapter
+    from aat_serve.adapters.kernels.triton_mlp import default_config, fused_mlp_adapter
 
     dev = torch.device("cuda")
     dt = DTYPES[cfg.dtype]

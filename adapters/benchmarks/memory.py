@@ -1,6 +1,6 @@
 """Memory of S resident ``aat_ms`` tasks, measured in a fresh child process per S.
 
-``python -m adapters.benchmarks.memory --tasks S --dtype bf16 [--quick] [--device cuda]``
+``python -m aat_serve.adapters.benchmarks.memory --tasks S --dtype bf16 [--quick] [--device cuda]``
 builds a random backbone and a ``MultiTaskModel`` with ``max_tasks=S``, loads S random
 ``aat_ms`` bundles one at a time, classifies one mixed batch of eight 1-s clips and prints one
 JSON object: the exact tensor bytes (``MultiTaskModel.memory_bytes``) and the process's growth
@@ -56,9 +56,9 @@ def _peak() -> int | None:
 
 def measure(tasks: int, dtype: str, quick: bool, device: str, seed: int = 0) -> dict[str, Any]:
     """Run in this process (which should be fresh); see the module docstring."""
-    from adapters.backbone import AST
-    from adapters.benchmarks.model import CLIPS, FULL, QUICK, TASK_CLASSES, random_bundle
-    from adapters.multitask import MultiTaskModel
+    from aat_serve.adapters.backbone import AST
+    from aat_serve.adapters.benchmarks.model import CLIPS, FULL, QUICK, TASK_CLASSES, random_bundle
+    from aat_serve.adapters.multitask import MultiTaskModel
 
     dev = torch.device(device)
     cuda = dev.type == "cuda"
@@ -101,9 +101,9 @@ def measure(tasks: int, dtype: str, quick: bool, device: str, seed: int = 0) -> 
 
 
 def _warm_up(dev: torch.device) -> None:
-    from adapters.backbone import AST
-    from adapters.benchmarks.model import CLIPS, QUICK
-    from adapters.multitask import MultiTaskModel
+    from aat_serve.adapters.backbone import AST
+    from aat_serve.adapters.benchmarks.model import CLIPS, QUICK
+    from aat_serve.adapters.multitask import MultiTaskModel
 
     for dtype in (torch.float32, torch.bfloat16):
         model = MultiTaskModel(AST(QUICK), max_tasks=1, dtype=dtype, device=dev, bottleneck=16)
@@ -114,7 +114,7 @@ def _warm_up(dev: torch.device) -> None:
 def measure_in_child(tasks: int, dtype: str, quick: bool, device: str) -> dict[str, Any]:
     """``measure`` in a fresh Python process."""
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
-    cmd = [sys.executable, "-m", "adapters.benchmarks.memory", "--tasks", str(tasks),
+    cmd = [sys.executable, "-m", "aat_serve.adapters.benchmarks.memory", "--tasks", str(tasks),
            "--dtype", dtype, "--device", device] + (["--quick"] if quick else [])
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
     if proc.returncode != 0:

@@ -13,7 +13,7 @@ One run, on one machine, measures (all with random weights; nothing is downloade
 - top-1 agreement of bf16 against fp32 on random inputs over the 4 tasks' heads;
 - memory of S resident ``aat_ms`` tasks (S = 1, 10, 100): tensor bytes, and the growth of the
   process (RSS, or the CUDA allocator) now and at its peak, each S in a fresh child process
-  (``adapters.benchmarks.memory``).
+  (``aat_serve.adapters.benchmarks.memory``).
 """
 
 from __future__ import annotations
@@ -29,15 +29,15 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from adapters.backbone import AST
-from adapters.benchmarks import memory
-from adapters.benchmarks.common import interleaved, machine, median, table
-from adapters.bundle import Manifest, TaskBundle, expected_tensor_shapes
-from adapters.config import AdapterConfig, BackboneConfig, FeatureConfig
-from adapters.device import onnx_providers, resolve_device
-from adapters.errors import ConfigError
-from adapters.kernels.cpu import keep_freed_memory
-from adapters.multitask import MultiTaskModel
+from aat_serve.adapters.backbone import AST
+from aat_serve.adapters.benchmarks import memory
+from aat_serve.adapters.benchmarks.common import interleaved, machine, median, table
+from aat_serve.adapters.bundle import Manifest, TaskBundle, expected_tensor_shapes
+from aat_serve.adapters.config import AdapterConfig, BackboneConfig, FeatureConfig
+from aat_serve.adapters.device import onnx_providers, resolve_device
+from aat_serve.adapters.errors import ConfigError
+from aat_serve.adapters.kernels.cpu import keep_freed_memory
+from aat_serve.adapters.multitask import MultiTaskModel
 
 FULL = BackboneConfig(norm_eps=1e-6, head_norm_eps=1e-6)  # AST ViT-B/16, stride 10
 QUICK = BackboneConfig(embed_dim=64, depth=2, num_heads=2, mlp_hidden=256, norm_eps=1e-6,
@@ -62,7 +62,8 @@ class ModelBenchConfig:
     runtimes: tuple[str, ...] = ("torch",)
     """``onnxruntime`` adds the ONNX Runtime backbone (fp32) beside torch, in the same run."""
     keep_freed_memory: bool = True
-    """glibc keeps freed blocks for reuse (``adapters.kernels.cpu.keep_freed_memory``), for the
+    """glibc keeps freed blocks for reuse (``aat_serve.adapters.kernels.cpu.keep_freed_memory``),
+    for the
     whole process: the baseline and our model alike."""
     seed: int = 0
 
@@ -127,7 +128,7 @@ def hf_baseline(backbone: AST, head: TaskBundle, frames: int) -> torch.nn.Module
     from safetensors.torch import save_file
     from transformers import ASTConfig, ASTForAudioClassification
 
-    from adapters.checkpoints import to_hf_state_dict
+    from aat_serve.adapters.checkpoints import to_hf_state_dict
 
     c = backbone.cfg
     canonical = dict(backbone.frozen_state_dict())
@@ -268,7 +269,7 @@ def run_model_bench(cfg: ModelBenchConfig) -> dict[str, Any]:
         for b in [*bundles, parity]:
             models[name].load_task(b)
     if "onnxruntime" in cfg.runtimes:
-        from adapters.onnx_runtime import OrtMultiTaskModel
+        from aat_serve.adapters.onnx_runtime import OrtMultiTaskModel
 
         models["ort"] = OrtMultiTaskModel(copy.deepcopy(backbone), max_tasks=8,
                                           fingerprint=fingerprint, bottleneck=cfg.bottleneck,

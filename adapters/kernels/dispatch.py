@@ -5,7 +5,7 @@
 - ``"triton"``: the compiled kernels (CUDA tensors).
 - ``"interpret"``: the kernels under Triton's interpreter, on CPU tensors. The interpreter is
   chosen when the kernel module is imported, so ``TRITON_INTERPRET=1`` must be in the
-  environment before anything imports ``adapters.kernels.triton_mlp`` (in practice: before
+  environment before anything imports ``aat_serve.adapters.kernels.triton_mlp`` (in practice: before
   Python starts); otherwise this raises ``ConfigError`` rather than run compiled kernels.
 - ``"torch"``: ``reference.mlp_adapter_reference`` in the operands' dtype.
 """
@@ -20,9 +20,9 @@ from typing import Literal
 
 import torch
 
-from adapters.errors import ConfigError
-from adapters.kernels.layout import AdapterPool, MlpWeights
-from adapters.kernels.reference import mlp_adapter_reference
+from aat_serve.adapters.errors import ConfigError
+from aat_serve.adapters.kernels.layout import AdapterPool, MlpWeights
+from aat_serve.adapters.kernels.reference import mlp_adapter_reference
 
 Backend = Literal["auto", "triton", "interpret", "torch"]
 BACKENDS = ("auto", "triton", "interpret", "torch")
@@ -36,7 +36,7 @@ def triton_available() -> bool:
 def _kernels() -> ModuleType:
     if not triton_available():
         raise ConfigError("the Triton backend needs the 'triton' package, which is not installed")
-    return importlib.import_module("adapters.kernels.triton_mlp")
+    return importlib.import_module("aat_serve.adapters.kernels.triton_mlp")
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from adapters.errors import ConfigError
+from aat_serve.adapters.errors import ConfigError
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
-from adapters.kernels.layout import AdapterPool, MlpWeights
+from aat_serve.adapters.kernels.layout import AdapterPool, MlpWeights
 
 
 def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

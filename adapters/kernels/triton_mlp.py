@@ -24,8 +24,8 @@ import triton
 import triton.language as tl
 import triton.runtime.errors
 
-from adapters.errors import ConfigError
-from adapters.kernels.layout import AdapterPool, MlpWeights
+from aat_serve.adapters.errors import ConfigError
+from aat_serve.adapters.kernels.layout import AdapterPool, MlpWeights
 
 _END = tl.constexpr(2**30)  # "no further slot" sentinel, larger than any slot id
 

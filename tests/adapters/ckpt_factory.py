@@ -11,9 +11,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from adapters.backbone import AST
-from adapters.checkpoints import to_hf_state_dict, to_original_state_dict
-from adapters.config import BackboneConfig
+from aat_serve.adapters.backbone import AST
+from aat_serve.adapters.checkpoints import to_hf_state_dict, to_original_state_dict
+from aat_serve.adapters.config import BackboneConfig
 
 DATA = Path(__file__).parent / "data"
 AUDIOSET_CSV = DATA / "audioset_class_labels_indices.csv"

@@ -40,7 +40,7 @@ CASES = ([f"{layout}-{dt}" for layout in LAYOUTS for dt in DTYPES]
 
 
 def _operands(layout: str, dtype: torch.dtype, seed: int):
-    from adapters.kernels import AdapterPool, MlpWeights
+    from aat_serve.adapters.kernels import AdapterPool, MlpWeights
 
     rows, slots, zero, with_mlp = LAYOUTS[layout]
     g = torch.Generator().manual_seed(seed)
@@ -62,8 +62,8 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def run_kernel_case(case: str) -> dict[str, float]:
     """Relative error against the fp64 reference, and distance from the adapter-free output."""
-    from adapters.kernels import AdapterPool, mlp_adapter, mlp_adapter_reference
-    from adapters.kernels.triton_mlp import KernelConfig
+    from aat_serve.adapters.kernels import AdapterPool, mlp_adapter, mlp_adapter_reference
+    from aat_serve.adapters.kernels.triton_mlp import KernelConfig
 
     layout, dt = case.rsplit("-", 1)
     residual32 = layout.startswith("fp32-residual-")  # bf16 operands, fp32 residual stream
@@ -83,7 +83,7 @@ def run_model_case() -> dict[str, float]:
     """A MultiTaskModel on the interpreted kernels against each task alone (tiny backbone)."""
     import copy
 
-    from adapters.multitask import MultiTaskModel
+    from aat_serve.adapters.multitask import MultiTaskModel
     from tests.adapters.test_multitask import TASKS, make_bundle
     from tests.helpers import tiny_backbone
 

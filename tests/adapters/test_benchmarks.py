@@ -9,8 +9,8 @@ import sys
 import pytest
 import torch
 
-from adapters.benchmarks.model import QUICK
-from cli.main import main as aat
+from aat_serve.adapters.benchmarks.model import QUICK
+from aat_serve.cli.main import main as aat
 
 pytest.importorskip("transformers")
 
@@ -84,8 +84,13 @@ def test_kernel_bench_needs_cuda(capsys):
 
 def test_kernel_bench_baselines_compute_the_fused_op():
     """The unfused baselines of ``aat bench kernel`` compute the op the kernels compute."""
-    from adapters.benchmarks.kernel import _eager, _mlp_only, _widened
-    from adapters.kernels import AdapterPool, MlpWeights, mlp_adapter_reference, widened_weights
+    from aat_serve.adapters.benchmarks.kernel import _eager, _mlp_only, _widened
+    from aat_serve.adapters.kernels import (
+        AdapterPool,
+        MlpWeights,
+        mlp_adapter_reference,
+        widened_weights,
+    )
 
     g = torch.Generator().manual_seed(0)
 

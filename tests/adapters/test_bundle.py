@@ -12,11 +12,11 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch.nn import functional as F
 
-from adapters.bundle import FORMAT, TaskBundle, expected_tensor_shapes
-from adapters.config import FeatureConfig
-from adapters.errors import AATError, BackboneMismatchError, BundleError, ConfigError
-from adapters.methods import BUNDLE_METHODS, METHODS
-from adapters.model import AudioClassifier
+from aat_serve.adapters.bundle import FORMAT, TaskBundle, expected_tensor_shapes
+from aat_serve.adapters.config import FeatureConfig
+from aat_serve.adapters.errors import AATError, BackboneMismatchError, BundleError, ConfigError
+from aat_serve.adapters.methods import BUNDLE_METHODS, METHODS
+from aat_serve.adapters.model import AudioClassifier
 from tests.helpers import tiny_backbone
 
 LABELS = ["dog", "rain", "siren, wailing", "clock_tick"]
@@ -381,7 +381,7 @@ def test_failed_save_keeps_the_old_file_and_cleans_up(tmp_path, monkeypatch):
     def fail(src, dst):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("adapters.bundle.os.replace", fail)
+    monkeypatch.setattr("aat_serve.adapters.bundle.os.replace", fail)
     with pytest.raises(OSError, match="No space left"):
         bundle.save(path)
     assert path.read_bytes() == b"old bundle"

@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from adapters.bundle import TaskBundle
-from adapters.checkpoints import (
+from aat_serve.adapters.bundle import TaskBundle
+from aat_serve.adapters.checkpoints import (
     CONVENTIONAL_LENGTHS,
     canonical_state_dict,
     checkpoint_filter_fn,
@@ -23,8 +23,8 @@ from adapters.checkpoints import (
     to_hf_state_dict,
     to_original_state_dict,
 )
-from adapters.config import AUDIOSET_MEAN, AUDIOSET_STD, BackboneConfig
-from adapters.errors import BackboneMismatchError, CheckpointError, ConfigError
+from aat_serve.adapters.config import AUDIOSET_MEAN, AUDIOSET_STD, BackboneConfig
+from aat_serve.adapters.errors import BackboneMismatchError, CheckpointError, ConfigError
 from tests.adapters.ckpt_factory import (
     AUDIOSET_CSV,
     SPEECHCOMMANDS_CSV,
@@ -519,7 +519,7 @@ def test_head_bundle_reproduces_the_checkpoint_logits_exactly(small, features, l
 
 
 def test_head_bundle_leaves_attached_adapters_in_place(small):
-    from adapters.modules import Adapter
+    from aat_serve.adapters.modules import Adapter
 
     ckpt = load_checkpoint(small[1]["hf"])
     adapter = Adapter(64, 8)

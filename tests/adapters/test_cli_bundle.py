@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
-from adapters.bundle import TaskBundle
-from adapters.checkpoints import load_checkpoint, read_label_csv
-from adapters.config import BackboneConfig
-from cli.main import main
+from aat_serve.adapters.bundle import TaskBundle
+from aat_serve.adapters.checkpoints import load_checkpoint, read_label_csv
+from aat_serve.adapters.config import BackboneConfig
+from aat_serve.cli.main import main
 from tests.adapters.ckpt_factory import (
     AUDIOSET_CSV,
     SPEECHCOMMANDS_CSV,

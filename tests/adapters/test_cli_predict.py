@@ -13,13 +13,13 @@ import pytest
 import soundfile as sf
 import torch
 
-from adapters.backbone import AST
-from adapters.bundle import TaskBundle
-from adapters.checkpoints import load_checkpoint, read_label_csv, to_original_state_dict
-from adapters.config import BackboneConfig, FeatureConfig
-from adapters.features import features_from_audio
-from adapters.model import AudioClassifier
-from cli.main import main
+from aat_serve.adapters.backbone import AST
+from aat_serve.adapters.bundle import TaskBundle
+from aat_serve.adapters.checkpoints import load_checkpoint, read_label_csv, to_original_state_dict
+from aat_serve.adapters.config import BackboneConfig, FeatureConfig
+from aat_serve.adapters.features import features_from_audio
+from aat_serve.adapters.model import AudioClassifier
+from aat_serve.cli.main import main
 
 DATA = Path(__file__).parent / "data"  # copies of AST's label CSVs (../shared/data)
 SC_CSV = DATA / "speechcommands_class_labels_indices.csv"

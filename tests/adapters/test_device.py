@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from adapters.device import onnx_providers, resolve_device
-from adapters.errors import ConfigError
+from aat_serve.adapters.device import onnx_providers, resolve_device
+from aat_serve.adapters.errors import ConfigError
 
 
 def test_auto_and_cpu():

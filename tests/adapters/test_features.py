@@ -13,9 +13,9 @@ import soundfile as sf
 import torch
 import torchaudio.functional as taf
 
-from adapters import features as F
-from adapters.config import FeatureConfig
-from adapters.errors import AudioError, ConfigError
+from aat_serve.adapters import features as F
+from aat_serve.adapters.config import FeatureConfig
+from aat_serve.adapters.errors import AudioError, ConfigError
 
 SC_MEAN, SC_STD = -6.845978, 5.5654526  # Speech Commands v2 stats, as in its preprocessor_config
 

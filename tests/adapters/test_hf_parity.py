@@ -14,9 +14,9 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from adapters.backbone import resample_pos_grid
-from adapters.checkpoints import load_checkpoint, read_label_csv, to_original_state_dict
-from adapters.config import BackboneConfig
+from aat_serve.adapters.backbone import resample_pos_grid
+from aat_serve.adapters.checkpoints import load_checkpoint, read_label_csv, to_original_state_dict
+from aat_serve.adapters.config import BackboneConfig
 from tests.adapters.ckpt_factory import (
     AUDIOSET_CSV,
     SPEECHCOMMANDS_CSV,

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from adapters.checkpoints import load_checkpoint
-from adapters.errors import CheckpointError
-from adapters.hub import looks_like_model_id, resolve_checkpoint
+from aat_serve.adapters.checkpoints import load_checkpoint
+from aat_serve.adapters.errors import CheckpointError
+from aat_serve.adapters.hub import looks_like_model_id, resolve_checkpoint
 from tests.adapters.ckpt_factory import random_canonical, write_hf_dir
 from tests.helpers import tiny_config
 

@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from adapters.backbone import Block
-from adapters.errors import ConfigError
-from adapters.kernels import (
+from aat_serve.adapters.backbone import Block
+from aat_serve.adapters.errors import ConfigError
+from aat_serve.adapters.kernels import (
     AdapterPool,
     MlpWeights,
     mlp_adapter,
@@ -31,7 +31,7 @@ from adapters.kernels import (
     segments,
     sort_by_slot,
 )
-from adapters.modules import Adapter
+from aat_serve.adapters.modules import Adapter
 from tests.adapters import kernel_cases
 from tests.helpers import tiny_config
 
@@ -133,7 +133,7 @@ def test_interpreter_must_be_chosen_before_import():
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
 def test_kernel_launcher_validates_operands():
-    from adapters.kernels.triton_mlp import fused_mlp_adapter
+    from aat_serve.adapters.kernels.triton_mlp import fused_mlp_adapter
 
     x, h, mlp, pool, rows = random_operands(dtype=torch.float32)
     with pytest.raises(ConfigError, match="row_slot must be int32 of shape"):

@@ -11,7 +11,7 @@ import copy
 import pytest
 import torch
 
-from adapters.kernels import AdapterPool, MlpWeights, mlp_adapter, mlp_adapter_reference
+from aat_serve.adapters.kernels import AdapterPool, MlpWeights, mlp_adapter, mlp_adapter_reference
 
 pytestmark = [
     pytest.mark.gpu,
@@ -104,7 +104,7 @@ def test_multitask_model_on_cuda_matches_cpu(monkeypatch):
     pytest.importorskip("safetensors")
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # fp32 patch conv
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    from adapters.multitask import MultiTaskModel
+    from aat_serve.adapters.multitask import MultiTaskModel
     from tests.adapters.test_multitask import TASKS, make_bundle
     from tests.helpers import tiny_backbone
 

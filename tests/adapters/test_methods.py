@@ -10,9 +10,9 @@ import json
 
 import pytest
 
-from adapters.errors import ConfigError
-from adapters.methods import BUNDLE_METHODS, METHODS, get_method
-from cli.main import main
+from aat_serve.adapters.errors import ConfigError
+from aat_serve.adapters.methods import BUNDLE_METHODS, METHODS, get_method
+from aat_serve.cli.main import main
 
 ESC50 = {"full": 85_757_234, "head": 39_986, "partial": 42_567_218, "prompt": 150_578,
          "aat_m": 3_590_450, "aat_ms": 7_140_914, "joint": 7_251_506}

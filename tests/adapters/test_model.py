@@ -13,11 +13,11 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from adapters.backbone import AST, Block
-from adapters.errors import ConfigError
-from adapters.methods import METHODS
-from adapters.model import AudioClassifier, count_trainable
-from adapters.modules import Adapter
+from aat_serve.adapters.backbone import AST, Block
+from aat_serve.adapters.errors import ConfigError
+from aat_serve.adapters.methods import METHODS
+from aat_serve.adapters.model import AudioClassifier, count_trainable
+from aat_serve.adapters.modules import Adapter
 from tests.helpers import tiny_backbone, tiny_config
 
 NUM_CLASSES = 5

@@ -9,17 +9,17 @@ import threading
 import pytest
 import torch
 
-from adapters.bundle import TaskBundle
-from adapters.config import AdapterConfig, FeatureConfig
-from adapters.errors import (
+from aat_serve.adapters.bundle import TaskBundle
+from aat_serve.adapters.config import AdapterConfig, FeatureConfig
+from aat_serve.adapters.errors import (
     BackboneMismatchError,
     BundleError,
     ConfigError,
     SlotsFullError,
     UnknownTaskError,
 )
-from adapters.model import AudioClassifier
-from adapters.multitask import MultiTaskModel
+from aat_serve.adapters.model import AudioClassifier
+from aat_serve.adapters.multitask import MultiTaskModel
 from tests.helpers import tiny_backbone
 
 R = 8  # adapter bottleneck of the test bundles and slot width of the models

@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
-from adapters.errors import ConfigError
-from adapters.methods import BUNDLE_METHODS
-from adapters.model import AudioClassifier
-from adapters.onnx_export import export_onnx
+from aat_serve.adapters.errors import ConfigError
+from aat_serve.adapters.methods import BUNDLE_METHODS
+from aat_serve.adapters.model import AudioClassifier
+from aat_serve.adapters.onnx_export import export_onnx
 from tests.helpers import perturb_task_weights, tiny_backbone
 
 ort = pytest.importorskip("onnxruntime")
@@ -97,10 +97,10 @@ def test_float16_export_is_close(tmp_path):
 
 def test_cli_exports_a_plain_checkpoint_and_a_bundle(tmp_path, capsys):
     """`aat export onnx` on a checkpoint's own head, then on a bundle: ORT equals torch."""
-    from adapters.bundle import TaskBundle
-    from adapters.checkpoints import load_checkpoint
-    from adapters.config import BackboneConfig, FeatureConfig
-    from cli.main import main
+    from aat_serve.adapters.bundle import TaskBundle
+    from aat_serve.adapters.checkpoints import load_checkpoint
+    from aat_serve.adapters.config import BackboneConfig, FeatureConfig
+    from aat_serve.cli.main import main
     from tests.adapters.ckpt_factory import random_canonical, write_original
 
     cfg = BackboneConfig(embed_dim=64, depth=2, num_heads=1, mlp_hidden=128,

@@ -7,9 +7,9 @@ import copy
 import pytest
 import torch
 
-from adapters.errors import ConfigError
-from adapters.model import AudioClassifier
-from adapters.onnx_runtime import OrtBackbone, TaskArrays
+from aat_serve.adapters.errors import ConfigError
+from aat_serve.adapters.model import AudioClassifier
+from aat_serve.adapters.onnx_runtime import OrtBackbone, TaskArrays
 from tests.helpers import perturb_task_weights, tiny_backbone
 
 pytest.importorskip("onnxruntime")
@@ -79,8 +79,8 @@ def test_prompt_and_plain_tasks_cannot_share_a_group(setup):
 
 
 def _bundle(model: AudioClassifier, task: str):
-    from adapters.bundle import TaskBundle
-    from adapters.config import FeatureConfig
+    from aat_serve.adapters.bundle import TaskBundle
+    from aat_serve.adapters.config import FeatureConfig
 
     labels = [f"{task}-{i}" for i in range(model.num_classes)]
     return TaskBundle.from_model(model, task, labels, FeatureConfig(num_mel_bins=32,
@@ -88,8 +88,8 @@ def _bundle(model: AudioClassifier, task: str):
 
 
 def test_ort_multitask_model_equals_torch_multitask_model():
-    from adapters.multitask import MultiTaskModel
-    from adapters.onnx_runtime import OrtMultiTaskModel
+    from aat_serve.adapters.multitask import MultiTaskModel
+    from aat_serve.adapters.onnx_runtime import OrtMultiTaskModel
 
     bb = tiny_backbone()
     methods = ["aat_ms", "aat_m", "head", "joint", "prompt"]

@@ -10,9 +10,9 @@ import subprocess
 import pytest
 from starlette.routing import Match
 
-from service.app import create_app
-from service.metrics import Metrics
-from service.settings import Settings, load_settings
+from aat_serve.service.app import create_app
+from aat_serve.service.metrics import Metrics
+from aat_serve.service.settings import Settings, load_settings
 from tests.deploy.manifests import (
     DEPLOY,
     K8S,
@@ -122,11 +122,11 @@ def test_dockerfile_entrypoint_is_aat_serve(dockerfile):
     assert json.loads(entry) == ["aat", "serve"]
     assert not stages[-1].all("CMD")
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    assert pyproject["project"]["scripts"]["aat"] == "cli.main:main"
-    from cli.main import build_parser
+    assert pyproject["project"]["scripts"]["aat"] == "aat_serve.cli.main:main"
+    from aat_serve.cli.main import build_parser
 
     args = build_parser().parse_args(json.loads(entry)[1:])
-    assert args.command == "serve" and args.func.__module__ == "cli.serve"
+    assert args.command == "serve" and args.func.__module__ == "aat_serve.cli.serve"
 
 
 def test_dockerfile_environment_is_valid_settings(dockerfile, monkeypatch):
@@ -147,11 +147,10 @@ def test_dockerfile_environment_is_valid_settings(dockerfile, monkeypatch):
 def test_dockerfile_installs_every_package_and_dockerignore_admits_them(dockerfile):
     _, stages = dockerfile
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    packages = {p.rstrip("*") for p in pyproject["tool"]["setuptools"]["packages"]["find"]
-                ["include"]}
+    folders = set(pyproject["tool"]["setuptools"]["package-dir"].values())
     copied = {src for a in stages[1].all("COPY")
               for src in [w for w in a.split() if not w.startswith("--")][:-1]}
-    assert packages | {"pyproject.toml", pyproject["project"]["readme"]} <= copied
+    assert folders | {"pyproject.toml", pyproject["project"]["readme"]} <= copied
     allowed = {line[1:] for line in (ROOT / ".dockerignore").read_text().splitlines()
                if line.startswith("!")}
     assert copied <= allowed

@@ -34,7 +34,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from adapters.checkpoints import load_checkpoint
+from aat_serve.adapters.checkpoints import load_checkpoint
 from tests.deploy.manifests import (
     NGINX_CONF,
     ROOT,
@@ -99,8 +99,9 @@ def free_ports(n: int) -> list[int]:
 
 def aat_command() -> list[str]:
     script = Path(sys.executable).with_name("aat")
-    return [str(script), "serve"] if script.exists() else [sys.executable, "-m", "cli.main",
-                                                            "serve"]
+    if script.exists():
+        return [str(script), "serve"]
+    return [sys.executable, "-m", "aat_serve.cli.main", "serve"]
 
 
 @dataclass

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from service.app import create_app
-from service.settings import Settings
+from aat_serve.service.app import create_app
+from aat_serve.service.settings import Settings
 from tests.service.helpers import load_tiny, make_bundle, write_tiny_checkpoint
 
 

@@ -12,11 +12,11 @@ import numpy as np
 import soundfile as sf
 import torch
 
-from adapters.bundle import TaskBundle
-from adapters.checkpoints import LoadedCheckpoint, load_checkpoint
-from adapters.config import FeatureConfig
-from adapters.features import features_from_audio
-from adapters.model import AudioClassifier
+from aat_serve.adapters.bundle import TaskBundle
+from aat_serve.adapters.checkpoints import LoadedCheckpoint, load_checkpoint
+from aat_serve.adapters.config import FeatureConfig
+from aat_serve.adapters.features import features_from_audio
+from aat_serve.adapters.model import AudioClassifier
 from tests.adapters.ckpt_factory import random_canonical, write_hf_dir
 from tests.helpers import tiny_config
 

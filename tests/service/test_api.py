@@ -11,8 +11,8 @@ import pytest
 import soundfile as sf
 import torch
 
-from adapters.errors import AudioError
-from adapters.features import features_from_audio
+from aat_serve.adapters.errors import AudioError
+from aat_serve.adapters.features import features_from_audio
 from tests.service.helpers import error, reference_scores, served, wav_bytes
 
 WAV = {"content-type": "audio/wav"}
@@ -265,7 +265,7 @@ def test_an_unexpected_error_is_500_without_internals_and_the_server_goes_on(
         raise RuntimeError("secret internal detail")
 
     monkeypatch.setattr(model, "classify", broken)
-    with caplog.at_level(logging.ERROR, logger="aat"):
+    with caplog.at_level(logging.ERROR, logger="aat_serve"):
         r = client.post("/classify/birds", content=wav_bytes(), headers={**WAV,
                                                                          "X-Request-ID": "r-500"})
     assert (r.status_code, r.json()) == error(500, "internal_error",
@@ -345,9 +345,9 @@ def test_no_configuration_serves_the_embedded_demo(monkeypatch, ckpt_dir, bundle
     """Without AAT_CHECKPOINT the packaged demo backbone and tasks are served (read-only)."""
     import os
 
-    from adapters import demo_assets
-    from service.app import create_app
-    from service.settings import load_settings
+    from aat_serve.adapters import demo_assets
+    from aat_serve.service.app import create_app
+    from aat_serve.service.settings import load_settings
 
     tasks = tmp_path / "tasks"
     tasks.mkdir()

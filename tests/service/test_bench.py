@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from cli.main import main as aat
+from aat_serve.cli.main import main as aat
 
 
 def test_bench_serve_json_report(capsys):
@@ -43,8 +43,8 @@ def test_bench_serve_refuses_a_batchless_batching_run():
 
 
 def test_bench_against_a_running_server(ckpt_dir, store, bundles):
-    from adapters.errors import ConfigError
-    from service.bench import LocalServer, bench_running_server
+    from aat_serve.adapters.errors import ConfigError
+    from aat_serve.service.bench import LocalServer, bench_running_server
 
     for name in ("birds", "words"):
         bundles[name].save(store / f"{name}.safetensors")

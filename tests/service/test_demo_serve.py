@@ -19,9 +19,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from adapters.demo_assets import BUILD_JSON, TASKS_DIR, available
+from aat_serve.adapters.demo_assets import BUILD_JSON, TASKS_DIR, available
+from aat_serve.training.demo import corpus as C
 from tests.helpers import require_tool
-from training.demo import corpus as C
 
 pytestmark = pytest.mark.skipif(not available(), reason="demo assets not built")
 
@@ -34,7 +34,7 @@ def _free_port() -> int:
 
 def _aat() -> list[str]:
     exe = Path(sys.executable).parent / "aat"  # the README's `.venv/bin/aat`
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "cli.main"]
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "aat_serve.cli.main"]
 
 
 @pytest.fixture(scope="module")

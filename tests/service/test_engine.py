@@ -16,7 +16,7 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from adapters.multitask import MultiTaskModel
+from aat_serve.adapters.multitask import MultiTaskModel
 from tests.service.helpers import (
     ADMIN,
     auth,

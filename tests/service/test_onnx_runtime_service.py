@@ -6,7 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from service.settings import Settings
+from aat_serve.service.settings import Settings
 from tests.service.helpers import make_bundle, served, wav_bytes
 
 pytest.importorskip("onnxruntime")

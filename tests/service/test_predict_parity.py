@@ -9,8 +9,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from adapters.multitask import MultiTaskModel
-from cli.main import main as aat
+from aat_serve.adapters.multitask import MultiTaskModel
+from aat_serve.cli.main import main as aat
 from tests.service.helpers import make_bundle, served, wait_until, wav_bytes
 from tests.service.test_engine import Gate
 

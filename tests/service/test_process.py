@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import torch
 
-from cli.main import main as aat
+from aat_serve.cli.main import main as aat
 from tests.service.helpers import ADMIN, auth, reference_scores, wav_bytes
 
 WAV = {"content-type": "audio/wav"}
@@ -37,7 +37,7 @@ def _free_port() -> int:
 
 def _aat_command() -> list[str]:
     exe = Path(sys.executable).parent / "aat"
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "cli.main"]
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "aat_serve.cli.main"]
 
 
 class Server:
@@ -245,7 +245,7 @@ def test_queue_full_and_timeouts_in_a_real_process(servers, bundles):
 
 
 def test_serve_without_configuration_explains_what_to_set(monkeypatch, capsys):
-    from adapters import demo_assets
+    from aat_serve.adapters import demo_assets
 
     monkeypatch.setattr(demo_assets, "available", lambda: False)  # as before `aat demo build`
     for k in list(os.environ):

@@ -9,9 +9,9 @@ import threading
 import pytest
 import torch
 
-from adapters.bundle import TaskBundle
-from adapters.errors import BundleError
-from service.store import ACTIVE
+from aat_serve.adapters.bundle import TaskBundle
+from aat_serve.adapters.errors import BundleError
+from aat_serve.service.store import ACTIVE
 from tests.service.helpers import (
     ADMIN,
     auth,
@@ -171,7 +171,7 @@ def test_rejected_uploads_change_nothing(make_app, store, ckpt, bundles, tmp_pat
 
 
 def _content(bundle, **changes):
-    from adapters.bundle import content_version
+    from aat_serve.adapters.bundle import content_version
 
     return content_version(bundle.tensors, dataclasses.replace(bundle.manifest, **changes))
 

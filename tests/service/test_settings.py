@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from adapters.errors import ConfigError
-from service.settings import load_settings
+from aat_serve.adapters.errors import ConfigError
+from aat_serve.service.settings import load_settings
 
 ALL = ("CHECKPOINT", "BUNDLE_DIR", "ADMIN_TOKEN", "API_TOKEN", "HOST", "PORT", "DEVICE", "DTYPE",
        "MAX_BATCH", "MAX_WAIT_MS", "MAX_QUEUE", "REQUEST_TIMEOUT_S", "MAX_AUDIO_MB",
@@ -126,9 +126,9 @@ def test_keep_freed_memory_reads_booleans(monkeypatch, value, expected):
 
 _RSS_AFTER_FREE = """
 import torch
-from adapters.benchmarks.memory import rss_bytes as rss
-from service.runtime import tune_process
-from service.settings import load_settings
+from aat_serve.adapters.benchmarks.memory import rss_bytes as rss
+from aat_serve.service.runtime import tune_process
+from aat_serve.service.settings import load_settings
 applied = tune_process(load_settings())
 before = rss()
 x = torch.ones(64 << 18)  # 64 MiB: above glibc's largest dynamic mmap threshold (32 MiB)

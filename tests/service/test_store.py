@@ -6,10 +6,10 @@ import os
 
 import pytest
 
-from adapters.bundle import read_manifest
-from adapters.errors import BundleError
-from adapters.fileio import atomic_write
-from service.store import ACTIVE, BundleStore
+from aat_serve.adapters.bundle import read_manifest
+from aat_serve.adapters.errors import BundleError
+from aat_serve.adapters.fileio import atomic_write
+from aat_serve.service.store import ACTIVE, BundleStore
 
 
 def _leftovers(root):

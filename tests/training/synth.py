@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from training.data.esc50 import ESC50_LABELS
-from training.data.us8k import US8K_LABELS
+from aat_serve.training.data.esc50 import ESC50_LABELS
+from aat_serve.training.data.us8k import US8K_LABELS
 
 
 def tone(cls: int, sr: int, seconds: float, channels: int = 1, seed: int = 0) -> np.ndarray:
@@ -229,7 +229,7 @@ def write_hf_checkpoint(directory: Path, seed: int = 0, num_classes: int = 3) ->
     import torch
     from safetensors.torch import save_file
 
-    from adapters.checkpoints import to_hf_state_dict
+    from aat_serve.adapters.checkpoints import to_hf_state_dict
     from tests.helpers import tiny_backbone, tiny_config
 
     cfg = tiny_config()

@@ -10,11 +10,16 @@ import pytest
 import torch
 import torchaudio.functional as taf
 
-from adapters.config import FeatureConfig
-from adapters.errors import AudioError
-from adapters.features import features_from_audio, load_audio, log_mel, normalise, pad_or_cut
-from tests.training import synth
-from training.augment import (
+from aat_serve.adapters.config import FeatureConfig
+from aat_serve.adapters.errors import AudioError
+from aat_serve.adapters.features import (
+    features_from_audio,
+    load_audio,
+    log_mel,
+    normalise,
+    pad_or_cut,
+)
+from aat_serve.training.augment import (
     MIXUP_ALPHA,
     frequency_warp,
     mask_band,
@@ -25,8 +30,9 @@ from training.augment import (
     spec_augment,
     warp_positions,
 )
-from training.data.base import Example
-from training.dataset import Augment, ClipDataset, EpochSampler
+from aat_serve.training.data.base import Example
+from aat_serve.training.dataset import Augment, ClipDataset, EpochSampler
+from tests.training import synth
 
 
 @pytest.mark.parametrize("dim,axis,param", [(1, 1, 8), (0, 2, 24)])

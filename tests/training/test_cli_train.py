@@ -6,11 +6,11 @@ import json
 
 import pytest
 
-from adapters.bundle import TaskBundle
-from adapters.checkpoints import load_checkpoint
-from cli.main import main
+from aat_serve.adapters.bundle import TaskBundle
+from aat_serve.adapters.checkpoints import load_checkpoint
+from aat_serve.cli.main import main
+from aat_serve.training.compare import comparison_rows, markdown_table
 from tests.training import synth
-from training.compare import comparison_rows, markdown_table
 
 SMALL = ["--epochs", "1", "--batch-size", "2", "--target-length", "64", "--freqm", "4",
          "--timem", "8", "--cache-audio"]

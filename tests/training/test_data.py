@@ -10,10 +10,9 @@ import pytest
 import soundfile as sf
 import torch
 
-from adapters.errors import ConfigError
-from adapters.features import load_audio
-from tests.training import synth
-from training.data import (
+from aat_serve.adapters.errors import ConfigError
+from aat_serve.adapters.features import load_audio
+from aat_serve.training.data import (
     ESC50_LABELS,
     GTZAN_LABELS,
     SC1_WORDS,
@@ -24,7 +23,8 @@ from training.data import (
     load_source,
     summarize,
 )
-from training.data.gtzan import filtered_split
+from aat_serve.training.data.gtzan import filtered_split
+from tests.training import synth
 
 # -- ESC-50 ---------------------------------------------------------------------------------
 

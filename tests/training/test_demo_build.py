@@ -9,18 +9,18 @@ import json
 import pytest
 import torch
 
-from adapters.bundle import TaskBundle
-from adapters.checkpoints import load_checkpoint
-from adapters.config import FeatureConfig
-from adapters.demo_assets import BACKBONE_DIR, BUILD_JSON, DEMO_DIR, TASKS_DIR, available
-from adapters.errors import BackboneMismatchError, ConfigError
-from adapters.model import AudioClassifier
-from cli.main import main as aat
+from aat_serve.adapters.bundle import TaskBundle
+from aat_serve.adapters.checkpoints import load_checkpoint
+from aat_serve.adapters.config import FeatureConfig
+from aat_serve.adapters.demo_assets import BACKBONE_DIR, BUILD_JSON, DEMO_DIR, TASKS_DIR, available
+from aat_serve.adapters.errors import BackboneMismatchError, ConfigError
+from aat_serve.adapters.model import AudioClassifier
+from aat_serve.cli.main import main as aat
+from aat_serve.training.demo import corpus as C
+from aat_serve.training.demo.build import TASKS, check_targets, export_backbone
+from aat_serve.training.demo.report import render_report
+from aat_serve.training.export import save_model_checkpoint
 from tests.helpers import require_tool, tiny_backbone
-from training.demo import corpus as C
-from training.demo.build import TASKS, check_targets, export_backbone
-from training.demo.report import render_report
-from training.export import save_model_checkpoint
 
 REPO = DEMO_DIR.parents[1]
 
@@ -192,7 +192,7 @@ def test_tiny_build_through_the_cli(tmp_path, capsys):
         sum(c.values()) for c in summary["corpus"].values())
     assert "| AAT^MS (adapters) |" in docs.read_text()
     assert summary["device"] == "cpu"
-    from training.demo.build import PRESETS, build
+    from aat_serve.training.demo.build import PRESETS, build
     with pytest.raises(ConfigError, match="unknown demo task or method"):
         build(PRESETS["tiny"], tmp_path / "work", assets, tasks=("nope",))
     # A device that cannot run fails before anything is written.
@@ -209,7 +209,7 @@ def test_tiny_build_through_the_cli(tmp_path, capsys):
 
 
 def test_task_lr_overrides_one_run_and_rejects_unknown_names():
-    from training.demo.build import BuildConfig
+    from aat_serve.training.demo.build import BuildConfig
     cfg = BuildConfig(task_lr={"commands": {"aat_ms": 2e-3}})
     assert cfg.lr_for("commands", "aat_ms") == 2e-3
     assert cfg.lr_for("digits", "aat_ms") == cfg.lr["aat_ms"] == 5e-3  # the others keep lr
@@ -227,7 +227,7 @@ def test_task_lr_overrides_one_run_and_rejects_unknown_names():
 def test_build_command_names_a_non_default_device():
     import argparse
 
-    from cli.demo import _command
+    from aat_serve.cli.demo import _command
     args = argparse.Namespace(preset="full", threads=None, tasks=None, methods=None,
                               device="cuda:1")
     assert _command(args, 0) == "aat demo build --seed 0 --device cuda:1"
@@ -266,7 +266,7 @@ def test_committed_bundles_validate_against_the_committed_backbone():
 
 @needs_assets
 def test_committed_bundles_trained_at_the_configured_learning_rates():
-    from training.demo.build import BuildConfig
+    from aat_serve.training.demo.build import BuildConfig
     summary = json.loads(BUILD_JSON.read_text())
     cfg = BuildConfig(**summary["config"])
     assert cfg == BuildConfig()  # the committed artifacts are the defaults' build
@@ -284,10 +284,10 @@ def test_committed_record_reproduces_on_resynthesized_test_speakers(tmp_path):
     the committed bundle: the recorded held-out accuracy comes back (up to one clip)."""
     require_tool("espeak-ng")
     require_tool("sox")
-    from training.data.generic import load_folder
-    from training.dataset import ClipDataset
-    from training.demo import corpus as C
-    from training.demo.build import BuildConfig
+    from aat_serve.training.data.generic import load_folder
+    from aat_serve.training.dataset import ClipDataset
+    from aat_serve.training.demo import corpus as C
+    from aat_serve.training.demo.build import BuildConfig
 
     summary = json.loads(BUILD_JSON.read_text())
     cfg = BuildConfig(**summary["config"])
@@ -334,7 +334,7 @@ def test_aat_predict_on_the_committed_demo(tmp_path, capsys):
     ranking is the model's, and the acceptance utterance comes out right."""
     import subprocess
 
-    from adapters.features import features_from_audio
+    from aat_serve.adapters.features import features_from_audio
 
     require_tool("espeak-ng")
     heldout = json.loads(BUILD_JSON.read_text())["speakers"]["variants"]["test"]

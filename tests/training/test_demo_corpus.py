@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from adapters.errors import ConfigError
+from aat_serve.adapters.errors import ConfigError
+from aat_serve.training.data.generic import load_folder
+from aat_serve.training.demo import corpus as C
 from tests.helpers import require_tool
-from training.data.generic import load_folder
-from training.demo import corpus as C
 
 TINY = [
     C.CorpusDef("words", words=("yes", "no"), per_class={"train": 2, "valid": 1, "test": 1}),

@@ -7,14 +7,14 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from adapters.backbone import AST
-from adapters.bundle import TaskBundle
-from adapters.checkpoints import load_checkpoint
-from adapters.config import BackboneConfig, FeatureConfig
-from adapters.errors import BundleError, CheckpointError
-from adapters.model import AudioClassifier
+from aat_serve.adapters.backbone import AST
+from aat_serve.adapters.bundle import TaskBundle
+from aat_serve.adapters.checkpoints import load_checkpoint
+from aat_serve.adapters.config import BackboneConfig, FeatureConfig
+from aat_serve.adapters.errors import BundleError, CheckpointError
+from aat_serve.adapters.model import AudioClassifier
+from aat_serve.training.export import load_model_checkpoint, load_trained, save_model_checkpoint
 from tests.helpers import tiny_backbone
-from training.export import load_model_checkpoint, load_trained, save_model_checkpoint
 
 
 def test_whole_model_checkpoint_reads_back_through_both_loaders(tmp_path):

@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from adapters.errors import ConfigError
-from training.losses import compute_loss
-from training.metrics import (
+from aat_serve.adapters.errors import ConfigError
+from aat_serve.training.losses import compute_loss
+from aat_serve.training.metrics import (
     accuracy,
     average_precision,
     class_report,

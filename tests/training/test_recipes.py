@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from adapters.errors import ConfigError
-from training.recipes import (
+from aat_serve.adapters.errors import ConfigError
+from aat_serve.training.recipes import (
     DATASET_RECIPES,
     FIELDS,
     RECIPES,

@@ -9,19 +9,19 @@ import json
 import pytest
 import torch
 
-from adapters.bundle import TaskBundle
-from adapters.config import FeatureConfig
-from adapters.errors import BundleError, ConfigError
-from adapters.methods import METHODS
-from adapters.model import count_trainable
+from aat_serve.adapters.bundle import TaskBundle
+from aat_serve.adapters.config import FeatureConfig
+from aat_serve.adapters.errors import BundleError, ConfigError
+from aat_serve.adapters.methods import METHODS
+from aat_serve.adapters.model import count_trainable
+from aat_serve.training.api import model_factory
+from aat_serve.training.cv import run_cv, select_cv_epoch
+from aat_serve.training.data import load_source
+from aat_serve.training.export import load_model_checkpoint
+from aat_serve.training.recipes import Recipe, get_recipe
+from aat_serve.training.trainer import RunOptions, Trainer
 from tests.helpers import tiny_backbone
 from tests.training import synth
-from training.api import model_factory
-from training.cv import run_cv, select_cv_epoch
-from training.data import load_source
-from training.export import load_model_checkpoint
-from training.recipes import Recipe, get_recipe
-from training.trainer import RunOptions, Trainer
 
 BASE = get_recipe("generic").replace(target_length=64, epochs=1, batch_size=2, lr=1e-3,
                                      freqm=4, timem=8)

@@ -6,8 +6,8 @@ import os
 from collections.abc import Callable
 from functools import partial
 
-from adapters.errors import ConfigError
-from training.data.base import (
+from aat_serve.adapters.errors import ConfigError
+from aat_serve.training.data.base import (
     BadAudioRule,
     DatasetError,
     DataSource,
@@ -16,12 +16,12 @@ from training.data.base import (
     hash_split,
     summarize,
 )
-from training.data.esc50 import ESC50_LABELS, load_esc50
-from training.data.generic import load_csv, load_folder
-from training.data.gtzan import GTZAN_LABELS, load_gtzan
-from training.data.openmic import load_openmic
-from training.data.speechcommands import SC1_WORDS, SC2_WORDS, load_speech_commands
-from training.data.us8k import US8K_LABELS, load_us8k
+from aat_serve.training.data.esc50 import ESC50_LABELS, load_esc50
+from aat_serve.training.data.generic import load_csv, load_folder
+from aat_serve.training.data.gtzan import GTZAN_LABELS, load_gtzan
+from aat_serve.training.data.openmic import load_openmic
+from aat_serve.training.data.speechcommands import SC1_WORDS, SC2_WORDS, load_speech_commands
+from aat_serve.training.data.us8k import US8K_LABELS, load_us8k
 
 LOADERS: dict[str, Callable[..., DataSource]] = {
     "esc50": load_esc50,

@@ -1,7 +1,8 @@
 """What every data-set loader returns: labelled clips on disk, their splits, and what was skipped.
 
 A loader only reads metadata and checks file headers; audio is decoded later, per item, by
-``training.dataset.ClipDataset``. Undecodable files are an error unless the caller asks for the
+``aat_serve.training.dataset.ClipDataset``. Undecodable files are an error unless the caller asks
+for the
 explicit ``on_bad_audio="skip"`` rule, which logs and counts every file it drops.
 """
 
@@ -19,8 +20,8 @@ from typing import Literal
 
 import numpy as np
 
-from adapters.errors import AudioError, ConfigError
-from adapters.features import audio_info
+from aat_serve.adapters.errors import AudioError, ConfigError
+from aat_serve.adapters.features import audio_info
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ import logging
 import os
 from pathlib import Path
 
-from training.data.base import (
+from aat_serve.training.data.base import (
     AUDIO_EXTENSIONS,
     BadAudioRule,
     DatasetError,

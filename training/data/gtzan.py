@@ -12,7 +12,7 @@ import logging
 import os
 import re
 
-from training.data.base import (
+from aat_serve.training.data.base import (
     BadAudioRule,
     DatasetError,
     DataSource,

@@ -15,7 +15,7 @@ import zipfile
 
 import numpy as np
 
-from training.data.base import (
+from aat_serve.training.data.base import (
     BadAudioRule,
     DatasetError,
     DataSource,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 
-from training.data.base import (
+from aat_serve.training.data.base import (
     AUDIO_EXTENSIONS,
     BadAudioRule,
     DatasetError,

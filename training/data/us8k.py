@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from training.data.base import (
+from aat_serve.training.data.base import (
     BadAudioRule,
     DatasetError,
     DataSource,

@@ -28,19 +28,19 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from adapters.backbone import AST
-from adapters.bundle import TaskBundle
-from adapters.checkpoints import load_checkpoint, to_hf_state_dict
-from adapters.config import BackboneConfig, FeatureConfig
-from adapters.device import resolve_device
-from adapters.errors import ConfigError
-from adapters.features import load_audio, log_mel
-from training.api import train
-from training.data.generic import load_folder
-from training.demo import corpus as C
-from training.export import load_model_checkpoint
-from training.recipes import Recipe
-from training.trainer import RunOptions
+from aat_serve.adapters.backbone import AST
+from aat_serve.adapters.bundle import TaskBundle
+from aat_serve.adapters.checkpoints import load_checkpoint, to_hf_state_dict
+from aat_serve.adapters.config import BackboneConfig, FeatureConfig
+from aat_serve.adapters.device import resolve_device
+from aat_serve.adapters.errors import ConfigError
+from aat_serve.adapters.features import load_audio, log_mel
+from aat_serve.training.api import train
+from aat_serve.training.data.generic import load_folder
+from aat_serve.training.demo import corpus as C
+from aat_serve.training.export import load_model_checkpoint
+from aat_serve.training.recipes import Recipe
+from aat_serve.training.trainer import RunOptions
 
 log = logging.getLogger(__name__)
 
@@ -359,7 +359,7 @@ def _build(cfg: BuildConfig, workdir: Path, assets: Path, docs: str | Path | Non
     summary["sizes"] = _sizes(assets)
     (assets / "build.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     if docs is not None:
-        from training.demo.report import write_report
+        from aat_serve.training.demo.report import write_report
         write_report(summary, docs)
     return summary
 

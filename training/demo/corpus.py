@@ -14,7 +14,7 @@ test, so no (voice, variant) speaker of the test split is heard in training (ups
 included). For sounds the musical note plays that role. The training split can also hold
 made-up variants (``synthetic_variant``: random vocal tract length, formants and pitch), more
 speakers for training only; validation and test use espeak-ng's own variants. The layout is
-the generic folder-per-label source (``training.data.generic.load_folder``)::
+the generic folder-per-label source (``aat_serve.training.data.generic.load_folder``)::
 
     <out>/<corpus>/<label>/<voice>+<variant>_<n>.wav    (speech)
     <out>/<corpus>/<label>/note<midi>_<n>.wav           (sounds)
@@ -43,7 +43,7 @@ import numpy as np
 import soundfile as sf
 from tqdm import tqdm
 
-from adapters.errors import ConfigError
+from aat_serve.adapters.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ def _mins(s: float) -> str:
 
 
 def _targets(s: dict[str, Any]) -> str:
-    from training.demo.build import check_targets
+    from aat_serve.training.demo.build import check_targets
 
     if not all("head" in r and "aat_ms" in r for r in s["results"].values()):
         return "(Not checked: a partial build.)"

@@ -1,7 +1,8 @@
 """``aat bench kernel|model|serve``: one subcommand per benchmark.
 
-Each benchmark lives beside what it measures (``adapters.benchmarks.kernel``,
-``adapters.benchmarks.model``, ``service.bench``); this module only parses arguments. To add
+Each benchmark lives beside what it measures (``aat_serve.adapters.benchmarks.kernel``,
+``aat_serve.adapters.benchmarks.model``, ``aat_serve.service.bench``); this module only parses
+arguments. To add
 one, write a ``register_*(bench_subparsers)`` function and list it in ``BENCHMARKS``.
 """
 
@@ -11,7 +12,7 @@ import argparse
 import importlib
 import sys
 
-from adapters.errors import ConfigError
+from aat_serve.adapters.errors import ConfigError
 
 
 def register_kernel_bench(sub: argparse._SubParsersAction) -> None:
@@ -37,7 +38,7 @@ def run_kernel_bench(args: argparse.Namespace) -> int:
         print("aat bench kernel needs a CUDA GPU (the fused kernels are Triton GPU kernels); "
               "none is available here", file=sys.stderr)
         return 2
-    from adapters.benchmarks import kernel
+    from aat_serve.adapters.benchmarks import kernel
 
     report = kernel.run_kernel_bench(kernel.KernelBenchConfig(
         clips=_ints(args.clips, "--clips"), tasks=_ints(args.tasks, "--tasks"),
@@ -78,7 +79,7 @@ def register_model_bench(sub: argparse._SubParsersAction) -> None:
 def run_model_bench(args: argparse.Namespace) -> int:
     import torch
 
-    from adapters.benchmarks import model
+    from aat_serve.adapters.benchmarks import model
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -112,9 +113,9 @@ def _ints(text: str, flag: str) -> tuple[int, ...]:
 # (module, function): registered in this order; a module that cannot be imported (say, the
 # service's dependencies are missing) leaves its benchmark out with a note in --help.
 BENCHMARKS = (
-    ("cli.bench", "register_kernel_bench"),
-    ("cli.bench", "register_model_bench"),
-    ("service.bench", "register_serve_bench"),
+    ("aat_serve.cli.bench", "register_kernel_bench"),
+    ("aat_serve.cli.bench", "register_model_bench"),
+    ("aat_serve.service.bench", "register_serve_bench"),
 )
 
 
@@ -142,7 +143,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m cli.bench ...``: the benchmarks without the rest of the CLI's imports."""
+    """``python -m aat_serve.cli.bench ...``: the benchmarks without the CLI's other imports."""
     parser = argparse.ArgumentParser(prog="aat")
     register(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["bench", *(sys.argv[1:] if argv is None else argv)])

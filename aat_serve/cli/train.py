@@ -10,9 +10,9 @@ import math
 import sys
 from typing import Any
 
-from adapters.methods import METHODS
-from training.data import DATASETS
-from training.recipes import FIELDS, RECIPES
+from aat_serve.adapters.methods import METHODS
+from aat_serve.training.data import DATASETS
+from aat_serve.training.recipes import FIELDS, RECIPES
 
 _LITERALS = {"loss": ("ce", "bce"), "metric": ("acc", "mAP")}
 
@@ -59,7 +59,7 @@ def _add_data_flags(p: argparse.ArgumentParser) -> None:
 
 def _quiet(args: argparse.Namespace) -> None:
     if args.json:
-        logging.getLogger("training").setLevel(logging.WARNING)
+        logging.getLogger("aat_serve.training").setLevel(logging.WARNING)
 
 
 def _fmt(x: Any) -> str:
@@ -71,8 +71,8 @@ def _fmt(x: Any) -> str:
 # -- train ----------------------------------------------------------------------------------
 
 def run_train(args: argparse.Namespace) -> int:
-    from training.api import train
-    from training.trainer import RunOptions
+    from aat_serve.training.api import train
+    from aat_serve.training.trainer import RunOptions
 
     _quiet(args)
     options = RunOptions(device=args.device, num_workers=args.workers,
@@ -157,7 +157,7 @@ def _register_train(sub: argparse._SubParsersAction) -> None:
 # -- eval -----------------------------------------------------------------------------------
 
 def run_eval(args: argparse.Namespace) -> int:
-    from training.api import evaluate
+    from aat_serve.training.api import evaluate
 
     _quiet(args)
     res = evaluate(args.dataset, args.root, args.bundle, checkpoint=args.checkpoint,
@@ -207,7 +207,7 @@ def _register_eval(sub: argparse._SubParsersAction) -> None:
 # -- compare --------------------------------------------------------------------------------
 
 def run_compare(args: argparse.Namespace) -> int:
-    from training.compare import compare_methods, markdown_table
+    from aat_serve.training.compare import compare_methods, markdown_table
 
     train_args = ["--dataset", args.dataset, "--root", args.root, "--checkpoint",
                   args.checkpoint, "--device", args.device, "--workers", str(args.workers)]

@@ -9,7 +9,7 @@ import shlex
 import tempfile
 from pathlib import Path
 
-from adapters.demo_assets import DEMO_DIR
+from aat_serve.adapters.demo_assets import DEMO_DIR
 
 
 def _command(args: argparse.Namespace, seed: int) -> str:
@@ -28,7 +28,7 @@ def _command(args: argparse.Namespace, seed: int) -> str:
 
 
 def run_build(args: argparse.Namespace) -> int:
-    from training.demo.build import PRESETS, TASKS, build, check_targets
+    from aat_serve.training.demo.build import PRESETS, TASKS, build, check_targets
 
     cfg = PRESETS[args.preset]
     overrides = {k: v for k, v in (("seed", args.seed), ("workers", args.workers),

@@ -12,18 +12,18 @@ import importlib.util
 import logging
 import sys
 
-from adapters.errors import AATError
+from aat_serve.adapters.errors import AATError
 
 # Order is the order in ``aat --help``. Modules that are not present are skipped.
 SUBCOMMAND_MODULES = (
-    "cli.predict",
-    "cli.bundle",
-    "cli.methods",
-    "cli.train",
-    "cli.serve",
-    "cli.bench",
-    "cli.demo",
-    "cli.export",
+    "aat_serve.cli.predict",
+    "aat_serve.cli.bundle",
+    "aat_serve.cli.methods",
+    "aat_serve.cli.train",
+    "aat_serve.cli.serve",
+    "aat_serve.cli.bench",
+    "aat_serve.cli.demo",
+    "aat_serve.cli.export",
 )
 
 

@@ -14,12 +14,12 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from adapters.bundle import TaskBundle
-from adapters.checkpoints import head_bundle, load_checkpoint, read_label_csv
-from adapters.config import FeatureConfig
-from adapters.errors import AudioError, CheckpointError, ConfigError
-from adapters.features import features_from_audio
-from adapters.model import AudioClassifier
+from aat_serve.adapters.bundle import TaskBundle
+from aat_serve.adapters.checkpoints import head_bundle, load_checkpoint, read_label_csv
+from aat_serve.adapters.config import FeatureConfig
+from aat_serve.adapters.errors import AudioError, CheckpointError, ConfigError
+from aat_serve.adapters.features import features_from_audio
+from aat_serve.adapters.model import AudioClassifier
 
 
 @dataclass

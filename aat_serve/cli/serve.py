@@ -6,16 +6,16 @@ import argparse
 import logging
 from pathlib import Path
 
-log = logging.getLogger("aat.serve")
+log = logging.getLogger(__name__)
 
 
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from service.app import create_app
-    from service.logs import configure_logging
-    from service.runtime import load_backbone, tune_process, with_embedded_defaults
-    from service.settings import load_settings
+    from aat_serve.service.app import create_app
+    from aat_serve.service.logs import configure_logging
+    from aat_serve.service.runtime import load_backbone, tune_process, with_embedded_defaults
+    from aat_serve.service.settings import load_settings
 
     settings = load_settings(host=args.host, port=args.port, checkpoint=args.checkpoint,
                              bundle_dir=args.bundle_dir, log_level=args.log_level)

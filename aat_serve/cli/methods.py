@@ -7,10 +7,10 @@ import json
 
 import torch
 
-from adapters.backbone import AST
-from adapters.config import BackboneConfig
-from adapters.methods import METHODS
-from adapters.model import AudioClassifier, count_trainable
+from aat_serve.adapters.backbone import AST
+from aat_serve.adapters.config import BackboneConfig
+from aat_serve.adapters.methods import METHODS
+from aat_serve.adapters.model import AudioClassifier, count_trainable
 
 
 def method_table(classes: int, frames: int, cfg: BackboneConfig | None = None) -> list[dict]:

@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from adapters.bundle import TaskBundle
-from adapters.errors import AATError, ConfigError
+from aat_serve.adapters.bundle import TaskBundle
+from aat_serve.adapters.errors import AATError, ConfigError
 
 _SHOWN_LABELS = 10
 
@@ -66,7 +66,7 @@ def run_inspect(args: argparse.Namespace) -> int:
 
 
 def run_verify(args: argparse.Namespace) -> int:
-    from adapters.checkpoints import load_checkpoint
+    from aat_serve.adapters.checkpoints import load_checkpoint
 
     bundle = TaskBundle.load(args.file)
     ckpt = load_checkpoint(args.checkpoint)
@@ -98,7 +98,7 @@ def run_verify(args: argparse.Namespace) -> int:
 
 
 def run_from_checkpoint(args: argparse.Namespace) -> int:
-    from adapters.checkpoints import head_bundle, load_checkpoint, read_label_csv
+    from aat_serve.adapters.checkpoints import head_bundle, load_checkpoint, read_label_csv
 
     ckpt = load_checkpoint(args.checkpoint)
     changes = {k: v for k, v in (("target_length", args.target_length), ("mean", args.mean),
