@@ -101,7 +101,8 @@ def own_backbone(backbone: AST, method: MethodSpec) -> AST:
     caller's backbone keeps its modules, values and ``requires_grad`` flags. A method that
     trains the backbone gets a full copy of its tensors; a frozen-backbone method shares them
     (frozen parameters viewing the same storage), which costs no memory: the AAT premise of one
-    frozen backbone under many small tasks.
+    frozen backbone under many small tasks. Those shared tensors are read-only by contract: an
+    in-place write into them (which no frozen method makes) would reach the caller's backbone.
     """
     if not method.exports_bundle:
         return copy.deepcopy(backbone)
