@@ -23,7 +23,7 @@ import struct
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load as st_load
@@ -31,15 +31,26 @@ from safetensors.torch import save as st_save
 
 from aat_serve.adapters.backbone import AST
 from aat_serve.adapters.config import AdapterConfig, BackboneConfig, FeatureConfig
-from aat_serve.adapters.errors import BackboneMismatchError, BundleError, ConfigError
+from aat_serve.adapters.errors import (
+    AATError,
+    BackboneMismatchError,
+    BundleError,
+    CheckpointError,
+    ConfigError,
+)
 from aat_serve.adapters.fileio import atomic_write
 from aat_serve.adapters.methods import METHODS, get_method
 from aat_serve.adapters.model import AudioClassifier
+
+if TYPE_CHECKING:  # only annotated: a bundle file never needs the checkpoint loader
+    from aat_serve.adapters.checkpoints import LoadedCheckpoint
 
 FORMAT = "aat-bundle/1"
 TASK_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 _MAX_HEADER = 16 * 1024 * 1024
+AUDIOSET_CLASSES = 527
+"""A head this wide is taken to be AudioSet's, which is multi-label."""
 
 
 def check_task_name(name: str) -> str:
@@ -352,11 +363,39 @@ class TaskBundle:
     def build_model(self, backbone: AST, fingerprint: str | None = None) -> AudioClassifier:
         """A single-task model on ``backbone`` with this bundle applied.
 
-        The adapters are attached to ``backbone``'s blocks, so give each model its own backbone
-        (``copy.deepcopy``) when several must coexist; ``MultiTaskModel`` shares one instead.
+        ``backbone`` itself is left as it is: the model's adapters sit on its own copy of it
+        (``AudioClassifier``), so several models may be built on one backbone.
         """
         self.check_backbone(backbone, fingerprint)
         m = self.manifest
         model = AudioClassifier(backbone, m.method, m.num_classes, adapter_cfg=m.adapter_config)
         model.load_task_state_dict(self.tensors)
         return model
+
+
+def head_bundle(ckpt: LoadedCheckpoint, task: str, labels: list[str] | None = None, *,
+                multi_label: bool | None = None) -> TaskBundle:
+    """A loaded checkpoint's own classifier as a ``head`` task bundle on its backbone.
+
+    Labels: ``labels``, else the checkpoint's ``id2label``, else ``"0".."C-1"``. Multi-label:
+    as given, else the Hugging Face ``problem_type``, else True for the 527 AudioSet classes.
+    """
+    if ckpt.head is None:
+        raise CheckpointError(f"checkpoint {ckpt.path!r} ({ckpt.source_format}) has no "
+                              "classification head to export")
+    c = int(ckpt.head["fc.weight"].shape[0])
+    names = list(labels) if labels is not None else ckpt.labels or [str(i) for i in range(c)]
+    if len(names) != c:
+        raise ConfigError(f"{len(names)} labels given for a head with {c} classes")
+    if multi_label is None:
+        multi_label = ckpt.multi_label if ckpt.multi_label is not None else c == AUDIOSET_CLASSES
+    try:
+        model = AudioClassifier(ckpt.backbone, "head", c)
+        model.load_task_state_dict({f"head.{k}": v for k, v in ckpt.head.items()})
+        return TaskBundle.from_model(
+            model, task, names, ckpt.features, multi_label=multi_label,
+            recipe={"origin": "checkpoint head", "source_format": ckpt.source_format})
+    except AATError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"cannot export the head of {ckpt.path!r}: {e}") from None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import torch
@@ -17,8 +18,10 @@ from aat_serve.adapters.modules import Adapter, ClassifierHead, DeepPrompt
 class AudioClassifier(nn.Module):
     """Backbone + (adapters, prompts) + head for one task, trained with one method.
 
-    Adapters live on the backbone's blocks (``blocks[i].mlp_adapter`` and
-    ``blocks[i].spatial_adapter``) so the block's forward stays the paper's formula.
+    The classifier works on its own copy of the backbone it is given (``self.backbone``, see
+    ``own_backbone``) and leaves the caller's untouched. Adapters live on that copy's blocks
+    (``blocks[i].mlp_adapter`` and ``blocks[i].spatial_adapter``) so the block's forward stays
+    the paper's formula.
     """
 
     def __init__(self, backbone: AST, method: str | MethodSpec, num_classes: int,
@@ -34,9 +37,9 @@ class AudioClassifier(nn.Module):
                                   num_prompts=cfg.num_prompts if spec.adapters.num_prompts else 0)
         self.method = spec
         self.adapter_cfg = cfg
-        self.backbone = backbone
+        self.backbone = own_backbone(backbone, spec)
         d = backbone.cfg.embed_dim
-        for block in backbone.blocks:
+        for block in self.backbone.blocks:
             block.mlp_adapter = Adapter(d, cfg.bottleneck) if cfg.mlp else None
             block.spatial_adapter = Adapter(d, cfg.bottleneck) if cfg.spatial else None
         bcfg = backbone.cfg
@@ -89,6 +92,23 @@ class AudioClassifier(nn.Module):
                     raise ConfigError(f"task tensor {name!r} has shape {tuple(src.shape)}, "
                                       f"expected {tuple(dst.shape)}")
                 dst.copy_(src.to(dst.dtype))
+
+
+def own_backbone(backbone: AST, method: MethodSpec) -> AST:
+    """A copy of ``backbone`` for one classifier to attach its adapters to and train.
+
+    The module tree (blocks, their adapter slots) and every parameter object are new, so the
+    caller's backbone keeps its modules, values and ``requires_grad`` flags. A method that
+    trains the backbone gets a full copy of its tensors; a frozen-backbone method shares them
+    (frozen parameters viewing the same storage), which costs no memory: the AAT premise of one
+    frozen backbone under many small tasks. Those shared tensors are read-only by contract: an
+    in-place write into them (which no frozen method makes) would reach the caller's backbone.
+    """
+    if not method.exports_bundle:
+        return copy.deepcopy(backbone)
+    shared = {id(p): nn.Parameter(p.detach(), requires_grad=False)
+              for p in backbone.parameters()}
+    return copy.deepcopy(backbone, memo=shared)
 
 
 def set_trainable(model: AudioClassifier) -> None:

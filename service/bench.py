@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import copy
 import io
 import json
 import os
@@ -85,9 +84,8 @@ def random_bundles(backbone: AST, features: FeatureConfig, n: int, method: str =
                    classes: int = 10, seed: int = 0) -> list[TaskBundle]:
     """``n`` tasks with random, non-identity weights (names ``task0``, ``task1``, ...)."""
     out = []
-    base = copy.deepcopy(backbone)
     for i in range(n):
-        model = AudioClassifier(base, method, classes)
+        model = AudioClassifier(backbone, method, classes)
         g = torch.Generator().manual_seed(seed + i)
         with torch.no_grad():
             for p in model.parameters():

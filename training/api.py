@@ -7,7 +7,6 @@ bundle or a whole-model checkpoint on a data set's test split with a per-class r
 
 from __future__ import annotations
 
-import copy
 import os
 import re
 from collections.abc import Callable
@@ -60,7 +59,7 @@ def feature_config(backbone: AST, recipe: Recipe) -> FeatureConfig:
 def model_factory(backbone: AST, method: str, num_classes: int, *, seed: int = 0,
                   bottleneck: int | None = None, num_prompts: int | None = None,
                   ) -> Callable[[], AudioClassifier]:
-    """Builds a fresh model on a private copy of ``backbone`` (adapters attach to its blocks).
+    """Builds a fresh model on ``backbone`` (each model works on its own copy of it).
 
     The adapter bottleneck defaults to a quarter of the width (AAT: 768 -> 192).
     """
@@ -72,7 +71,7 @@ def model_factory(backbone: AST, method: str, num_classes: int, *, seed: int = 0
 
     def make() -> AudioClassifier:
         torch.manual_seed(seed)
-        return AudioClassifier(copy.deepcopy(backbone), spec, num_classes, adapter_cfg=cfg)
+        return AudioClassifier(backbone, spec, num_classes, adapter_cfg=cfg)
 
     return make
 

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from aat_serve.adapters.bundle import TaskBundle
+from aat_serve.adapters.bundle import TaskBundle, head_bundle
 from aat_serve.adapters.errors import AATError, ConfigError
 
 _SHOWN_LABELS = 10
@@ -98,7 +98,7 @@ def run_verify(args: argparse.Namespace) -> int:
 
 
 def run_from_checkpoint(args: argparse.Namespace) -> int:
-    from aat_serve.adapters.checkpoints import head_bundle, load_checkpoint, read_label_csv
+    from aat_serve.adapters.checkpoints import load_checkpoint, read_label_csv
 
     ckpt = load_checkpoint(args.checkpoint)
     changes = {k: v for k, v in (("target_length", args.target_length), ("mean", args.mean),

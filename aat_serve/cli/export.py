@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from aat_serve.adapters.bundle import TaskBundle
+from aat_serve.adapters.bundle import TaskBundle, head_bundle
 
 
 def _batch(value: str) -> int | str:
@@ -22,7 +22,7 @@ def _batch(value: str) -> int | str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from aat_serve.adapters.checkpoints import head_bundle, load_checkpoint
+    from aat_serve.adapters.checkpoints import load_checkpoint
     from aat_serve.adapters.onnx_export import OPSET, export_onnx
 
     ckpt = load_checkpoint(args.checkpoint)

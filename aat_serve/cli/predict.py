@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from aat_serve.adapters.bundle import TaskBundle
-from aat_serve.adapters.checkpoints import head_bundle, load_checkpoint, read_label_csv
+from aat_serve.adapters.bundle import TaskBundle, head_bundle
+from aat_serve.adapters.checkpoints import load_checkpoint, read_label_csv
 from aat_serve.adapters.config import FeatureConfig
 from aat_serve.adapters.errors import AudioError, CheckpointError, ConfigError
 from aat_serve.adapters.features import features_from_audio

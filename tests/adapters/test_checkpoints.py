@@ -10,13 +10,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from aat_serve.adapters.bundle import TaskBundle
+from aat_serve.adapters.bundle import TaskBundle, head_bundle
 from aat_serve.adapters.checkpoints import (
     CONVENTIONAL_LENGTHS,
     canonical_state_dict,
     checkpoint_filter_fn,
     detect_format,
-    head_bundle,
     infer_grid,
     load_checkpoint,
     read_label_csv,

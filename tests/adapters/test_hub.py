@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from aat_serve.adapters.checkpoints import load_checkpoint
+from aat_serve.adapters.checkpoints.hub import looks_like_model_id, resolve_checkpoint
 from aat_serve.adapters.errors import CheckpointError
-from aat_serve.adapters.hub import looks_like_model_id, resolve_checkpoint
 from tests.adapters.ckpt_factory import random_canonical, write_hf_dir
 from tests.helpers import tiny_config
 

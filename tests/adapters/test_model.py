@@ -292,3 +292,47 @@ def test_classifier_validation_and_task_state_dict_errors():
     msg = r"'head.fc.weight' has shape \(4, 32\), expected \(3, 32\)"
     with pytest.raises(ConfigError, match=msg):
         model.load_task_state_dict(bad)
+
+
+def _snapshot(backbone: AST) -> dict[str, tuple[torch.Tensor, bool]]:
+    """Every parameter's value (cloned) and requires_grad flag, by state-dict name."""
+    params = dict(backbone.named_parameters())
+    return {k: (v.detach().clone(), params[k].requires_grad if k in params else False)
+            for k, v in backbone.state_dict().items()}
+
+
+@pytest.mark.parametrize("method", ["aat_ms", "prompt", "joint", "full", "partial"])
+def test_classifier_leaves_the_callers_backbone_unchanged(method):
+    backbone = tiny_backbone(seed=0, depth=4)
+    backbone.blocks[1].requires_grad_(False)  # a mix of flags, so "kept" is not "all True"
+    before = _snapshot(backbone)
+    model = AudioClassifier(backbone, method, NUM_CLASSES)
+    adamw_steps(model, features(), steps=2)
+
+    after = _snapshot(backbone)
+    assert list(after) == list(before)  # no adapter modules were added to its blocks
+    for name, (value, trainable) in before.items():
+        assert torch.equal(after[name][0], value), name
+        assert after[name][1] == trainable, name
+    assert all(b.mlp_adapter is None and b.spatial_adapter is None for b in backbone.blocks)
+
+    # The classifier's own backbone does differ: its flags follow the method, it carries the
+    # method's adapters, and a method that trains the backbone has moved its own copy.
+    own = _snapshot(model.backbone)
+    assert model.backbone is not backbone
+    assert [f for _, f in own.values()] != [f for _, f in before.values()]
+    has_adapters = any("adapter" in k for k in own)
+    assert has_adapters == (method in ("aat_ms", "joint"))
+    moved = any(not torch.equal(own[k][0], v) for k, (v, _) in before.items())
+    assert moved == (method in ("full", "partial"))
+
+
+@pytest.mark.parametrize(("method", "shared"), [("aat_ms", True), ("head", True),
+                                                 ("full", False)])
+def test_frozen_backbone_methods_share_the_frozen_storage(method, shared):
+    backbone = tiny_backbone(seed=0)
+    model = AudioClassifier(backbone, method, NUM_CLASSES)
+    mine, theirs = model.backbone.blocks[0].mlp.fc1.weight, backbone.blocks[0].mlp.fc1.weight
+    assert mine is not theirs
+    assert (mine.data_ptr() == theirs.data_ptr()) == shared
+    assert mine.requires_grad == (not shared) and theirs.requires_grad
