@@ -17,8 +17,9 @@ from aat_serve.adapters.errors import BackboneMismatchError, ConfigError
 from aat_serve.adapters.model import AudioClassifier
 from aat_serve.cli.main import main as aat
 from aat_serve.training.demo import corpus as C
-from aat_serve.training.demo.build import TASKS, check_targets, export_backbone
+from aat_serve.training.demo.build import export_backbone
 from aat_serve.training.demo.report import render_report
+from aat_serve.training.demo.tasks import TASKS, check_targets
 from aat_serve.training.export import save_model_checkpoint
 from tests.helpers import require_tool, tiny_backbone
 
@@ -192,7 +193,8 @@ def test_tiny_build_through_the_cli(tmp_path, capsys):
         sum(c.values()) for c in summary["corpus"].values())
     assert "| AAT^MS (adapters) |" in docs.read_text()
     assert summary["device"] == "cpu"
-    from aat_serve.training.demo.build import PRESETS, build
+    from aat_serve.training.demo.build import build
+    from aat_serve.training.demo.build_config import PRESETS
     with pytest.raises(ConfigError, match="unknown demo task or method"):
         build(PRESETS["tiny"], tmp_path / "work", assets, tasks=("nope",))
     # A device that cannot run fails before anything is written.
@@ -209,7 +211,7 @@ def test_tiny_build_through_the_cli(tmp_path, capsys):
 
 
 def test_task_lr_overrides_one_run_and_rejects_unknown_names():
-    from aat_serve.training.demo.build import BuildConfig
+    from aat_serve.training.demo.build_config import BuildConfig
     cfg = BuildConfig(task_lr={"commands": {"aat_ms": 2e-3}})
     assert cfg.lr_for("commands", "aat_ms") == 2e-3
     assert cfg.lr_for("digits", "aat_ms") == cfg.lr["aat_ms"] == 5e-3  # the others keep lr
@@ -266,7 +268,7 @@ def test_committed_bundles_validate_against_the_committed_backbone():
 
 @needs_assets
 def test_committed_bundles_trained_at_the_configured_learning_rates():
-    from aat_serve.training.demo.build import BuildConfig
+    from aat_serve.training.demo.build_config import BuildConfig
     summary = json.loads(BUILD_JSON.read_text())
     cfg = BuildConfig(**summary["config"])
     assert cfg == BuildConfig()  # the committed artifacts are the defaults' build
@@ -287,7 +289,7 @@ def test_committed_record_reproduces_on_resynthesized_test_speakers(tmp_path):
     from aat_serve.training.data.generic import load_folder
     from aat_serve.training.dataset import ClipDataset
     from aat_serve.training.demo import corpus as C
-    from aat_serve.training.demo.build import BuildConfig
+    from aat_serve.training.demo.build_config import BuildConfig
 
     summary = json.loads(BUILD_JSON.read_text())
     cfg = BuildConfig(**summary["config"])
