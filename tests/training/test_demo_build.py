@@ -17,6 +17,9 @@ from aat_serve.adapters.errors import BackboneMismatchError, ConfigError
 from aat_serve.adapters.model import AudioClassifier
 from aat_serve.cli.main import main as aat
 from aat_serve.training.demo import corpus as C
+from aat_serve.training.demo import plan as P
+from aat_serve.training.demo import sounds as S
+from aat_serve.training.demo import speakers as SP
 from aat_serve.training.demo.build import export_backbone
 from aat_serve.training.demo.report import render_report
 from aat_serve.training.demo.tasks import TASKS, check_targets
@@ -170,7 +173,7 @@ def test_tiny_build_through_the_cli(tmp_path, capsys):
     assert set(summary["results"]) == {"instruments"}
     made = summary["speakers"]["synthetic"]  # the made-up training speakers were spoken
     assert len(made) == 2 and set(made) <= set(summary["speakers"]["variants"]["train"])
-    heard = {C.speaker_of(p.name).split("+")[1]
+    heard = {P.speaker_of(p.name).split("+")[1]
              for p in (tmp_path / "work" / "corpus" / "upstream").rglob("*+*_train*.wav")}
     assert heard & set(made) and not heard - set(summary["speakers"]["variants"]["train"])
     assert set(summary["results"]["instruments"]) == {"head", "aat_ms"}
@@ -180,7 +183,7 @@ def test_tiny_build_through_the_cli(tmp_path, capsys):
                for r in summary["results"]["instruments"].values())
     served = load_checkpoint(assets / "backbone")
     assert served.backbone.cfg.embed_dim == 32
-    assert len(served.labels) == len(C.UPSTREAM_WORDS) + len(C.UPSTREAM_SOUNDS) == 97
+    assert len(served.labels) == len(C.UPSTREAM_WORDS) + len(S.UPSTREAM_SOUNDS) == 97
     bundle = TaskBundle.load(assets / "tasks" / "instruments.safetensors")
     bundle.check_backbone(served.backbone)
     assert bundle.manifest.method == "aat_ms" and bundle.manifest.labels == sorted(
@@ -294,8 +297,8 @@ def test_committed_record_reproduces_on_resynthesized_test_speakers(tmp_path):
     summary = json.loads(BUILD_JSON.read_text())
     cfg = BuildConfig(**summary["config"])
     digits = next(c for c in cfg.corpora() if c.name == "digits")
-    only_test = C.CorpusDef("digits", words=digits.words, per_class={"test": cfg.test})
-    speakers = C.make_speakers(cfg.seed, synthetic=cfg.synthetic_speakers)
+    only_test = P.CorpusDef("digits", words=digits.words, per_class={"test": cfg.test})
+    speakers = SP.make_speakers(cfg.seed, synthetic=cfg.synthetic_speakers)
     assert speakers.to_dict() == {"synthetic": {}, **summary["speakers"]}
     root = C.synthesize([only_test], tmp_path, seed=cfg.seed, speakers=speakers,
                         progress=False)["digits"]

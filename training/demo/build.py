@@ -37,6 +37,9 @@ from aat_serve.training.api import train
 from aat_serve.training.data.base import DataSource
 from aat_serve.training.data.generic import load_folder
 from aat_serve.training.demo import corpus as C
+from aat_serve.training.demo import render as R
+from aat_serve.training.demo import sounds as S
+from aat_serve.training.demo import speakers as SP
 from aat_serve.training.demo.build_config import BuildConfig, recipe
 from aat_serve.training.demo.report import write_report
 from aat_serve.training.demo.tasks import METHODS, TASKS, UPSTREAM, check_names
@@ -178,7 +181,7 @@ def _build(cfg: BuildConfig, workdir: Path, assets: Path, docs: str | Path | Non
         "synthesis": synthesis,
         "corpus": {c.name: json.loads((folders[c.name] / "corpus.json").read_text())["counts"]
                    for c in cfg.corpora()},
-        "tools": C.tool_versions(), "torch": torch.__version__, "device": device.type,
+        "tools": R.tool_versions(), "torch": torch.__version__, "device": device.type,
         "threads": torch.get_num_threads(), "pretrain": pretrain, "results": results,
         "times": steps.times}
     summary["sizes"] = _sizes(assets)
@@ -189,12 +192,12 @@ def _build(cfg: BuildConfig, workdir: Path, assets: Path, docs: str | Path | Non
 
 
 def _synthesize(steps: _Steps, progress: bool,
-                ) -> tuple[C.Speakers, dict[str, Path], dict[str, Any]]:
+                ) -> tuple[SP.Speakers, dict[str, Path], dict[str, Any]]:
     """Step 1: the corpora on disk (clips already there are kept); their speakers, folders and
     what the synthesis did (``build.json``'s ``synthesis``)."""
     cfg, out = steps.cfg, steps.workdir / "corpus"
     t = time.perf_counter()
-    speakers = C.make_speakers(cfg.seed, synthetic=cfg.synthetic_speakers)
+    speakers = SP.make_speakers(cfg.seed, synthetic=cfg.synthetic_speakers)
     planned, present = C.clips_on_disk(cfg.corpora(), out, seed=cfg.seed, speakers=speakers)
     folders = C.synthesize(cfg.corpora(), out, seed=cfg.seed, speakers=speakers,
                            workers=cfg.workers, progress=progress)
@@ -224,7 +227,7 @@ def _pretrain(steps: _Steps, upstream: Path,
                 options=steps.options, source=up)
     seconds = steps.times["pretrain_s"] = time.perf_counter() - t
     pretrain = {"classes": up.num_classes, "words": len(C.UPSTREAM_WORDS),
-                "sounds": len(C.UPSTREAM_SOUNDS), "train_clips": up.counts()["train"],
+                "sounds": len(S.UPSTREAM_SOUNDS), "train_clips": up.counts()["train"],
                 "valid_clips": up.counts()["valid"], "epochs": cfg.pretrain_epochs,
                 "best_epoch": pre.best_epoch, "valid_acc": pre.valid["acc"],
                 "params": pre.total_params, "seconds": seconds,

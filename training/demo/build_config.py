@@ -10,6 +10,8 @@ from typing import Any
 from aat_serve.adapters.config import BackboneConfig
 from aat_serve.adapters.errors import ConfigError
 from aat_serve.training.demo import corpus as C
+from aat_serve.training.demo import plan as P
+from aat_serve.training.demo import sounds as S
 from aat_serve.training.demo.tasks import METHODS, TASKS, UPSTREAM, check_names
 from aat_serve.training.recipes import Recipe
 
@@ -26,7 +28,7 @@ class BuildConfig:
     valid: int = 20
     test: int = 40
     synthetic_speakers: int = 64
-    """Made-up voice variants added to the training split (``corpus.synthetic_variant``): more
+    """Made-up voice variants added to the training split (``speakers.synthetic_variant``): more
     speakers, a wider range of vocal tract lengths than espeak-ng's 73 training variants."""
     # model
     embed_dim: int = 192
@@ -84,11 +86,11 @@ class BuildConfig:
             freq_stride=self.stride, time_stride=self.time_stride, num_mel_bins=self.num_mel_bins,
             target_length=self.target_length, norm_eps=1e-6, head_norm_eps=1e-6)
 
-    def corpora(self) -> list[C.CorpusDef]:
-        up = C.CorpusDef(UPSTREAM, words=C.UPSTREAM_WORDS, sounds=tuple(C.UPSTREAM_SOUNDS),
+    def corpora(self) -> list[P.CorpusDef]:
+        up = P.CorpusDef(UPSTREAM, words=C.UPSTREAM_WORDS, sounds=tuple(S.UPSTREAM_SOUNDS),
                          per_class={"train": self.upstream_train, "valid": self.upstream_valid})
         per = {"train": self.train, "valid": self.valid, "test": self.test}
-        return [up] + [C.CorpusDef(name, words=w, sounds=s, per_class=per)
+        return [up] + [P.CorpusDef(name, words=w, sounds=s, per_class=per)
                        for name, (w, s) in TASKS.items()]
 
     def to_dict(self) -> dict[str, Any]:

@@ -11,13 +11,14 @@ from typing import Any
 
 from aat_serve.adapters.errors import ConfigError
 from aat_serve.training.demo import corpus as C
+from aat_serve.training.demo import sounds as S
 
 UPSTREAM = "upstream"
 """Name of the pretraining corpus."""
 TASKS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "digits": (C.DIGITS, ()),
     "commands": (C.COMMANDS, ()),
-    "instruments": ((), tuple(C.INSTRUMENTS)),
+    "instruments": ((), tuple(S.INSTRUMENTS)),
 }
 """Downstream tasks: (words, sound classes). None of their labels is an upstream label."""
 METHODS = ("head", "aat_ms", "full")
