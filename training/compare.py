@@ -16,7 +16,7 @@ from typing import Any
 
 from aat_serve.adapters.errors import ConfigError
 from aat_serve.adapters.methods import get_method
-from aat_serve.training.trainer import write_json
+from aat_serve.training.run_dir import write_json
 
 
 def _cell(x: Any, fmt: str) -> str:

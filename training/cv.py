@@ -22,7 +22,8 @@ from aat_serve.adapters.errors import ConfigError
 from aat_serve.adapters.model import AudioClassifier
 from aat_serve.training.data.base import DataSource
 from aat_serve.training.recipes import Recipe
-from aat_serve.training.trainer import RunOptions, Trainer, TrainResult, write_json
+from aat_serve.training.run_dir import write_json
+from aat_serve.training.trainer import RunOptions, Trainer, TrainResult
 
 log = logging.getLogger(__name__)
 

@@ -23,6 +23,7 @@ import torch
 
 from aat_serve.adapters.backbone import AST
 from aat_serve.adapters.config import BackboneConfig
+from aat_serve.adapters.errors import AATError, ConfigError
 from aat_serve.training.api import train
 from aat_serve.training.recipes import get_recipe
 from aat_serve.training.trainer import RunOptions
@@ -35,10 +36,14 @@ TEST_VARIANTS = ("f4",)
 
 
 def synthesize(root: Path, words=WORDS, voices=VOICES, variants=VARIANTS) -> int:
-    """Write every word x voice x variant x (speed, pitch) clip; return the clip count."""
+    """Write every word x voice x variant x (speed, pitch) clip; return the clip count.
+
+    Raises ``ConfigError`` naming espeak-ng when it is not installed.
+    """
     exe = shutil.which("espeak-ng")
     if exe is None:
-        raise SystemExit("espeak-ng is not installed (apt-get install espeak-ng)")
+        raise ConfigError(f"espeak-ng is not installed; the learning check speaks its keywords "
+                          f"with it into {root} (apt-get install espeak-ng)")
     valid, test = [], []
     n = 0
     for word, voice, variant, (speed, pitch) in itertools.product(
@@ -80,6 +85,19 @@ def small_backbone(seed: int) -> AST:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The script: exit status 0 when AAT^MS leads by the margin, 1 otherwise or on an error.
+
+    A library error (espeak-ng missing, a bad recipe) is printed to stderr as its message, the
+    way this script always reported it, with exit status 1.
+    """
+    try:
+        return _run(argv)
+    except AATError as e:
+        print(e, file=sys.stderr)
+        return 1
+
+
+def _run(argv: list[str] | None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out-dir", default="aat-learning-check")
     p.add_argument("--epochs", type=int, default=20)

@@ -10,19 +10,17 @@
   depend only on (seed, epoch, index), so an interrupted run resumes to the same result.
 - At the end the best checkpoint is evaluated on the test split, single-label tasks get
   ``confusion.png``, and the output (bundle or whole-model checkpoint) carries the metrics.
+
+The run directory's files (config check, state checkpoint, metrics) are ``run_dir``'s job.
 """
 
 from __future__ import annotations
 
 import contextlib
-import csv
-import hashlib
-import json
 import logging
 import math
 import os
 import resource
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -40,7 +38,6 @@ from aat_serve.adapters.checkpoints import checkpoint_filter_fn
 from aat_serve.adapters.config import FeatureConfig
 from aat_serve.adapters.device import resolve_device
 from aat_serve.adapters.errors import ConfigError
-from aat_serve.adapters.fileio import atomic_write
 from aat_serve.adapters.model import AudioClassifier, count_trainable
 from aat_serve.training.data.base import Example
 from aat_serve.training.dataset import Augment, ClipDataset, EpochSampler
@@ -48,15 +45,20 @@ from aat_serve.training.evaluate import EvalOutput, score_batches
 from aat_serve.training.export import save_model_checkpoint
 from aat_serve.training.losses import compute_loss
 from aat_serve.training.metrics import confusion_matrix
-from aat_serve.training.plots import plot_confusion, plot_curves
+from aat_serve.training.plots import plot_confusion
 from aat_serve.training.recipes import Recipe, check_fits
+from aat_serve.training.run_dir import (
+    BEST_FILE,
+    json_safe,
+    open_run_dir,
+    save_state,
+    split_digest,
+    write_json,
+    write_metrics,
+)
 
 log = logging.getLogger(__name__)
 
-STATE_FILE = "state.pt"
-BEST_FILE = "best.safetensors"
-RUN_FILES = (STATE_FILE, BEST_FILE, "config.json", "metrics.csv", "metrics.json",
-             "summary.json", "curves.png", "confusion.png")
 _EVAL_CACHE_BYTES = 512 * 1024 * 1024
 
 
@@ -105,34 +107,31 @@ class TrainResult:
                 "peak_memory_mb": self.peak_memory_mb, "epochs": len(self.history)}
 
 
-def _json_safe(x: Any) -> Any:
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _json_safe(v) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return [_json_safe(v) for v in x]
-    return x
-
-
-def write_json(path: Path, data: Any) -> None:
-    """Atomically write ``data`` as JSON (non-finite floats become null)."""
-    atomic_write(path, (json.dumps(_json_safe(data), indent=2, sort_keys=True) + "\n").encode())
-
-
-def _digest(examples: list[Example]) -> dict[str, Any]:
-    """Count and hash of a split's clips and labels (to recognise the same data on resume)."""
-    h = hashlib.sha256()
-    for e in examples:
-        h.update(f"{e.key or e.path}|{e.labels}|{e.mask}\n".encode())
-    return {"count": len(examples), "sha256": h.hexdigest()[:16]}
-
-
 def peak_memory_mb(device: torch.device) -> float:
     """Peak CUDA memory allocated by tensors, or this process's peak RSS on the CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _fresh_running() -> dict[str, float]:
+    """The running sums of an epoch before its first batch."""
+    return {"loss_sum": 0.0, "clips": 0, "seconds": 0.0}
+
+
+@dataclass
+class _Progress:
+    """Where a run is: the epoch to run next, batches and optimiser steps done, the running
+    sums of the current epoch, the epochs' history and the best epoch so far (the fields of
+    the saved training state)."""
+
+    epoch: int = 0
+    batches_done: int = 0
+    global_step: int = 0
+    running: dict[str, float] = field(default_factory=_fresh_running)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best: dict[str, Any] = field(
+        default_factory=lambda: {"epoch": 0, "metric": -math.inf, "valid": {}})
 
 
 class Trainer:
@@ -205,41 +204,11 @@ class Trainer:
     # -- run directory ------------------------------------------------------------------
     def _prepare_run_dir(self) -> dict[str, Any] | None:
         """Write or check ``config.json``; return the saved state to resume from, if any."""
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        config = _json_safe({**self.config, "recipe": self.recipe.to_dict(),
-                             "method": self.model.method.name, "task": self.task,
-                             "labels": self.labels, "features": self.features.to_dict(),
-                             "examples": {k: _digest(v) for k, v in self.splits.items()}})
-        cfg_path = self.run_dir / "config.json"
-        if self.options.fresh:
-            for name in RUN_FILES:
-                (self.run_dir / name).unlink(missing_ok=True)
-        if cfg_path.exists() and (self.run_dir / STATE_FILE).exists():
-            old = json.loads(cfg_path.read_text())
-            # Paths may move; the data digest and backbone fingerprint say what matters.
-            diff = sorted(k for k in set(old) | set(config)
-                          if k not in ("root", "checkpoint") and old.get(k) != config.get(k))
-            if diff:
-                detail = "; ".join(self._describe_diff(k, old.get(k), config.get(k))
-                                   for k in diff[:4])
-                raise ConfigError(
-                    f"run directory {self.run_dir} holds a run with a different configuration "
-                    f"({detail}); pass --fresh to start over or choose another --run-dir")
-            state = torch.load(self.run_dir / STATE_FILE, map_location="cpu", weights_only=True)
-            log.info("resuming %s at epoch %d, step %d", self.run_dir, state["epoch"] + 1,
-                     state["global_step"])
-            return state
-        write_json(cfg_path, config)
-        return None
-
-    @staticmethod
-    def _describe_diff(key: str, old: Any, new: Any) -> str:
-        if isinstance(old, dict) and isinstance(new, dict):
-            keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-            return ", ".join(f"{key}.{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys[:3])
-        if isinstance(old, list) or isinstance(new, list):
-            return f"{key} differs"
-        return f"{key}: {old!r} -> {new!r}"
+        config = {**self.config, "recipe": self.recipe.to_dict(),
+                  "method": self.model.method.name, "task": self.task, "labels": self.labels,
+                  "features": self.features.to_dict(),
+                  "examples": {k: split_digest(v) for k, v in self.splits.items()}}
+        return open_run_dir(self.run_dir, config, fresh=self.options.fresh)
 
     def _state(self, epoch: int, batches_done: int, global_step: int, running: dict[str, float],
                history: list[dict[str, Any]], best: dict[str, Any]) -> dict[str, Any]:
@@ -249,16 +218,6 @@ class Trainer:
                           for n, p in self.model.named_parameters() if p.requires_grad},
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict()}
-
-    def _save_state(self, state: dict[str, Any]) -> None:
-        fd, tmp = tempfile.mkstemp(prefix=".state.", dir=self.run_dir)
-        os.close(fd)
-        try:
-            torch.save(state, tmp)
-            os.replace(tmp, self.run_dir / STATE_FILE)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
 
     def _restore(self, state: dict[str, Any]) -> None:
         params = dict(self.model.named_parameters())
@@ -280,7 +239,7 @@ class Trainer:
     def save_trained(self, path: str | os.PathLike, metrics: dict[str, Any]) -> Path:
         """Task bundle for frozen-backbone methods, whole-model checkpoint otherwise."""
         recipe = self.manifest_recipe()
-        metrics = _json_safe(metrics)
+        metrics = json_safe(metrics)
         if self.model.method.exports_bundle:
             bundle = TaskBundle.from_model(self.model, self.task, self.labels, self.features,
                                            multi_label=self.multi_label, recipe=recipe,
@@ -301,22 +260,6 @@ class Trainer:
             self.model.head.load_state_dict(head, strict=True)
             body = {k: v for k, v in canon.items() if not k.startswith("head.")}
             self.model.backbone.load_state_dict(body, strict=True)
-
-    def _write_metrics(self, history: list[dict[str, Any]], plot: bool) -> None:
-        write_json(self.run_dir / "metrics.json", history)
-        cols = list(history[0])
-        tmp = self.run_dir / ".metrics.csv.tmp"
-        with tmp.open("w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=cols)
-            w.writeheader()
-            w.writerows(history)
-        os.replace(tmp, self.run_dir / "metrics.csv")
-        if not plot:
-            return
-        try:
-            plot_curves(history, self.recipe.metric, self.run_dir / "curves.png")
-        except Exception as e:  # a plot must never cost a run
-            log.warning("could not plot training curves: %s", e)
 
     # -- evaluation ---------------------------------------------------------------------
     def evaluate(self, split: str) -> EvalOutput:
@@ -344,88 +287,99 @@ class Trainer:
     # -- training -----------------------------------------------------------------------
     def train(self, out_path: str | os.PathLike | None = None) -> TrainResult:
         """Run (or resume) every epoch, then test the best checkpoint and write ``out_path``."""
-        r = self.recipe
+        progress = _Progress()
         state = self._prepare_run_dir()
-        history: list[dict[str, Any]] = []
-        best: dict[str, Any] = {"epoch": 0, "metric": -math.inf, "valid": {}}
-        start_epoch, batches_done, global_step = 0, 0, 0
-        running = {"loss_sum": 0.0, "clips": 0, "seconds": 0.0}
         if state is not None:
             self._restore(state)
-            start_epoch, batches_done = state["epoch"], state["batches_done"]
-            global_step, running = state["global_step"], state["running"]
-            history, best = state["history"], state["best"]
+            progress = _Progress(state["epoch"], state["batches_done"], state["global_step"],
+                                 state["running"], state["history"], state["best"])
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        accum = r.grad_accum
-        for epoch in range(start_epoch, r.epochs):
-            self.model.train()
-            self.train_set.set_epoch(epoch)
-            self.sampler.set_epoch(epoch, start=batches_done * r.batch_size)
-            total_batches = math.ceil(len(self.train_set) / r.batch_size)
-            bar = tqdm(total=total_batches, initial=batches_done, unit="batch", leave=False,
-                       desc=f"epoch {epoch + 1}/{r.epochs}", disable=not self.options.progress,
-                       dynamic_ncols=True)
-            t0 = time.perf_counter() - running["seconds"]
-            self.optimizer.zero_grad(set_to_none=True)
-            pending = 0
-            for batch in self.train_loader:
-                x = batch["features"].to(self.device, non_blocking=True)
-                y = batch["target"].to(self.device, non_blocking=True)
-                m = batch["mask"].to(self.device, non_blocking=True) if self.masked else None
-                with self._autocast():
-                    logits = self.model(x)
-                loss = compute_loss(r.loss, logits, y, m)
-                if not torch.isfinite(loss):
-                    raise ConfigError(f"loss became {float(loss)} at epoch {epoch + 1}, step "
-                                      f"{global_step}; lower the learning rate (--lr)")
-                self.scaler.scale(loss / accum).backward()
-                pending += 1
-                batches_done += 1
-                running["loss_sum"] += loss.item() * len(x)
-                running["clips"] += len(x)
-                if pending == accum or batches_done == total_batches:
-                    global_step = self._step(global_step)
-                    pending = 0
-                    running["seconds"] = time.perf_counter() - t0
-                    info = {"epoch": epoch, "global_step": global_step,
-                            "batches_done": batches_done, "loss": loss.item()}
-                    if (self.options.checkpoint_every
-                            and global_step % self.options.checkpoint_every == 0
-                            and batches_done < total_batches):
-                        self._save_state(self._state(epoch, batches_done, global_step, running,
-                                                     history, best))
-                    for cb in self.callbacks:
-                        cb(self, info)
-                bar.update(1)
-                if self.options.progress:
-                    rate = running["clips"] / max(time.perf_counter() - t0, 1e-9)
-                    bar.set_postfix(loss=f"{float(loss):.4f}", clips_s=f"{rate:.1f}",
-                                    lr=f"{self.optimizer.param_groups[0]['lr']:.2e}")
-            bar.close()
-            seconds = time.perf_counter() - t0
-            valid = self.evaluate("valid").metrics(self.masked)
-            row = {"epoch": epoch + 1, "train_loss": running["loss_sum"] / running["clips"],
-                   "valid_loss": valid["loss"], "acc": valid["acc"], "mAP": valid["mAP"],
-                   "mAUC": valid["mAUC"], "d_prime": valid["d_prime"],
-                   "lr": self.optimizer.param_groups[0]["lr"], "epoch_time_s": seconds,
-                   "clips_per_s": running["clips"] / max(seconds, 1e-9),
-                   "global_step": global_step}
-            history.append(row)
-            log.info("epoch %d/%d: train loss %.4f, valid loss %.4f, %s %.4f (%.1f s)",
-                     epoch + 1, r.epochs, row["train_loss"], row["valid_loss"], r.metric,
-                     valid[r.metric], seconds)
-            if valid[r.metric] > best["metric"] or best["epoch"] == 0:
-                best = {"epoch": epoch + 1, "metric": valid[r.metric], "valid": valid}
-                self.save_trained(self.run_dir / BEST_FILE,
-                                  {"valid": valid, "best_epoch": epoch + 1})
-            self.scheduler.step()
-            batches_done = 0
-            running = {"loss_sum": 0.0, "clips": 0, "seconds": 0.0}
-            self._save_state(self._state(epoch + 1, 0, global_step, running, history, best))
-            # The curve is redrawn after slow epochs only (a plot costs about a second).
-            self._write_metrics(history, plot=seconds > 30 or epoch + 1 == r.epochs)
-        return self._finish(history, best, out_path)
+        for epoch in range(progress.epoch, self.recipe.epochs):
+            seconds = self._train_epoch(epoch, progress)
+            self._end_epoch(epoch, seconds, progress)
+        return self._finish(progress.history, progress.best, out_path)
+
+    def _train_epoch(self, epoch: int, p: _Progress) -> float:
+        """One pass over the training split (from ``p.batches_done`` on, when resuming);
+        return its seconds (a resumed epoch counts its earlier part)."""
+        r = self.recipe
+        self.model.train()
+        self.train_set.set_epoch(epoch)
+        self.sampler.set_epoch(epoch, start=p.batches_done * r.batch_size)
+        total_batches = math.ceil(len(self.train_set) / r.batch_size)
+        bar = tqdm(total=total_batches, initial=p.batches_done, unit="batch", leave=False,
+                   desc=f"epoch {epoch + 1}/{r.epochs}", disable=not self.options.progress,
+                   dynamic_ncols=True)
+        t0 = time.perf_counter() - p.running["seconds"]
+        self.optimizer.zero_grad(set_to_none=True)
+        pending = 0
+        for batch in self.train_loader:
+            x = batch["features"].to(self.device, non_blocking=True)
+            y = batch["target"].to(self.device, non_blocking=True)
+            m = batch["mask"].to(self.device, non_blocking=True) if self.masked else None
+            with self._autocast():
+                logits = self.model(x)
+            loss = compute_loss(r.loss, logits, y, m)
+            if not torch.isfinite(loss):
+                raise ConfigError(f"loss became {float(loss)} at epoch {epoch + 1}, step "
+                                  f"{p.global_step}; lower the learning rate (--lr)")
+            self.scaler.scale(loss / r.grad_accum).backward()
+            pending += 1
+            p.batches_done += 1
+            p.running["loss_sum"] += loss.item() * len(x)
+            p.running["clips"] += len(x)
+            if pending == r.grad_accum or p.batches_done == total_batches:
+                p.global_step = self._step(p.global_step)
+                pending = 0
+                p.running["seconds"] = time.perf_counter() - t0
+                self._after_step(epoch, p, total_batches, loss.item())
+            bar.update(1)
+            if self.options.progress:
+                rate = p.running["clips"] / max(time.perf_counter() - t0, 1e-9)
+                bar.set_postfix(loss=f"{float(loss):.4f}", clips_s=f"{rate:.1f}",
+                                lr=f"{self.optimizer.param_groups[0]['lr']:.2e}")
+        bar.close()
+        return time.perf_counter() - t0
+
+    def _after_step(self, epoch: int, p: _Progress, total_batches: int, loss: float) -> None:
+        """The mid-epoch state checkpoint (``checkpoint_every``), then the callbacks."""
+        info = {"epoch": epoch, "global_step": p.global_step,
+                "batches_done": p.batches_done, "loss": loss}
+        if (self.options.checkpoint_every
+                and p.global_step % self.options.checkpoint_every == 0
+                and p.batches_done < total_batches):
+            save_state(self.run_dir, self._state(epoch, p.batches_done, p.global_step,
+                                                 p.running, p.history, p.best))
+        for cb in self.callbacks:
+            cb(self, info)
+
+    def _end_epoch(self, epoch: int, seconds: float, p: _Progress) -> None:
+        """Validate, record the epoch, keep the best checkpoint, step the schedule, save."""
+        r = self.recipe
+        valid = self.evaluate("valid").metrics(self.masked)
+        row = {"epoch": epoch + 1, "train_loss": p.running["loss_sum"] / p.running["clips"],
+               "valid_loss": valid["loss"], "acc": valid["acc"], "mAP": valid["mAP"],
+               "mAUC": valid["mAUC"], "d_prime": valid["d_prime"],
+               "lr": self.optimizer.param_groups[0]["lr"], "epoch_time_s": seconds,
+               "clips_per_s": p.running["clips"] / max(seconds, 1e-9),
+               "global_step": p.global_step}
+        p.history.append(row)
+        log.info("epoch %d/%d: train loss %.4f, valid loss %.4f, %s %.4f (%.1f s)",
+                 epoch + 1, r.epochs, row["train_loss"], row["valid_loss"], r.metric,
+                 valid[r.metric], seconds)
+        if valid[r.metric] > p.best["metric"] or p.best["epoch"] == 0:
+            p.best = {"epoch": epoch + 1, "metric": valid[r.metric], "valid": valid}
+            self.save_trained(self.run_dir / BEST_FILE,
+                              {"valid": valid, "best_epoch": epoch + 1})
+        self.scheduler.step()
+        p.batches_done = 0
+        p.running = _fresh_running()
+        save_state(self.run_dir, self._state(epoch + 1, 0, p.global_step, p.running,
+                                             p.history, p.best))
+        # The curve is redrawn after slow epochs only (a plot costs about a second).
+        write_metrics(self.run_dir, p.history, r.metric,
+                      plot=seconds > 30 or epoch + 1 == r.epochs)
 
     def _step(self, global_step: int) -> int:
         r = self.recipe
@@ -441,7 +395,7 @@ class Trainer:
                 out_path: str | os.PathLike | None) -> TrainResult:
         r = self.recipe
         if history and not (self.run_dir / "curves.png").exists():
-            self._write_metrics(history, plot=True)
+            write_metrics(self.run_dir, history, r.metric, plot=True)
         self.load_trained_weights(self.run_dir / BEST_FILE)
         test, report = None, []
         if self.splits.get("test"):

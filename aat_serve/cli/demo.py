@@ -28,7 +28,9 @@ def _command(args: argparse.Namespace, seed: int) -> str:
 
 
 def run_build(args: argparse.Namespace) -> int:
-    from aat_serve.training.demo.build import PRESETS, TASKS, build, check_targets
+    from aat_serve.training.demo.build import build
+    from aat_serve.training.demo.build_config import PRESETS
+    from aat_serve.training.demo.tasks import TASKS, check_targets
 
     cfg = PRESETS[args.preset]
     overrides = {k: v for k, v in (("seed", args.seed), ("workers", args.workers),

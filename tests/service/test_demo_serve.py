@@ -21,6 +21,7 @@ import pytest
 
 from aat_serve.adapters.demo_assets import BUILD_JSON, TASKS_DIR, available
 from aat_serve.training.demo import corpus as C
+from aat_serve.training.demo import sounds as S
 from tests.helpers import require_tool
 
 pytestmark = pytest.mark.skipif(not available(), reason="demo assets not built")
@@ -112,7 +113,7 @@ def test_held_out_note_plays_an_instrument(server, heldout, tmp_path):
     assert note not in heldout["notes"]["train"]
     import random
 
-    args = C.INSTRUMENTS["guitar"](0.6, C.note_hz(note), random.Random(0))
+    args = S.INSTRUMENTS["guitar"](0.6, S.note_hz(note), random.Random(0))
     out = tmp_path / "guitar.wav"
     subprocess.run(["sox", "-R", "-n", "-r", "16000", "-b", "16", str(out), *args],
                    check=True, timeout=30)

@@ -17,8 +17,12 @@ from aat_serve.adapters.errors import BackboneMismatchError, ConfigError
 from aat_serve.adapters.model import AudioClassifier
 from aat_serve.cli.main import main as aat
 from aat_serve.training.demo import corpus as C
-from aat_serve.training.demo.build import TASKS, check_targets, export_backbone
+from aat_serve.training.demo import plan as P
+from aat_serve.training.demo import sounds as S
+from aat_serve.training.demo import speakers as SP
+from aat_serve.training.demo.build import export_backbone
 from aat_serve.training.demo.report import render_report
+from aat_serve.training.demo.tasks import TASKS, check_targets
 from aat_serve.training.export import save_model_checkpoint
 from tests.helpers import require_tool, tiny_backbone
 
@@ -169,7 +173,7 @@ def test_tiny_build_through_the_cli(tmp_path, capsys):
     assert set(summary["results"]) == {"instruments"}
     made = summary["speakers"]["synthetic"]  # the made-up training speakers were spoken
     assert len(made) == 2 and set(made) <= set(summary["speakers"]["variants"]["train"])
-    heard = {C.speaker_of(p.name).split("+")[1]
+    heard = {P.speaker_of(p.name).split("+")[1]
              for p in (tmp_path / "work" / "corpus" / "upstream").rglob("*+*_train*.wav")}
     assert heard & set(made) and not heard - set(summary["speakers"]["variants"]["train"])
     assert set(summary["results"]["instruments"]) == {"head", "aat_ms"}
@@ -179,7 +183,7 @@ def test_tiny_build_through_the_cli(tmp_path, capsys):
                for r in summary["results"]["instruments"].values())
     served = load_checkpoint(assets / "backbone")
     assert served.backbone.cfg.embed_dim == 32
-    assert len(served.labels) == len(C.UPSTREAM_WORDS) + len(C.UPSTREAM_SOUNDS) == 97
+    assert len(served.labels) == len(C.UPSTREAM_WORDS) + len(S.UPSTREAM_SOUNDS) == 97
     bundle = TaskBundle.load(assets / "tasks" / "instruments.safetensors")
     bundle.check_backbone(served.backbone)
     assert bundle.manifest.method == "aat_ms" and bundle.manifest.labels == sorted(
@@ -192,7 +196,8 @@ def test_tiny_build_through_the_cli(tmp_path, capsys):
         sum(c.values()) for c in summary["corpus"].values())
     assert "| AAT^MS (adapters) |" in docs.read_text()
     assert summary["device"] == "cpu"
-    from aat_serve.training.demo.build import PRESETS, build
+    from aat_serve.training.demo.build import build
+    from aat_serve.training.demo.build_config import PRESETS
     with pytest.raises(ConfigError, match="unknown demo task or method"):
         build(PRESETS["tiny"], tmp_path / "work", assets, tasks=("nope",))
     # A device that cannot run fails before anything is written.
@@ -209,7 +214,7 @@ def test_tiny_build_through_the_cli(tmp_path, capsys):
 
 
 def test_task_lr_overrides_one_run_and_rejects_unknown_names():
-    from aat_serve.training.demo.build import BuildConfig
+    from aat_serve.training.demo.build_config import BuildConfig
     cfg = BuildConfig(task_lr={"commands": {"aat_ms": 2e-3}})
     assert cfg.lr_for("commands", "aat_ms") == 2e-3
     assert cfg.lr_for("digits", "aat_ms") == cfg.lr["aat_ms"] == 5e-3  # the others keep lr
@@ -266,7 +271,7 @@ def test_committed_bundles_validate_against_the_committed_backbone():
 
 @needs_assets
 def test_committed_bundles_trained_at_the_configured_learning_rates():
-    from aat_serve.training.demo.build import BuildConfig
+    from aat_serve.training.demo.build_config import BuildConfig
     summary = json.loads(BUILD_JSON.read_text())
     cfg = BuildConfig(**summary["config"])
     assert cfg == BuildConfig()  # the committed artifacts are the defaults' build
@@ -287,13 +292,13 @@ def test_committed_record_reproduces_on_resynthesized_test_speakers(tmp_path):
     from aat_serve.training.data.generic import load_folder
     from aat_serve.training.dataset import ClipDataset
     from aat_serve.training.demo import corpus as C
-    from aat_serve.training.demo.build import BuildConfig
+    from aat_serve.training.demo.build_config import BuildConfig
 
     summary = json.loads(BUILD_JSON.read_text())
     cfg = BuildConfig(**summary["config"])
     digits = next(c for c in cfg.corpora() if c.name == "digits")
-    only_test = C.CorpusDef("digits", words=digits.words, per_class={"test": cfg.test})
-    speakers = C.make_speakers(cfg.seed, synthetic=cfg.synthetic_speakers)
+    only_test = P.CorpusDef("digits", words=digits.words, per_class={"test": cfg.test})
+    speakers = SP.make_speakers(cfg.seed, synthetic=cfg.synthetic_speakers)
     assert speakers.to_dict() == {"synthetic": {}, **summary["speakers"]}
     root = C.synthesize([only_test], tmp_path, seed=cfg.seed, speakers=speakers,
                         progress=False)["digits"]

@@ -14,56 +14,60 @@ import soundfile as sf
 from aat_serve.adapters.errors import ConfigError
 from aat_serve.training.data.generic import load_folder
 from aat_serve.training.demo import corpus as C
+from aat_serve.training.demo import plan as P
+from aat_serve.training.demo import render as R
+from aat_serve.training.demo import sounds as S
+from aat_serve.training.demo import speakers as SP
 from tests.helpers import require_tool
 
 TINY = [
-    C.CorpusDef("words", words=("yes", "no"), per_class={"train": 2, "valid": 1, "test": 1}),
-    C.CorpusDef("sounds", sounds=("guitar", "bell"), per_class={"train": 2, "test": 1}),
+    P.CorpusDef("words", words=("yes", "no"), per_class={"train": 2, "valid": 1, "test": 1}),
+    P.CorpusDef("sounds", sounds=("guitar", "bell"), per_class={"train": 2, "test": 1}),
 ]
 
 
 def test_speakers_partition_the_variants_and_notes():
-    sp = C.make_speakers(0)
-    parts = [set(sp.variants[s]) for s in C.SPLITS]
-    assert sum(map(len, parts)) == len(C.VARIANTS) and set().union(*parts) == set(C.VARIANTS)
+    sp = SP.make_speakers(0)
+    parts = [set(sp.variants[s]) for s in P.SPLITS]
+    assert sum(map(len, parts)) == len(SP.VARIANTS) and set().union(*parts) == set(SP.VARIANTS)
     assert len(sp.variants["test"]) == 14 and len(sp.variants["valid"]) == 10
-    notes = [set(sp.notes[s]) for s in C.SPLITS]
-    assert sum(map(len, notes)) == len(C.NOTES) and set().union(*notes) == set(C.NOTES)
-    assert C.make_speakers(0) == sp
-    assert C.make_speakers(1).variants["test"] != sp.variants["test"]
+    notes = [set(sp.notes[s]) for s in P.SPLITS]
+    assert sum(map(len, notes)) == len(SP.NOTES) and set().union(*notes) == set(SP.NOTES)
+    assert SP.make_speakers(0) == sp
+    assert SP.make_speakers(1).variants["test"] != sp.variants["test"]
     with pytest.raises(ConfigError, match="nothing to train on"):
-        C.make_speakers(0, valid_variants=50, test_variants=50)
+        SP.make_speakers(0, valid_variants=50, test_variants=50)
 
 
 def test_label_sets_are_disjoint():
-    upstream = set(C.UPSTREAM_WORDS) | set(C.UPSTREAM_SOUNDS)
-    for labels in (C.DIGITS, C.COMMANDS, tuple(C.INSTRUMENTS)):
+    upstream = set(C.UPSTREAM_WORDS) | set(S.UPSTREAM_SOUNDS)
+    for labels in (C.DIGITS, C.COMMANDS, tuple(S.INSTRUMENTS)):
         assert not upstream & set(labels)
-    assert len(set(C.VARIANTS)) == len(C.VARIANTS)
+    assert len(set(SP.VARIANTS)) == len(SP.VARIANTS)
 
 
 def test_plans_are_deterministic_and_use_only_their_split_speakers():
-    sp = C.make_speakers(3)
-    plans = C.plan_corpus(TINY[0], sp, seed=3)
-    assert plans == C.plan_corpus(TINY[0], sp, seed=3)
-    assert [p.params for p in plans] != [p.params for p in C.plan_corpus(TINY[0], sp, seed=4)]
+    sp = SP.make_speakers(3)
+    plans = P.plan_corpus(TINY[0], sp, seed=3)
+    assert plans == P.plan_corpus(TINY[0], sp, seed=3)
+    assert [p.params for p in plans] != [p.params for p in P.plan_corpus(TINY[0], sp, seed=4)]
     assert len(plans) == 2 * (2 + 1 + 1)
     for p in plans:
         assert p.kind == "speech" and p.params["variant"] in sp.variants[p.split]
-        assert C.speaker_of(p.rel) == f"{p.params['voice']}+{p.params['variant']}"
-    for p in C.plan_corpus(TINY[1], sp, seed=3):
+        assert P.speaker_of(p.rel) == f"{p.params['voice']}+{p.params['variant']}"
+    for p in P.plan_corpus(TINY[1], sp, seed=3):
         assert p.kind == "sound" and p.params["note"] in sp.notes[p.split]
-        assert C.speaker_of(p.rel) == f"note{p.params['note']}"
+        assert P.speaker_of(p.rel) == f"note{p.params['note']}"
     # A larger corpus only adds clips: the first ones keep their parameters.
-    bigger = C.CorpusDef("words", words=("yes", "no"), per_class={"train": 5, "valid": 1,
+    bigger = P.CorpusDef("words", words=("yes", "no"), per_class={"train": 5, "valid": 1,
                                                                     "test": 1})
-    big = {p.rel: p.params for p in C.plan_corpus(bigger, sp, seed=3)}
+    big = {p.rel: p.params for p in P.plan_corpus(bigger, sp, seed=3)}
     assert all(big[p.rel] == p.params for p in plans)
 
 
 def test_sound_recipes_build_valid_sox_arguments():
     rng = random.Random(0)
-    for name, recipe in C.SOUND_RECIPES.items():
+    for name, recipe in S.SOUND_RECIPES.items():
         args = recipe(0.5, 440.0, rng)
         assert args[0] == "synth", name
         assert all(isinstance(a, str) and a for a in args), name
@@ -80,7 +84,7 @@ def _digest(root):
 def test_synthesize_tiny_corpus(tmp_path):
     require_tool("espeak-ng")
     require_tool("sox")
-    sp = C.make_speakers(0)
+    sp = SP.make_speakers(0)
     assert C.clips_on_disk(TINY, tmp_path / "a", seed=0, speakers=sp) == (14, 0)
     folders = C.synthesize(TINY, tmp_path / "a", seed=0, speakers=sp, workers=2, progress=False)
     assert C.clips_on_disk(TINY, tmp_path / "a", seed=0, speakers=sp) == (14, 14)
@@ -91,8 +95,8 @@ def test_synthesize_tiny_corpus(tmp_path):
     sounds = load_folder(folders["sounds"])
     assert sounds.labels == ["bell", "guitar"] and sounds.counts() == {"train": 4, "valid": 0,
                                                                         "test": 2}
-    by_split = {s: {C.speaker_of(e.key) for e in words.examples if e.split == s}
-                for s in C.SPLITS}
+    by_split = {s: {P.speaker_of(e.key) for e in words.examples if e.split == s}
+                for s in P.SPLITS}
     assert not by_split["train"] & (by_split["valid"] | by_split["test"])
     for speaker in by_split["test"]:
         assert speaker.split("+")[1] in sp.variants["test"]
@@ -118,11 +122,11 @@ def test_speech_is_placed_inside_the_clip():
     """The word is in the 1-s clip (not trimmed away, not clipped)."""
     require_tool("espeak-ng")
     require_tool("sox")
-    sp = C.make_speakers(0)
-    plan = C.plan_corpus(TINY[0], sp, seed=0)[0]
+    sp = SP.make_speakers(0)
+    plan = P.plan_corpus(TINY[0], sp, seed=0)[0]
     quiet = {**plan.params, "noise": None, "reverb": None, "onset": 0.0, "peak_db": -6.0}
-    w = C.render(C.ClipPlan(plan.corpus, plan.label, plan.split, plan.rel, plan.kind, quiet),
-                 C.noise_beds(1.0))
+    w = R.render(P.ClipPlan(plan.corpus, plan.label, plan.split, plan.rel, plan.kind, quiet),
+                 R.noise_beds(1.0))
     active = np.flatnonzero(np.abs(w) > 0.01)
     assert active.size > 1600  # at least 0.1 s of speech
     assert active[0] < 800 and active[-1] < 16000  # starts at the onset
@@ -130,31 +134,31 @@ def test_speech_is_placed_inside_the_clip():
 
 
 def test_missing_tool_is_a_clear_error(monkeypatch):
-    monkeypatch.setattr(C.shutil, "which", lambda name: None if name == "sox" else "/bin/x")
+    monkeypatch.setattr(R.shutil, "which", lambda name: None if name == "sox" else "/bin/x")
     with pytest.raises(ConfigError, match=r"sox is not installed; the demo corpus is "
                                           r"synthesized with espeak-ng and sox"):
-        C.require_tools()
+        R.require_tools()
 
 
 def test_synthetic_speakers_join_the_training_split_only():
-    plain, sp = C.make_speakers(0), C.make_speakers(0, synthetic=5)
+    plain, sp = SP.make_speakers(0), SP.make_speakers(0, synthetic=5)
     assert sp.variants["test"] == plain.variants["test"]
     assert sp.variants["valid"] == plain.variants["valid"]
-    made = [f"{C.SYNTHETIC_PREFIX}{i:03d}" for i in range(5)]
+    made = [f"{SP.SYNTHETIC_PREFIX}{i:03d}" for i in range(5)]
     assert sp.variants["train"] == plain.variants["train"] + tuple(made)
     assert list(sp.synthetic) == made and plain.synthetic == {}
-    assert not set(made) & set(C.VARIANTS)
-    assert C.make_speakers(0, synthetic=5) == sp
-    assert C.make_speakers(1, synthetic=5).synthetic != sp.synthetic
+    assert not set(made) & set(SP.VARIANTS)
+    assert SP.make_speakers(0, synthetic=5) == sp
+    assert SP.make_speakers(1, synthetic=5).synthetic != sp.synthetic
     assert sp.to_dict()["synthetic"] == sp.synthetic
     with pytest.raises(ConfigError, match="synthetic speakers must be >= 0, got -1"):
-        C.make_speakers(0, synthetic=-1)
+        SP.make_speakers(0, synthetic=-1)
 
 
 def test_synthetic_variant_scales_formants_by_a_vocal_tract_factor():
     scales = []
     for i in range(200):
-        name, text = C.synthetic_variant(0, i)
+        name, text = SP.synthetic_variant(0, i)
         assert name == f"aat-vtl{i:03d}" and text.startswith("language variant\n")
         formants = {int(line.split()[1]): [int(v) for v in line.split()[2:]]
                     for line in text.splitlines() if line.startswith("formant ")}
@@ -169,21 +173,21 @@ def test_synthetic_variant_scales_formants_by_a_vocal_tract_factor():
         assert 30 <= base < top <= 540
     # The population spans the range (children-like and large voices both drawn).
     assert min(scales) < 0.85 and max(scales) > 1.4
-    assert C.synthetic_variant(0, 3) == C.synthetic_variant(0, 3) != C.synthetic_variant(1, 3)
+    assert SP.synthetic_variant(0, 3) == SP.synthetic_variant(0, 3) != SP.synthetic_variant(1, 3)
 
 
 def test_synthetic_variant_is_rendered_from_its_own_file(tmp_path):
     require_tool("espeak-ng")
     require_tool("sox")
-    sp = C.make_speakers(0, synthetic=2)
-    data = C.espeak_data(sp, tmp_path / "esp")
-    assert C.espeak_data(C.make_speakers(0), tmp_path / "none") is None
-    plan = C.plan_corpus(TINY[0], sp, seed=0)[0]
-    beds = C.noise_beds(1.0)
+    sp = SP.make_speakers(0, synthetic=2)
+    data = R.espeak_data(sp, tmp_path / "esp")
+    assert R.espeak_data(SP.make_speakers(0), tmp_path / "none") is None
+    plan = P.plan_corpus(TINY[0], sp, seed=0)[0]
+    beds = R.noise_beds(1.0)
 
     def clip(variant, path):
         params = {**plan.params, "variant": variant, "noise": None, "reverb": None}
-        return C.render(C.ClipPlan(plan.corpus, plan.label, "train", plan.rel, "speech",
+        return R.render(P.ClipPlan(plan.corpus, plan.label, "train", plan.rel, "speech",
                                    params), beds, path)
 
     made = list(sp.synthetic)
@@ -203,31 +207,31 @@ def test_espeak_data_has_room_for_many_synthetic_speakers(tmp_path):
     # 128 made-up variants did not fit and espeak-ng answered "voice does not exist".
     require_tool("espeak-ng")
     require_tool("sox")
-    most = C.make_speakers(0, synthetic=200)
-    data = C.espeak_data(most, tmp_path / "esp")
-    plan = C.plan_corpus(TINY[0], most, seed=0)[0]
-    beds = C.noise_beds(1.0)
+    most = SP.make_speakers(0, synthetic=200)
+    data = R.espeak_data(most, tmp_path / "esp")
+    plan = P.plan_corpus(TINY[0], most, seed=0)[0]
+    beds = R.noise_beds(1.0)
     last = list(most.synthetic)[-1]
     params = {**plan.params, "variant": last, "noise": None, "reverb": None}
-    clip = C.render(C.ClipPlan(plan.corpus, plan.label, "train", plan.rel, "speech", params),
+    clip = R.render(P.ClipPlan(plan.corpus, plan.label, "train", plan.rel, "speech", params),
                     beds, data)
-    default = C.render(C.ClipPlan(plan.corpus, plan.label, "train", plan.rel, "speech",
+    default = R.render(P.ClipPlan(plan.corpus, plan.label, "train", plan.rel, "speech",
                                   {**params, "variant": "nonexistent"}), beds, None)
     assert clip.size > 0 and not np.array_equal(clip, default)
     listed = sum(len(f) for top in ("lang", "voices")
                  for _, _, f in os.walk(data / "espeak-ng-data" / top, followlinks=True))
-    made = C.ESPEAK_MAX_VOICES - (listed - 200) + 1
+    made = R.ESPEAK_MAX_VOICES - (listed - 200) + 1
     with pytest.raises(ConfigError) as err:
-        C.espeak_data(C.make_speakers(0, synthetic=made), tmp_path / "esp2")
+        R.espeak_data(SP.make_speakers(0, synthetic=made), tmp_path / "esp2")
     assert str(err.value) == (
         f"{made} synthetic speakers are too many: with the {listed - 200} installed voice files "
-        f"the demo needs that makes {C.ESPEAK_MAX_VOICES + 1}, and espeak-ng takes at most "
-        f"{C.ESPEAK_MAX_VOICES}; use at most {made - 1} synthetic speakers")
+        f"the demo needs that makes {R.ESPEAK_MAX_VOICES + 1}, and espeak-ng takes at most "
+        f"{R.ESPEAK_MAX_VOICES}; use at most {made - 1} synthetic speakers")
     assert not (tmp_path / "esp2").exists()
     # The limit is espeak-ng's own: at the most allowed, the last variant still renders.
-    fullest = C.make_speakers(0, synthetic=made - 1)
-    data = C.espeak_data(fullest, tmp_path / "esp3")
+    fullest = SP.make_speakers(0, synthetic=made - 1)
+    data = R.espeak_data(fullest, tmp_path / "esp3")
     params["variant"] = list(fullest.synthetic)[-1]
-    clip = C.render(C.ClipPlan(plan.corpus, plan.label, "train", plan.rel, "speech", params),
+    clip = R.render(P.ClipPlan(plan.corpus, plan.label, "train", plan.rel, "speech", params),
                     beds, data)
     assert clip.size > 0 and not np.array_equal(clip, default)

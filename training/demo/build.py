@@ -15,12 +15,10 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import shutil
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,128 +29,27 @@ from safetensors.torch import save_file
 from aat_serve.adapters.backbone import AST
 from aat_serve.adapters.bundle import TaskBundle
 from aat_serve.adapters.checkpoints import load_checkpoint, to_hf_state_dict
-from aat_serve.adapters.config import BackboneConfig, FeatureConfig
+from aat_serve.adapters.config import FeatureConfig
 from aat_serve.adapters.device import resolve_device
 from aat_serve.adapters.errors import ConfigError
 from aat_serve.adapters.features import load_audio, log_mel
 from aat_serve.training.api import train
+from aat_serve.training.data.base import DataSource
 from aat_serve.training.data.generic import load_folder
 from aat_serve.training.demo import corpus as C
+from aat_serve.training.demo import render as R
+from aat_serve.training.demo import sounds as S
+from aat_serve.training.demo import speakers as SP
+from aat_serve.training.demo.build_config import BuildConfig, recipe
+from aat_serve.training.demo.report import write_report
+from aat_serve.training.demo.tasks import METHODS, TASKS, UPSTREAM, check_names
 from aat_serve.training.export import load_model_checkpoint
-from aat_serve.training.recipes import Recipe
 from aat_serve.training.trainer import RunOptions
 
 log = logging.getLogger(__name__)
 
-UPSTREAM = "upstream"
-TASKS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "digits": (C.DIGITS, ()),
-    "commands": (C.COMMANDS, ()),
-    "instruments": ((), tuple(C.INSTRUMENTS)),
-}
-"""Downstream tasks: (words, sound classes). None of their labels is an upstream label."""
-METHODS = ("head", "aat_ms", "full")
 BACKBONE_DIR = "backbone"
 TASKS_DIR = "tasks"
-
-
-def _check_names(what: str, tasks: Iterable[str], methods: Iterable[str]) -> None:
-    """Raise if ``tasks`` or ``methods`` name a demo task or method that does not exist."""
-    unknown = sorted(set(tasks) - set(TASKS)) + sorted(set(methods) - set(METHODS))
-    if unknown:
-        raise ConfigError(f"{what} {unknown}; tasks: {', '.join(TASKS)}; "
-                          f"methods: {', '.join(METHODS)}")
-
-
-@dataclass(frozen=True)
-class BuildConfig:
-    """Every setting that decides the demo artifacts (recorded in ``build.json``)."""
-
-    seed: int = 0
-    # corpus sizes: clips per class and split
-    upstream_train: int = 120
-    upstream_valid: int = 10
-    train: int = 400
-    valid: int = 20
-    test: int = 40
-    synthetic_speakers: int = 64
-    """Made-up voice variants added to the training split (``corpus.synthetic_variant``): more
-    speakers, a wider range of vocal tract lengths than espeak-ng's 73 training variants."""
-    # model
-    embed_dim: int = 192
-    depth: int = 4
-    num_heads: int = 3
-    num_mel_bins: int = 64
-    target_length: int = 100
-    patch: int = 16
-    stride: int = 16
-    """Patch stride along frequency."""
-    time_stride: int = 8
-    """Patch stride along time: overlapping patches, one token per 80 ms (words need it)."""
-    bottleneck: int = 32
-    # optimisation
-    pretrain_batch_size: int = 64
-    pretrain_epochs: int = 30
-    pretrain_lr: float = 1e-3
-    batch_size: int = 32
-    epochs: int = 10
-    lr: dict[str, float] = field(default_factory=lambda: {"head": 1e-2, "aat_ms": 5e-3,
-                                                          "full": 1e-3})
-    task_lr: dict[str, dict[str, float]] = field(
-        default_factory=lambda: {"commands": {"aat_ms": 2e-3}})
-    """Per-task overrides of ``lr``, each the rate with the better validation accuracy: commands'
-    aat_ms fits the training voices by epoch 2 at 5e-3 (valid 93.5 %) and peaks at epoch 10 at
-    2e-3 (94.0 %); digits keeps 5e-3 (98.0 % vs 97.5 %). See docs/demo-experiments.md."""
-    freqm: int = 8
-    timem: int = 10
-    freq_warp: float = 0.0
-    """Vocal tract length perturbation (training only); off: at 0.25 (pretraining and tasks)
-    it slowed pretraining and moved held-out digits by less than the test set's noise."""
-    # machinery (does not change the result)
-    workers: int = 2
-    threads: int = 2
-    """Torch threads (the build's 2-core machine; log-mel features are computed once per clip,
-    so the GEMMs dominate and both cores help)."""
-    fp16: bool = True
-    """Store the backbone in fp16 (halves the committed size; loaded back as fp32)."""
-
-    def __post_init__(self) -> None:
-        if set(self.lr) != set(METHODS):
-            raise ConfigError(f"demo lr needs exactly the methods {', '.join(METHODS)}; "
-                              f"got {', '.join(sorted(self.lr))}")
-        _check_names("demo task_lr names unknown tasks or methods", self.task_lr,
-                       {m for over in self.task_lr.values() for m in over})
-
-    def lr_for(self, task: str, method: str) -> float:
-        """The learning rate of one downstream run: ``task_lr`` if it names it, else ``lr``."""
-        return self.task_lr.get(task, {}).get(method, self.lr[method])
-
-    def backbone_config(self) -> BackboneConfig:
-        return BackboneConfig(
-            embed_dim=self.embed_dim, depth=self.depth, num_heads=self.num_heads,
-            mlp_hidden=4 * self.embed_dim, patch_freq=self.patch, patch_time=self.patch,
-            freq_stride=self.stride, time_stride=self.time_stride, num_mel_bins=self.num_mel_bins,
-            target_length=self.target_length, norm_eps=1e-6, head_norm_eps=1e-6)
-
-    def corpora(self) -> list[C.CorpusDef]:
-        up = C.CorpusDef(UPSTREAM, words=C.UPSTREAM_WORDS, sounds=tuple(C.UPSTREAM_SOUNDS),
-                         per_class={"train": self.upstream_train, "valid": self.upstream_valid})
-        per = {"train": self.train, "valid": self.valid, "test": self.test}
-        return [up] + [C.CorpusDef(name, words=w, sounds=s, per_class=per)
-                       for name, (w, s) in TASKS.items()]
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-PRESETS: dict[str, BuildConfig] = {
-    "full": BuildConfig(),
-    "tiny": BuildConfig(upstream_train=3, upstream_valid=1, train=3, valid=2, test=2,
-                        synthetic_speakers=2, embed_dim=32, depth=2, num_heads=2,
-                        num_mel_bins=32, bottleneck=8,
-                        pretrain_batch_size=16, batch_size=16, pretrain_epochs=1, epochs=1),
-}
-"""``full`` makes the committed artifacts; ``tiny`` exercises every step in seconds (tests)."""
 
 
 def xavier_init(model: AST) -> AST:
@@ -178,16 +75,6 @@ def feature_stats(root: Path, cfg: BuildConfig, limit: int = 1000) -> tuple[floa
     feats = [log_mel(load_audio(e.path), fcfg) for e in train[::step]]
     allf = torch.cat(feats)
     return float(allf.mean()), float(allf.std())
-
-
-def recipe(cfg: BuildConfig, name: str, lr: float, epochs: int, mean: float, std: float,
-           batch_size: int, warmup_steps: int = 0) -> Recipe:
-    return Recipe(name=name, target_length=cfg.target_length, mean=mean, std=std, lr=lr,
-                  epochs=epochs, batch_size=batch_size, freqm=cfg.freqm, timem=cfg.timem,
-                  freq_warp=cfg.freq_warp, loss="ce", metric="acc", warmup=warmup_steps > 0,
-                  warmup_steps=max(1, warmup_steps), warmup_every=1,
-                  lr_scheduler_start=max(1, epochs // 2), lr_scheduler_step=1,
-                  lr_scheduler_decay=0.85, seed=cfg.seed).validate()
 
 
 def export_backbone(path: Path, out: Path, *, fp16: bool = True) -> Path:
@@ -249,7 +136,7 @@ def build(cfg: BuildConfig, workdir: str | Path, assets: str | Path, *,
     ``device``: where training runs; the committed artifacts are built on the CPU (a GPU is
     much faster for trials, and its results differ in the last bits).
     """
-    _check_names("unknown demo task or method", tasks, methods)
+    check_names("unknown demo task or method", tasks, methods)
     dev = resolve_device(device, "demo build device")  # fails before anything is written
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
@@ -260,27 +147,73 @@ def build(cfg: BuildConfig, workdir: str | Path, assets: str | Path, *,
         torch.set_num_threads(threads)
 
 
+@dataclass
+class _Steps:
+    """What the steps of one build share: its settings, work directory and run options, and
+    the seconds each step took (``build.json``'s ``times``)."""
+
+    cfg: BuildConfig
+    workdir: Path
+    options: RunOptions
+    times: dict[str, float] = field(default_factory=dict)
+
+
 def _build(cfg: BuildConfig, workdir: Path, assets: Path, docs: str | Path | None,
            progress: bool, command: str, tasks: tuple[str, ...], methods: tuple[str, ...],
            device: torch.device) -> dict[str, Any]:
+    """The steps in order (see the module docstring); the summary is also ``build.json``."""
     t_start = time.perf_counter()
-    workdir, assets = Path(workdir), Path(assets)
     workdir.mkdir(parents=True, exist_ok=True)
-    times: dict[str, float] = {}
-    options = RunOptions(device=str(device), progress=progress, cache_waveforms=True)
+    steps = _Steps(cfg, workdir, RunOptions(device=str(device), progress=progress,
+                                            cache_waveforms=True))
+    speakers, folders, synthesis = _synthesize(steps, progress)
+    pretrained, (mean, std), pretrain = _pretrain(steps, folders[UPSTREAM])
+    backbone_dir = export_backbone(pretrained, workdir / "backbone", fp16=cfg.fp16)
+    backbone = load_checkpoint(backbone_dir).backbone  # the weights a server will load
+    results, bundles = _train_tasks(steps, folders, backbone, (mean, std), tasks, methods)
+    _publish(assets, backbone_dir, bundles)
+    steps.times["total_s"] = time.perf_counter() - t_start
+    summary = {
+        "command": command, "seed": cfg.seed, "config": cfg.to_dict(),
+        "features": {"num_mel_bins": cfg.num_mel_bins, "target_length": cfg.target_length,
+                     "mean": mean, "std": std},
+        "backbone_fingerprint": backbone.fingerprint(), "speakers": speakers.to_dict(),
+        "synthesis": synthesis,
+        "corpus": {c.name: json.loads((folders[c.name] / "corpus.json").read_text())["counts"]
+                   for c in cfg.corpora()},
+        "tools": R.tool_versions(), "torch": torch.__version__, "device": device.type,
+        "threads": torch.get_num_threads(), "pretrain": pretrain, "results": results,
+        "times": steps.times}
+    summary["sizes"] = _sizes(assets)
+    (assets / "build.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    if docs is not None:
+        write_report(summary, docs)
+    return summary
 
+
+def _synthesize(steps: _Steps, progress: bool,
+                ) -> tuple[SP.Speakers, dict[str, Path], dict[str, Any]]:
+    """Step 1: the corpora on disk (clips already there are kept); their speakers, folders and
+    what the synthesis did (``build.json``'s ``synthesis``)."""
+    cfg, out = steps.cfg, steps.workdir / "corpus"
     t = time.perf_counter()
-    speakers = C.make_speakers(cfg.seed, synthetic=cfg.synthetic_speakers)
-    planned, present = C.clips_on_disk(cfg.corpora(), workdir / "corpus", seed=cfg.seed,
-                                       speakers=speakers)
-    folders = C.synthesize(cfg.corpora(), workdir / "corpus", seed=cfg.seed, speakers=speakers,
+    speakers = SP.make_speakers(cfg.seed, synthetic=cfg.synthetic_speakers)
+    planned, present = C.clips_on_disk(cfg.corpora(), out, seed=cfg.seed, speakers=speakers)
+    folders = C.synthesize(cfg.corpora(), out, seed=cfg.seed, speakers=speakers,
                            workers=cfg.workers, progress=progress)
-    times["synthesis_s"] = time.perf_counter() - t
-    synthesis = {"clips": planned, "reused": present, "seconds": times["synthesis_s"]}
+    steps.times["synthesis_s"] = time.perf_counter() - t
+    return speakers, folders, {"clips": planned, "reused": present,
+                               "seconds": steps.times["synthesis_s"]}
 
+
+def _pretrain(steps: _Steps, upstream: Path,
+              ) -> tuple[Path, tuple[float, float], dict[str, Any]]:
+    """Step 2: the pretrained whole-model checkpoint, the feature mean and std it was trained
+    with, and what the pretraining did (``build.json``'s ``pretrain``)."""
+    cfg, workdir = steps.cfg, steps.workdir
     t = time.perf_counter()
-    mean, std = feature_stats(folders[UPSTREAM], cfg)
-    up = load_folder(folders[UPSTREAM])
+    mean, std = feature_stats(upstream, cfg)
+    up = load_folder(upstream)
     steps_per_epoch = -(-sum(e.split == "train" for e in up.examples)
                         // cfg.pretrain_batch_size)
     torch.manual_seed(cfg.seed)
@@ -289,49 +222,62 @@ def _build(cfg: BuildConfig, workdir: Path, assets: Path, docs: str | Path | Non
                      cfg.pretrain_batch_size, warmup_steps=steps_per_epoch)
     log.info("pretraining a %d-wide, %d-block AST on %d upstream classes", cfg.embed_dim,
              cfg.depth, up.num_classes)
-    pre = train("folder", folders[UPSTREAM], fresh, "full", workdir / "pretrained.safetensors",
+    pre = train("folder", upstream, fresh, "full", workdir / "pretrained.safetensors",
                 task="demo-upstream", recipe=pre_rec, run_dir=workdir / "runs" / "pretrain",
-                options=options, source=up)
-    times["pretrain_s"] = time.perf_counter() - t
+                options=steps.options, source=up)
+    seconds = steps.times["pretrain_s"] = time.perf_counter() - t
     pretrain = {"classes": up.num_classes, "words": len(C.UPSTREAM_WORDS),
-                "sounds": len(C.UPSTREAM_SOUNDS), "train_clips": up.counts()["train"],
+                "sounds": len(S.UPSTREAM_SOUNDS), "train_clips": up.counts()["train"],
                 "valid_clips": up.counts()["valid"], "epochs": cfg.pretrain_epochs,
                 "best_epoch": pre.best_epoch, "valid_acc": pre.valid["acc"],
-                "params": pre.total_params, "seconds": times["pretrain_s"],
+                "params": pre.total_params, "seconds": seconds,
                 "epoch_seconds": sum(h["epoch_time_s"] for h in pre.history)}
     # A rerun in the same workdir resumes finished runs; say so rather than under-report.
-    pretrain["resumed"] = pretrain["epoch_seconds"] > times["pretrain_s"]
+    pretrain["resumed"] = pretrain["epoch_seconds"] > seconds
+    return pre.out_path, (mean, std), pretrain
 
-    backbone_dir = export_backbone(pre.out_path, workdir / "backbone", fp16=cfg.fp16)
-    backbone = load_checkpoint(backbone_dir).backbone  # the weights a server will load
-    fingerprint = backbone.fingerprint()
 
+def _train_tasks(steps: _Steps, folders: dict[str, Path], backbone: AST,
+                 stats: tuple[float, float], tasks: tuple[str, ...], methods: tuple[str, ...],
+                 ) -> tuple[dict[str, dict[str, Any]], dict[str, Path]]:
+    """Step 4: every (task, method) run; their results (``build.json``'s ``results``) and the
+    aat_ms bundles by task."""
     results: dict[str, dict[str, Any]] = {}
     bundles: dict[str, Path] = {}
     for task in tasks:
         src = load_folder(folders[task])
         results[task] = {}
         for method in methods:
-            t = time.perf_counter()
-            rec = recipe(cfg, f"demo-{task}-{method}", cfg.lr_for(task, method), cfg.epochs,
-                         mean, std, cfg.batch_size)
-            out = workdir / "out" / f"{task}-{method}.safetensors"
-            log.info("training %s with %s", task, method)
-            res = train("folder", folders[task], backbone, method, out, task=task, recipe=rec,
-                        run_dir=workdir / "runs" / f"{task}-{method}", options=options,
-                        source=src, bottleneck=cfg.bottleneck)
-            seconds = time.perf_counter() - t
-            results[task][method] = {
-                "test_acc": res.test["acc"], "valid_acc": res.valid["acc"], "lr": rec.lr,
-                "best_epoch": res.best_epoch, "trainable_params": res.trainable_params,
-                "total_params": res.total_params, "seconds": seconds,
-                "epoch_seconds": sum(h["epoch_time_s"] for h in res.history),
-                "train_clips": len(src.splits()["train"]), "test_clips": len(src.splits()["test"])}
-            times[f"{task}_{method}_s"] = seconds
+            results[task][method], out = _train_task(steps, task, method, src, backbone, stats)
             if method == "aat_ms":
-                bundles[task] = res.out_path
+                bundles[task] = out
+    return results, bundles
 
-    # Artifacts: the backbone directory and the aat_ms bundles, validated as any upload is.
+
+def _train_task(steps: _Steps, task: str, method: str, src: DataSource, backbone: AST,
+                stats: tuple[float, float]) -> tuple[dict[str, Any], Path]:
+    """One downstream run: its entry in ``results`` and the file it wrote."""
+    cfg, workdir = steps.cfg, steps.workdir
+    t = time.perf_counter()
+    rec = recipe(cfg, f"demo-{task}-{method}", cfg.lr_for(task, method), cfg.epochs, *stats,
+                 cfg.batch_size)
+    out = workdir / "out" / f"{task}-{method}.safetensors"
+    log.info("training %s with %s", task, method)
+    res = train("folder", src.root, backbone, method, out, task=task, recipe=rec,
+                run_dir=workdir / "runs" / f"{task}-{method}", options=steps.options,
+                source=src, bottleneck=cfg.bottleneck)
+    seconds = steps.times[f"{task}_{method}_s"] = time.perf_counter() - t
+    return {"test_acc": res.test["acc"], "valid_acc": res.valid["acc"], "lr": rec.lr,
+            "best_epoch": res.best_epoch, "trainable_params": res.trainable_params,
+            "total_params": res.total_params, "seconds": seconds,
+            "epoch_seconds": sum(h["epoch_time_s"] for h in res.history),
+            "train_clips": len(src.splits()["train"]),
+            "test_clips": len(src.splits()["test"])}, res.out_path
+
+
+def _publish(assets: Path, backbone_dir: Path, bundles: dict[str, Path]) -> None:
+    """Step 5: the backbone directory and the aat_ms bundles into ``assets``, each bundle
+    validated against the copied backbone as any upload is."""
     assets.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(assets / BACKBONE_DIR, ignore_errors=True)
     shutil.copytree(backbone_dir, assets / BACKBONE_DIR)
@@ -344,35 +290,3 @@ def _build(cfg: BuildConfig, workdir: Path, assets: Path, docs: str | Path | Non
         bundle.check_backbone(served)
         bundle.save(tasks_dir / f"{task}.safetensors")
         TaskBundle.load(tasks_dir / f"{task}.safetensors").check_backbone(served)
-    times["total_s"] = time.perf_counter() - t_start
-    summary = {
-        "command": command, "seed": cfg.seed, "config": cfg.to_dict(),
-        "features": {"num_mel_bins": cfg.num_mel_bins, "target_length": cfg.target_length,
-                     "mean": mean, "std": std},
-        "backbone_fingerprint": fingerprint, "speakers": speakers.to_dict(),
-        "synthesis": synthesis,
-        "corpus": {c.name: json.loads((folders[c.name] / "corpus.json").read_text())["counts"]
-                   for c in cfg.corpora()},
-        "tools": C.tool_versions(), "torch": torch.__version__, "device": device.type,
-        "threads": torch.get_num_threads(), "pretrain": pretrain, "results": results,
-        "times": times}
-    summary["sizes"] = _sizes(assets)
-    (assets / "build.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
-    if docs is not None:
-        from aat_serve.training.demo.report import write_report
-        write_report(summary, docs)
-    return summary
-
-
-def check_targets(summary: dict[str, Any], spoken_min: float = 0.9) -> list[str]:
-    """The issue's targets the build missed (empty when all hold)."""
-    misses = []
-    for task, res in summary["results"].items():
-        acc = res["aat_ms"]["test_acc"]
-        if TASKS[task][0] and acc < spoken_min:
-            misses.append(f"{task}: aat_ms {acc:.1%} < {spoken_min:.0%}")
-        if not acc > res["head"]["test_acc"]:
-            misses.append(f"{task}: aat_ms {acc:.1%} does not beat head "
-                          f"{res['head']['test_acc']:.1%}")
-    return misses
-

@@ -6,6 +6,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from aat_serve.training.demo.tasks import check_targets
+
 METHOD_NAMES = {"head": "head-only (linear probe)", "aat_ms": "AAT^MS (adapters)",
                 "full": "full fine-tuning"}
 
@@ -19,8 +21,6 @@ def _mins(s: float) -> str:
 
 
 def _targets(s: dict[str, Any]) -> str:
-    from aat_serve.training.demo.build import check_targets
-
     if not all("head" in r and "aat_ms" in r for r in s["results"].values()):
         return "(Not checked: a partial build.)"
     misses = check_targets(s)
@@ -96,12 +96,18 @@ def _learning_rates(cfg: dict[str, Any], methods: list[str]) -> str:
 
 
 def render_report(s: dict[str, Any]) -> str:
-    """Markdown for a build summary (``build.json``)."""
-    cfg, res, pre, times = s["config"], s["results"], s["pretrain"], s["times"]
+    """Markdown for a build summary (``build.json``): the sections in page order."""
+    res = s["results"]
     tasks = list(res)
     methods = [m for m in ("head", "aat_ms", "full") if all(m in res[t] for t in tasks)]
-    first = {t: next(iter(res[t].values())) for t in tasks}
-    lines = [
+    lines = [*_intro(), *_how_made(s, methods), *_accuracy(s, tasks, methods), *_artifacts(s),
+             *_try_it(s)]
+    return "\n".join(lines)
+
+
+def _intro() -> list[str]:
+    """Title and what the demo is."""
+    return [
         "# The demo backbone and tasks",
         "",
         "`aat serve` with no configuration serves a small AST and three task bundles that our own",
@@ -109,6 +115,13 @@ def render_report(s: dict[str, Any]) -> str:
         "live in the package (`adapters/demo_assets/`), so a fresh install classifies spoken",
         "digits, commands and synthetic instruments out of the box.",
         "",
+    ]
+
+
+def _how_made(s: dict[str, Any], methods: list[str]) -> list[str]:
+    """The command, versions and time, and the four steps of the build with their settings."""
+    cfg, pre = s["config"], s["pretrain"]
+    return [
         "## How they were made",
         "",
         "```bash",
@@ -117,7 +130,7 @@ def render_report(s: dict[str, Any]) -> str:
         "",
         f"Seed {s['seed']}; torch {s['torch']} with {s['threads']} thread(s); "
         f"{s['tools'].get('espeak-ng', '?')}; {s['tools'].get('sox', '?')}. "
-        + _timing(times, pre, s.get("synthesis"), res),
+        + _timing(s["times"], pre, s.get("synthesis"), s["results"]),
         "",
         "1. **Corpus.** Spoken words: espeak-ng's eight English voices, each combined with a voice",
         "   variant (`en-us+klatt3`), random speed (130-210 wpm), pitch and amplitude; sox trims,",
@@ -149,6 +162,15 @@ def render_report(s: dict[str, Any]) -> str:
         "   The bundles are trained on the backbone as exported (fp16 weights read back as",
         "   fp32), so their fingerprint is the served backbone's.",
         "",
+    ]
+
+
+def _accuracy(s: dict[str, Any], tasks: list[str], methods: list[str]) -> list[str]:
+    """The mini Table 2 (held-out accuracy per method and task), clip counts, run times and
+    whether the targets hold."""
+    res = s["results"]
+    first = {t: next(iter(res[t].values())) for t in tasks}
+    lines = [
         "## Held-out accuracy (mini Table 2)",
         "",
         "| method | trainable params | " + " | ".join(tasks) + " |",
@@ -174,6 +196,13 @@ def render_report(s: dict[str, Any]) -> str:
         "Targets: AAT^MS at least 90% on each spoken task, and above head-only on every "
         "task. " + _targets(s),
         "",
+    ]
+    return lines
+
+
+def _artifacts(s: dict[str, Any]) -> list[str]:
+    """The committed files with their sizes, what they are, and the backbone's fingerprint."""
+    lines = [
         "## Artifacts",
         "",
         "| file | size |",
@@ -191,6 +220,13 @@ def render_report(s: dict[str, Any]) -> str:
         "records every setting, the held-out speakers and every figure on this page.",
         f"Backbone fingerprint: `{s['backbone_fingerprint']}`.",
         "",
+    ]
+    return lines
+
+
+def _try_it(s: dict[str, Any]) -> list[str]:
+    """How to query the served demo, and the command that rebuilds it."""
+    return [
         "## Try it",
         "",
         "```bash",
@@ -207,7 +243,6 @@ def render_report(s: dict[str, Any]) -> str:
         "```",
         "",
     ]
-    return "\n".join(lines)
 
 
 def write_report(summary: dict[str, Any], path: str | os.PathLike) -> Path:
