@@ -3,7 +3,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup test test-fast lint style gpu-check clean
+.PHONY: setup test test-fast lint style bench gpu-check clean
 
 setup:  ## create .venv and install aat-serve with its dev tools (torch from local wheels)
 	$(PY) -m venv $(VENV)
@@ -19,6 +19,9 @@ lint:  ## ruff, check only
 
 style:  ## ruff, fix what it can
 	$(BIN)/ruff check --fix .
+
+bench:  ## list the benchmarks (`aat bench kernel|model|memory|serve|training`, docs/benchmarks.md)
+	$(BIN)/aat bench --help
 
 gpu-check:  ## kernel tests at real sizes and the kernel benchmark (needs a CUDA GPU)
 	bash scripts/gpu_check.sh

@@ -9,6 +9,7 @@ from aat_serve.adapters.config import AdapterConfig, BackboneConfig, FeatureConf
 from aat_serve.adapters.errors import (
     AATError,
     AudioError,
+    AudioTooLongError,
     BackboneMismatchError,
     BundleError,
     CheckpointError,
@@ -24,6 +25,7 @@ __all__ = [
     "AdapterConfig",
     "AudioClassifier",
     "AudioError",
+    "AudioTooLongError",
     "BackboneConfig",
     "BackboneMismatchError",
     "BundleError",

@@ -23,6 +23,14 @@ class AudioError(AATError, ValueError):
     """Audio could not be decoded, or decoded to something unusable (empty, NaN, too long)."""
 
 
+class AudioTooLongError(AudioError):
+    """Audio is longer than the allowed duration (declared by its header or found decoding).
+
+    Its own class so that callers (the service answers 413) tell it apart from other unusable
+    audio by type, never by the wording of the message.
+    """
+
+
 class BundleError(AATError, ValueError):
     """A task bundle is malformed: wrong format, manifest, tensor names, shapes or values."""
 

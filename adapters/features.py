@@ -20,7 +20,7 @@ import torchaudio.compliance.kaldi as kaldi
 import torchaudio.functional as taf
 
 from aat_serve.adapters.config import FeatureConfig
-from aat_serve.adapters.errors import AudioError, ConfigError
+from aat_serve.adapters.errors import AudioError, AudioTooLongError, ConfigError
 
 AudioSource = bytes | bytearray | memoryview | str | os.PathLike | BinaryIO
 
@@ -148,7 +148,7 @@ def _info(f: sf.SoundFile, name: str) -> AudioInfo:
 
 def _check_declared_length(info: AudioInfo, name: str, max_duration_s: float) -> None:
     if info.frames < _UNKNOWN_FRAMES and info.duration_s > max_duration_s:
-        raise AudioError(
+        raise AudioTooLongError(
             f"{name} is too long: its header declares {info.duration_s:.3f} s; the limit is "
             f"{max_duration_s:g} s")
 
@@ -207,8 +207,8 @@ def _decode(source: AudioSource, max_duration_s: float, mono: bool) -> tuple[np.
         if owned:
             fh.close()
     if got > limit:
-        raise AudioError(f"{name} is too long: it decodes to more than {max_duration_s:g} s "
-                         f"(the limit)")
+        raise AudioTooLongError(f"{name} is too long: it decodes to more than "
+                                f"{max_duration_s:g} s (the limit)")
     if got == 0:
         raise AudioError(f"{name} has no samples (zero-length audio)")
     # The header's count is exact for every format but MP3, where it may be an estimate.

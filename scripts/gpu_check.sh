@@ -49,7 +49,7 @@ for f in "$OUTDIR/bench_kernel.json" "$OUTDIR/bench_kernel_compile.json"; do
   if [ -s "$f" ]; then
     "$PY" - "$f" <<'PYEOF' | tee "${f%.json}.txt"
 import json, sys
-from aat_serve.adapters.benchmarks.kernel import format_report
+from aat_serve.bench.kernel import format_report
 print(format_report(json.load(open(sys.argv[1]))))
 PYEOF
   fi

@@ -19,6 +19,7 @@ from aat_serve.service.auth import require_admin_token, require_api_token
 from aat_serve.service.bodies import check_media_type, read_payload
 from aat_serve.service.engine import Job
 from aat_serve.service.errors import (
+    ErrorType,
     ServiceError,
     error_responses,
     from_aat_error,
@@ -70,7 +71,7 @@ def valid_task(task: str) -> str:
     try:
         return check_task_name(task)
     except ConfigError as e:
-        raise ServiceError(400, "invalid_task_name", str(e)) from None
+        raise ServiceError(ErrorType.INVALID_TASK_NAME, str(e)) from None
 
 
 def top_predictions(logits: torch.Tensor, labels: list[str], multi_label: bool, k: int
@@ -207,7 +208,7 @@ async def delete_task(task: str, request: Request, svc: ServiceDep) -> DeleteRes
 async def healthz(svc: ServiceDep) -> Health:
     """200 while the process serves and its inference worker runs."""
     if svc.engine is None or not svc.engine.alive:
-        raise ServiceError(503, "not_ready", "the inference worker is not running",
+        raise ServiceError(ErrorType.NOT_READY, "the inference worker is not running",
                            {"Retry-After": "1"})
     return Health(status="ok")
 

@@ -18,7 +18,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from aat_serve.adapters.checkpoints import LoadedCheckpoint
 from aat_serve.adapters.errors import AATError
 from aat_serve.service.api import router
-from aat_serve.service.errors import ServiceError, error_response, from_aat_error
+from aat_serve.service.errors import (
+    ErrorType,
+    ServiceError,
+    error_response,
+    error_types_markdown,
+    from_aat_error,
+    http_error_response,
+)
 from aat_serve.service.logs import RequestContextMiddleware
 from aat_serve.service.runtime import Service, load_backbone, with_embedded_defaults
 from aat_serve.service.settings import Settings, load_settings
@@ -30,7 +37,10 @@ small bundle of AAT adapters and a head. Requests of different tasks share a bat
 Every error has the body `{"error": {"type": ..., "message": ...}}`. Set `AAT_API_TOKEN` to
 require `Authorization: Bearer <token>` on classification and listing; task management
 (`PUT`/`DELETE /tasks/{task}`) is off (403) unless `AAT_ADMIN_TOKEN` is set.
-"""
+
+Error types, each always answered with the same status:
+
+""" + error_types_markdown() + "\n"
 
 
 def _validation_message(exc: RequestValidationError) -> str:
@@ -57,27 +67,27 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(AATError)
     async def _aat_error(request: Request, exc: AATError):
         err = from_aat_error(exc)
-        if err.status == 500:
+        if err.kind is ErrorType.INTERNAL_ERROR:
             raise exc  # not a client error: logged with the request id by the middleware
         _count(request, err.type)
         return err.response()
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
-        _count(request, "invalid_request")
-        return error_response(400, "invalid_request", _validation_message(exc))
+        _count(request, ErrorType.INVALID_REQUEST.value)
+        return error_response(ErrorType.INVALID_REQUEST, _validation_message(exc))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
         headers = dict(exc.headers or {})
         if exc.status_code == 404:
-            return error_response(404, "not_found",
+            return error_response(ErrorType.NOT_FOUND,
                                   f"no route {request.method} {request.url.path}", headers)
         if exc.status_code == 405:
-            return error_response(405, "method_not_allowed",
+            return error_response(ErrorType.METHOD_NOT_ALLOWED,
                                   f"method {request.method} is not allowed on "
                                   f"{request.url.path}", headers)
-        return error_response(exc.status_code, "http_error", str(exc.detail), headers)
+        return http_error_response(exc.status_code, str(exc.detail), headers)
 
 
 def _openapi_without_default_422(app: FastAPI) -> None:

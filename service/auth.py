@@ -13,7 +13,7 @@ import hmac
 
 from fastapi import Request
 
-from aat_serve.service.errors import ServiceError
+from aat_serve.service.errors import ErrorType, ServiceError
 
 
 def _digest(token: str) -> bytes:
@@ -28,19 +28,19 @@ def token_matches(given: str, expected: str) -> bool:
 def _bearer(request: Request) -> str:
     header = request.headers.get("authorization")
     if not header:
-        raise ServiceError(401, "unauthorized",
+        raise ServiceError(ErrorType.UNAUTHORIZED,
                            "missing bearer token: send 'Authorization: Bearer <token>'",
                            {"WWW-Authenticate": "Bearer"})
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
-        raise ServiceError(401, "unauthorized",
+        raise ServiceError(ErrorType.UNAUTHORIZED,
                            "malformed Authorization header: expected 'Bearer <token>'",
                            {"WWW-Authenticate": 'Bearer error="invalid_request"'})
     return token.strip()
 
 
 def _invalid() -> ServiceError:
-    return ServiceError(401, "unauthorized", "invalid bearer token",
+    return ServiceError(ErrorType.UNAUTHORIZED, "invalid bearer token",
                         {"WWW-Authenticate": 'Bearer error="invalid_token"'})
 
 
@@ -61,13 +61,13 @@ def require_admin_token(request: Request) -> None:
     """Guard PUT/DELETE /tasks/{task}: 403 when management is off, 401/403 on bad tokens."""
     settings = request.app.state.settings
     if settings.admin_token is None:
-        raise ServiceError(403, "management_disabled",
+        raise ServiceError(ErrorType.MANAGEMENT_DISABLED,
                            "task management is disabled: set AAT_ADMIN_TOKEN to enable "
                            "PUT and DELETE /tasks/{task}")
     token = _bearer(request)
     if token_matches(token, settings.admin_token):
         return
     if settings.api_token is not None and token_matches(token, settings.api_token):
-        raise ServiceError(403, "forbidden", "this token may classify but not manage tasks",
+        raise ServiceError(ErrorType.FORBIDDEN, "this token may classify but not manage tasks",
                            {"WWW-Authenticate": 'Bearer error="insufficient_scope"'})
     raise _invalid()

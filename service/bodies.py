@@ -14,7 +14,7 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect
 
-from aat_serve.service.errors import ServiceError, bad_request, too_large
+from aat_serve.service.errors import ErrorType, ServiceError, bad_request, too_large
 
 RAW_AUDIO_TYPES = ("audio/*", "application/octet-stream")
 MULTIPART = "multipart/form-data"
@@ -34,7 +34,7 @@ def check_media_type(request: Request, *, audio: bool) -> str:
     accepted = ("audio/* (e.g. audio/wav), application/octet-stream or multipart/form-data "
                 "with a 'file' field") if audio else (
                 "application/octet-stream or multipart/form-data with a 'file' field")
-    raise ServiceError(415, "unsupported_media_type",
+    raise ServiceError(ErrorType.UNSUPPORTED_MEDIA_TYPE,
                        f"unsupported Content-Type {mt or '(none)'!r}; send {accepted}")
 
 

@@ -29,7 +29,7 @@ import torch
 
 from aat_serve.adapters.bundle import Manifest, TaskBundle
 from aat_serve.adapters.errors import UnknownTaskError
-from aat_serve.service.errors import ServiceError, overloaded, timed_out
+from aat_serve.service.errors import ErrorType, ServiceError, not_ready, overloaded, timed_out
 from aat_serve.service.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -133,7 +133,7 @@ class Engine:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-        err = ServiceError(503, "not_ready", "the service is shutting down", {"Retry-After": "1"})
+        err = not_ready("the service is shutting down")
         while self._pending:
             item = self._pending.popleft()
             if not item.future.done():
@@ -327,7 +327,7 @@ class Engine:
             if info is None:
                 out[i] = UnknownTaskError(f"unknown task {j.task!r}")
             elif info.version != j.version and info.manifest.features != j.feature_settings:
-                out[i] = ServiceError(503, "task_changed",
+                out[i] = ServiceError(ErrorType.TASK_CHANGED,
                                       f"task {j.task!r} changed its feature settings while this "
                                       "request waited; retry", {"Retry-After": "0"})
             else:

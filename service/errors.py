@@ -1,10 +1,14 @@
 """One error path: every failure becomes ``{"error": {"type", "message"}}`` with one status.
 
-``ServiceError`` carries the HTTP status, a stable ``type`` string and a message; the model
-package's own errors (``aat_serve.adapters.errors``) are mapped to it in ``from_aat_error``.
+``ErrorType`` is the one table of the service's errors: each member is a stable ``type``
+string, its HTTP status and what it means (shown in the OpenAPI description). ``ServiceError``
+carries a member and a message; the model package's own errors (``aat_serve.adapters.errors``)
+are mapped to a member by their class in ``AAT_ERROR_TYPES``, never by their message text.
 """
 
 from __future__ import annotations
+
+from enum import Enum
 
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
@@ -12,11 +16,76 @@ from pydantic import BaseModel
 from aat_serve.adapters.errors import (
     AATError,
     AudioError,
+    AudioTooLongError,
     BackboneMismatchError,
     BundleError,
     ConfigError,
     SlotsFullError,
     UnknownTaskError,
+)
+
+
+class ErrorType(str, Enum):
+    """Every error ``type`` the service answers with, its HTTP status and its meaning.
+
+    ``status`` is None only for ``http_error``: an HTTP error raised by the web framework
+    itself (other than 404 and 405), answered with the framework's own status.
+    """
+
+    status: int | None
+    summary: str
+
+    def __new__(cls, type_: str, status: int | None, summary: str) -> ErrorType:
+        member = str.__new__(cls, type_)
+        member._value_ = type_
+        member.status = status
+        member.summary = summary
+        return member
+
+    INVALID_REQUEST = ("invalid_request", 400, "a malformed request, query or parameter")
+    INVALID_AUDIO = ("invalid_audio", 400, "audio that cannot be decoded or is unusable "
+                                           "(empty, NaN, unsupported)")
+    INVALID_TASK_NAME = ("invalid_task_name", 400,
+                         "a task name outside `^[a-z0-9][a-z0-9_-]{0,63}$`")
+    UNAUTHORIZED = ("unauthorized", 401, "a missing, malformed or wrong bearer token")
+    MANAGEMENT_DISABLED = ("management_disabled", 403,
+                           "task management is off because AAT_ADMIN_TOKEN is unset")
+    FORBIDDEN = ("forbidden", 403, "a token without the right to manage tasks")
+    UNKNOWN_TASK = ("unknown_task", 404, "no such task")
+    NOT_FOUND = ("not_found", 404, "no such route")
+    METHOD_NOT_ALLOWED = ("method_not_allowed", 405, "the method is not allowed on this route")
+    BACKBONE_MISMATCH = ("backbone_mismatch", 409,
+                         "the bundle was trained on a different backbone")
+    PAYLOAD_TOO_LARGE = ("payload_too_large", 413, "the body is larger than its limit")
+    AUDIO_TOO_LONG = ("audio_too_long", 413, "the audio is longer than AAT_MAX_AUDIO_SECONDS")
+    UNSUPPORTED_MEDIA_TYPE = ("unsupported_media_type", 415, "an unsupported Content-Type")
+    INVALID_BUNDLE = ("invalid_bundle", 422, "the bundle is invalid: format, manifest, tensor "
+                                             "names, shapes, values or version")
+    INTERNAL_ERROR = ("internal_error", 500,
+                      "an unexpected server error, logged with the request id")
+    OVERLOADED = ("overloaded", 503, "the queue is full or too many uploads run; retry after "
+                                     "`Retry-After` seconds")
+    NOT_READY = ("not_ready", 503, "warming up or shutting down; retry after `Retry-After` "
+                                   "seconds")
+    TASK_CHANGED = ("task_changed", 503, "the task changed its feature settings while the "
+                                         "request waited; retry")
+    TIMEOUT = ("timeout", 504,
+               "not answered within AAT_REQUEST_TIMEOUT_S; the request was not computed")
+    SLOTS_FULL = ("slots_full", 507, "every task slot is in use (AAT_MAX_TASKS)")
+    HTTP_ERROR = ("http_error", None,
+                  "any other HTTP error of the web framework, with the framework's status")
+
+
+# The model package's errors by class, most specific first: the first match gives the type.
+# Any other AATError is an internal error (500).
+AAT_ERROR_TYPES: tuple[tuple[type[AATError], ErrorType], ...] = (
+    (AudioTooLongError, ErrorType.AUDIO_TOO_LONG),
+    (AudioError, ErrorType.INVALID_AUDIO),
+    (UnknownTaskError, ErrorType.UNKNOWN_TASK),
+    (BackboneMismatchError, ErrorType.BACKBONE_MISMATCH),
+    (BundleError, ErrorType.INVALID_BUNDLE),
+    (SlotsFullError, ErrorType.SLOTS_FULL),
+    (ConfigError, ErrorType.INVALID_REQUEST),
 )
 
 
@@ -32,13 +101,16 @@ class ErrorResponse(BaseModel):
 
 
 class ServiceError(Exception):
-    """An error with its HTTP status, type and extra headers."""
+    """An error of one ``ErrorType`` (which gives its status), with a message and headers."""
 
-    def __init__(self, status: int, type_: str, message: str,
+    def __init__(self, kind: ErrorType, message: str,
                  headers: dict[str, str] | None = None) -> None:
+        if kind.status is None:
+            raise ValueError(f"{kind.value} has no status of its own; use http_error_response")
         super().__init__(message)
-        self.status = status
-        self.type = type_
+        self.kind = kind
+        self.status: int = kind.status
+        self.type: str = kind.value
         self.message = message
         self.headers = headers or {}
 
@@ -46,88 +118,85 @@ class ServiceError(Exception):
         headers = dict(self.headers)
         if request_id:
             headers["X-Request-ID"] = request_id
-        return error_response(self.status, self.type, self.message, headers)
+        return error_response(self.kind, self.message, headers)
 
 
-def error_response(status: int, type_: str, message: str,
-                   headers: dict[str, str] | None = None) -> JSONResponse:
+def _body(type_: str, message: str, status: int,
+          headers: dict[str, str] | None) -> JSONResponse:
     return JSONResponse({"error": {"type": type_, "message": message}}, status_code=status,
                         headers=headers)
 
 
+def error_response(kind: ErrorType, message: str,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    """The JSON error response of ``kind``, with the status from ``ErrorType``."""
+    if kind.status is None:
+        raise ValueError(f"{kind.value} has no status of its own; use http_error_response")
+    return _body(kind.value, message, kind.status, headers)
+
+
+def http_error_response(status: int, message: str,
+                        headers: dict[str, str] | None = None) -> JSONResponse:
+    """``http_error``: an HTTP error raised by the web framework, with the framework's status."""
+    return _body(ErrorType.HTTP_ERROR.value, message, status, headers)
+
+
 def bad_request(message: str) -> ServiceError:
-    return ServiceError(400, "invalid_request", message)
+    return ServiceError(ErrorType.INVALID_REQUEST, message)
 
 
 def unknown_task(task: str) -> ServiceError:
-    return ServiceError(404, "unknown_task", f"unknown task {task!r}")
+    return ServiceError(ErrorType.UNKNOWN_TASK, f"unknown task {task!r}")
 
 
 def too_large(what: str, size: int | None, limit: int, setting: str) -> ServiceError:
     got = f"{size} bytes" if size is not None else "more"
-    return ServiceError(413, "payload_too_large",
+    return ServiceError(ErrorType.PAYLOAD_TOO_LARGE,
                         f"{what} is too large: {got}, the limit is {limit} bytes ({setting})")
 
 
 def overloaded(message: str, retry_after_s: int = 1) -> ServiceError:
-    return ServiceError(503, "overloaded", message, {"Retry-After": str(retry_after_s)})
+    return ServiceError(ErrorType.OVERLOADED, message, {"Retry-After": str(retry_after_s)})
 
 
 def not_ready(message: str = "the service is starting: the backbone and tasks are warming up",
               ) -> ServiceError:
-    return ServiceError(503, "not_ready", message, {"Retry-After": "1"})
+    return ServiceError(ErrorType.NOT_READY, message, {"Retry-After": "1"})
 
 
 def timed_out(timeout_s: float) -> ServiceError:
-    return ServiceError(504, "timeout",
+    return ServiceError(ErrorType.TIMEOUT,
                         f"the request was not answered within {timeout_s:g} s "
                         "(AAT_REQUEST_TIMEOUT_S)")
 
 
 def from_aat_error(e: AATError) -> ServiceError:
-    """Map a model-package error to its HTTP status (design.md, Service)."""
-    msg = str(e)
-    if isinstance(e, AudioError):
-        if getattr(e, "too_long", False) or "too long" in msg or "longer than" in msg:
-            return ServiceError(413, "audio_too_long", msg)
-        return ServiceError(400, "invalid_audio", msg)
-    if isinstance(e, UnknownTaskError):
-        return ServiceError(404, "unknown_task", msg)
-    if isinstance(e, BackboneMismatchError):
-        return ServiceError(409, "backbone_mismatch", msg)
-    if isinstance(e, BundleError):
-        return ServiceError(422, "invalid_bundle", msg)
-    if isinstance(e, SlotsFullError):
-        return ServiceError(507, "slots_full", msg)
-    if isinstance(e, ConfigError):
-        return ServiceError(400, "invalid_request", msg)
-    return ServiceError(500, "internal_error", "internal error")
+    """Map a model-package error to its ``ErrorType`` by its class (``AAT_ERROR_TYPES``)."""
+    for cls, kind in AAT_ERROR_TYPES:
+        if isinstance(e, cls):
+            return ServiceError(kind, str(e))
+    return ServiceError(ErrorType.INTERNAL_ERROR, "internal error")
 
 
-# Shown in OpenAPI for each route: status -> description.
+def _status_doc(status: int) -> str:
+    kinds = [k for k in ErrorType if k.status == status]
+    return "; ".join(f"`{k.value}`: {k.summary}" for k in kinds) + "."
+
+
+# Shown in OpenAPI for each route: status -> the error types with that status.
 ERROR_DOCS: dict[int, str] = {
-    400: "Bad request: undecodable audio (`invalid_audio`), a malformed request or query "
-         "(`invalid_request`), or a task name outside `^[a-z0-9][a-z0-9_-]{0,63}$` "
-         "(`invalid_task_name`).",
-    401: "Missing or wrong bearer token (`unauthorized`).",
-    403: "Management disabled because AAT_ADMIN_TOKEN is unset (`management_disabled`), or a "
-         "token without the right to manage tasks (`forbidden`).",
-    404: "Unknown task (`unknown_task`) or route (`not_found`).",
-    405: "Method not allowed on this route (`method_not_allowed`).",
-    409: "The bundle was trained on a different backbone (`backbone_mismatch`).",
-    413: "Body larger than its limit (`payload_too_large`) or audio longer than "
-         "AAT_MAX_AUDIO_SECONDS (`audio_too_long`).",
-    415: "Unsupported Content-Type (`unsupported_media_type`).",
-    422: "The bundle is invalid: format, manifest, tensor names, shapes, values or version "
-         "(`invalid_bundle`).",
-    500: "Unexpected server error (`internal_error`); logged with the request id.",
-    503: "Queue full or too many uploads (`overloaded`) or still warming up (`not_ready`); "
-         "retry after `Retry-After` seconds.",
-    504: "Not answered within AAT_REQUEST_TIMEOUT_S (`timeout`); the request was not computed.",
-    507: "Every task slot is in use (`slots_full`, AAT_MAX_TASKS).",
-}
+    s: _status_doc(s) for s in sorted({k.status for k in ErrorType if k.status is not None})}
 
 
 def error_responses(*statuses: int) -> dict[int | str, dict]:
     """OpenAPI ``responses=`` entries for these statuses, all with the error schema."""
     return {s: {"model": ErrorResponse, "description": ERROR_DOCS[s]} for s in statuses}
+
+
+def error_types_markdown() -> str:
+    """Every error type with its status, as a Markdown table for the API description."""
+    rows = ["| type | status | meaning |", "| --- | --- | --- |"]
+    for k in ErrorType:
+        status = str(k.status) if k.status is not None else "the framework's"
+        rows.append(f"| `{k.value}` | {status} | {k.summary} |")
+    return "\n".join(rows)

@@ -17,7 +17,7 @@ import time
 import uuid
 from typing import Any
 
-from aat_serve.service.errors import error_response
+from aat_serve.service.errors import ErrorType, error_response
 
 log = logging.getLogger("aat_serve.service.access")
 
@@ -103,7 +103,7 @@ class RequestContextMiddleware:
             if status["sent"]:
                 raise
             status["code"] = 500
-            response = error_response(500, "internal_error",
+            response = error_response(ErrorType.INTERNAL_ERROR,
                                       f"internal error (request id {rid})",
                                       {"X-Request-ID": rid})
             await response(scope, receive, send)

@@ -76,7 +76,8 @@ class ClipDataset(Dataset):
                            max_duration_s=self.features.max_duration_s)
         except AudioError as e:
             msg = str(e)
-            raise AudioError(msg if str(path) in msg else f"{path}: {msg}") from None
+            # type(e): an AudioTooLongError stays one when the path is added to its message
+            raise type(e)(msg if str(path) in msg else f"{path}: {msg}") from None
         w = w - w.mean()
         if self._cache is not None:
             self._cache[i] = w

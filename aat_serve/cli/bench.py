@@ -1,18 +1,20 @@
-"""``aat bench kernel|model|serve``: one subcommand per benchmark.
+"""``aat bench kernel|model|memory|serve|training``: the arguments of every benchmark.
 
-Each benchmark lives beside what it measures (``aat_serve.adapters.benchmarks.kernel``,
-``aat_serve.adapters.benchmarks.model``, ``aat_serve.service.bench``); this module only parses
-arguments. To add
-one, write a ``register_*(bench_subparsers)`` function and list it in ``BENCHMARKS``.
+The benchmarks themselves live in ``aat_serve.bench`` (one module each) and are imported only
+when their subcommand runs, so ``aat --help`` stays fast and a benchmark's child processes
+(``memory`` and ``training`` measure each case in a fresh ``python -m aat_serve.cli.bench``)
+load only what they measure. To add one, write a ``register_*(bench_subparsers)`` function and
+list it in ``BENCHMARKS``.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
+import json
 import sys
 
 from aat_serve.adapters.errors import ConfigError
+from aat_serve.bench.common import positive_ints
 
 
 def register_kernel_bench(sub: argparse._SubParsersAction) -> None:
@@ -38,12 +40,13 @@ def run_kernel_bench(args: argparse.Namespace) -> int:
         print("aat bench kernel needs a CUDA GPU (the fused kernels are Triton GPU kernels); "
               "none is available here", file=sys.stderr)
         return 2
-    from aat_serve.adapters.benchmarks import kernel
+    from aat_serve.bench import kernel
+    from aat_serve.bench.common import to_json
 
     report = kernel.run_kernel_bench(kernel.KernelBenchConfig(
-        clips=_ints(args.clips, "--clips"), tasks=_ints(args.tasks, "--tasks"),
+        clips=positive_ints(args.clips, "--clips"), tasks=positive_ints(args.tasks, "--tasks"),
         tokens=args.tokens, dtype=args.dtype, compile=not args.no_compile))
-    print(kernel.to_json(report) if args.json else kernel.format_report(report))
+    print(to_json(report) if args.json else kernel.format_report(report))
     return 0
 
 
@@ -79,7 +82,8 @@ def register_model_bench(sub: argparse._SubParsersAction) -> None:
 def run_model_bench(args: argparse.Namespace) -> int:
     import torch
 
-    from aat_serve.adapters.benchmarks import model
+    from aat_serve.bench import model
+    from aat_serve.bench.common import to_json
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -89,50 +93,152 @@ def run_model_bench(args: argparse.Namespace) -> int:
     memory = args.memory_tasks or ("1,3" if args.quick else "1,10,100")
     cfg = model.ModelBenchConfig(
         quick=args.quick, device=args.device, clips=clips,
-        batches=_ints(args.batches, "--batches"),
+        batches=positive_ints(args.batches, "--batches"),
         rounds=args.rounds or (1 if args.quick else 3), agreement_clips=agreement,
-        memory_tasks=_ints(memory, "--memory-tasks"),
+        memory_tasks=positive_ints(memory, "--memory-tasks"),
         runtimes=("torch", "onnxruntime") if args.runtime == "onnxruntime" else ("torch",),
         keep_freed_memory=not args.glibc_defaults)
     report = model.run_model_bench(cfg)
-    print(model.to_json(report) if args.json else model.format_report(report))
+    print(to_json(report) if args.json else model.format_report(report))
     return 0
 
 
-def _ints(text: str, flag: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise ConfigError(f"{flag} must be a comma-separated list of integers, got "
-                          f"{text!r}") from None
-    if not values or min(values) < 1:
-        raise ConfigError(f"{flag} needs positive integers, got {text!r}")
-    return values
+def register_memory_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "memory", help="memory of S resident aat_ms tasks, in this process (prints JSON)",
+        description="Build a random backbone and a multi-task model holding --tasks random "
+                    "aat_ms tasks, classify one mixed batch and print one JSON object: tensor "
+                    "bytes and this process's memory growth now and at its peak. Meant for a "
+                    "fresh process (aat bench model runs one per task count).")
+    p.add_argument("--tasks", type=int, required=True, help="resident tasks S")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--quick", action="store_true", help="the tiny backbone (for tests)")
+    p.set_defaults(func=run_memory_bench)
 
 
-# (module, function): registered in this order; a module that cannot be imported (say, the
-# service's dependencies are missing) leaves its benchmark out with a note in --help.
-BENCHMARKS = (
-    ("aat_serve.cli.bench", "register_kernel_bench"),
-    ("aat_serve.cli.bench", "register_model_bench"),
-    ("aat_serve.service.bench", "register_serve_bench"),
-)
+def run_memory_bench(args: argparse.Namespace) -> int:
+    from aat_serve.bench.memory import measure
+
+    if args.tasks < 1:
+        raise ConfigError(f"--tasks needs a positive integer, got {args.tasks}")
+    print(json.dumps(measure(args.tasks, args.dtype, args.quick, args.device)))
+    return 0
+
+
+def register_serve_bench(sub: argparse._SubParsersAction) -> None:
+    from aat_serve.bench.fixtures import PRESETS
+
+    p = sub.add_parser(
+        "serve", help="throughput and latency of the HTTP service, batching on vs off",
+        description="Closed-loop load on a local server, dynamic batching on vs off: C "
+                    "clients send requests back to back, all to one task or round-robin over "
+                    "every task, against a server with --max-batch and one with max_batch=1, "
+                    "interleaved over --rounds rounds. Reported: throughput, p50/p95/p99 "
+                    "latency, mean clips and tasks per batch, and the ratios. With --url, the "
+                    "same load against a server already running on this machine.")
+    p.add_argument("--backbone", choices=sorted(PRESETS),
+                   help="random backbone size (default: vit-b with CUDA, else small)")
+    p.add_argument("--checkpoint", help="use this checkpoint instead of a random backbone")
+    p.add_argument("--url", help="measure a server already running on this machine instead "
+                                 "(its first --tasks tasks; no batching on/off comparison)")
+    p.add_argument("--frames", type=int, help="clip length in frames (default: the preset's)")
+    p.add_argument("--tasks", type=int, default=4, help="tasks in the mix (default 4)")
+    p.add_argument("--clients", type=int, default=8, help="concurrent clients (default 8)")
+    p.add_argument("--requests", type=int, default=200,
+                   help="requests per scenario (default 200)")
+    p.add_argument("--max-seconds", type=float, default=60.0,
+                   help="time limit per scenario (default 60)")
+    p.add_argument("--clip-s", type=float, default=1.0, help="audio seconds per request")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="interleaved rounds the requests are split over (default 3)")
+    p.add_argument("--max-batch", type=int, default=8, help="batch size with batching on")
+    p.add_argument("--max-wait-ms", type=float, default=5.0, help="batching wait (default 5)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=run_serve_bench)
+
+
+def run_serve_bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from aat_serve.bench.common import to_json
+    from aat_serve.bench.serve import (
+        ServeBenchConfig,
+        bench_running_server,
+        bench_serve,
+        format_report,
+    )
+
+    def say(msg: str) -> None:
+        if not args.json:
+            print(msg, file=sys.stderr, flush=True)
+
+    if args.url:
+        report = bench_running_server(args.url, tasks=args.tasks, clients=args.clients,
+                                      requests=args.requests, max_seconds=args.max_seconds,
+                                      clip_s=args.clip_s)
+    else:
+        preset = args.backbone or ("vit-b" if torch.cuda.is_available() else "small")
+        report = bench_serve(ServeBenchConfig(
+            preset=preset, checkpoint=args.checkpoint, frames=args.frames, tasks=args.tasks,
+            clients=args.clients, requests=args.requests, max_seconds=args.max_seconds,
+            clip_s=args.clip_s, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+            device=args.device, dtype=args.dtype, rounds=args.rounds), progress=say)
+    print(to_json(report) if args.json else format_report(report))
+    return 0
+
+
+def register_training_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "training", help="training step time and peak memory per method (ViT-B AST)",
+        description="Training step time and peak memory of fine-tuning methods on one batch "
+                    "of random features, each (method, clip length) in a fresh child process "
+                    "so that its peak memory is its own. Prints a Markdown table.")
+    p.add_argument("--methods", default="full,aat_ms", help="methods (default full,aat_ms)")
+    p.add_argument("--frames", default="128,512", help="frames per clip, comma-separated")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--one", help=argparse.SUPPRESS)  # internal: METHOD:FRAMES in this process
+    p.set_defaults(func=run_training_bench)
+
+
+def run_training_bench(args: argparse.Namespace) -> int:
+    from aat_serve.bench import training
+    from aat_serve.bench.common import to_json
+
+    device = args.device or training.TrainingBenchConfig().device
+    if args.one:
+        method, frames = args.one.split(":")
+        print(json.dumps(training.measure(method, int(frames), args.batch, args.steps,
+                                          args.warmup, device)))
+        return 0
+    cfg = training.TrainingBenchConfig(
+        methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
+        frames=positive_ints(args.frames, "--frames"), batch=args.batch, steps=args.steps,
+        warmup=args.warmup, device=device)
+    report = training.run_training_bench(cfg)
+    print(to_json(report) if args.json else training.format_report(report))
+    return 0
+
+
+# Registered in this order.
+BENCHMARKS = (register_kernel_bench, register_model_bench, register_memory_bench,
+              register_serve_bench, register_training_bench)
 
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("bench", help="benchmarks: kernel, model, serve",
+    p = subparsers.add_parser("bench", help="benchmarks: kernel, model, memory, serve, training",
                               description="Benchmarks; each prints its figures against a "
                                           "baseline measured in the same run (--json for "
                                           "scripts).")
     sub = p.add_subparsers(dest="benchmark", metavar="BENCHMARK")
-    missing = []
-    for module, fn in BENCHMARKS:
-        try:
-            getattr(importlib.import_module(module), fn)(sub)
-        except ImportError as e:
-            missing.append(f"{module} ({e})")
-    if missing:
-        p.epilog = "unavailable here: " + "; ".join(missing)
+    for add in BENCHMARKS:
+        add(sub)
 
     def show_help(args: argparse.Namespace) -> int:
         p.print_help()

@@ -126,7 +126,7 @@ def test_keep_freed_memory_reads_booleans(monkeypatch, value, expected):
 
 _RSS_AFTER_FREE = """
 import torch
-from aat_serve.adapters.benchmarks.memory import rss_bytes as rss
+from aat_serve.adapters.process_memory import rss_bytes as rss
 from aat_serve.service.runtime import tune_process
 from aat_serve.service.settings import load_settings
 applied = tune_process(load_settings())

@@ -1,6 +1,6 @@
 """Memory of S resident ``aat_ms`` tasks, measured in a fresh child process per S.
 
-``python -m aat_serve.adapters.benchmarks.memory --tasks S --dtype bf16 [--quick] [--device cuda]``
+``aat bench memory --tasks S --dtype bf16 [--quick] [--device cuda]``
 builds a random backbone and a ``MultiTaskModel`` with ``max_tasks=S``, loads S random
 ``aat_ms`` bundles one at a time, classifies one mixed batch of eight 1-s clips and prints one
 JSON object: the exact tensor bytes (``MultiTaskModel.memory_bytes``) and the process's growth
@@ -12,7 +12,6 @@ next one's figures.
 
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import os
@@ -22,44 +21,16 @@ from typing import Any
 
 import torch
 
+from aat_serve.adapters.backbone import AST
+from aat_serve.adapters.multitask import MultiTaskModel
+from aat_serve.adapters.process_memory import peak_rss_bytes, reset_peak_rss, rss_bytes
+from aat_serve.bench.fixtures import CLIPS, FULL, QUICK, TASK_CLASSES, random_bundle
+
 MB = 1 / 2**20
-
-
-def rss_bytes() -> int | None:
-    """This process's resident set size now (None where ``/proc`` is missing)."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError):
-        return None
-
-
-def _reset_peak() -> bool:
-    try:  # writing 5 resets VmHWM, the peak resident set size (Linux >= 4.0)
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak() -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 def measure(tasks: int, dtype: str, quick: bool, device: str, seed: int = 0) -> dict[str, Any]:
     """Run in this process (which should be fresh); see the module docstring."""
-    from aat_serve.adapters.backbone import AST
-    from aat_serve.adapters.benchmarks.model import CLIPS, FULL, QUICK, TASK_CLASSES, random_bundle
-    from aat_serve.adapters.multitask import MultiTaskModel
-
     dev = torch.device(device)
     cuda = dev.type == "cuda"
     _warm_up(dev)  # one-off runtime allocations (thread pools, kernel caches) before the base
@@ -69,7 +40,7 @@ def measure(tasks: int, dtype: str, quick: bool, device: str, seed: int = 0) -> 
         base = torch.cuda.memory_allocated(dev)
     else:
         base = rss_bytes()
-        has_peak = _reset_peak()
+        has_peak = reset_peak_rss()
     cfg = QUICK if quick else FULL
     torch.manual_seed(seed)
     backbone = AST(cfg).eval().requires_grad_(False)
@@ -95,16 +66,12 @@ def measure(tasks: int, dtype: str, quick: bool, device: str, seed: int = 0) -> 
         row["peak_growth_mb"] = (torch.cuda.max_memory_allocated(dev) - base) * MB
     elif base is not None:
         row["growth_mb"] = (rss_bytes() - base) * MB
-        peak = _peak() if has_peak else None
+        peak = peak_rss_bytes() if has_peak else None
         row["peak_growth_mb"] = (peak - base) * MB if peak else None
     return row
 
 
 def _warm_up(dev: torch.device) -> None:
-    from aat_serve.adapters.backbone import AST
-    from aat_serve.adapters.benchmarks.model import CLIPS, QUICK
-    from aat_serve.adapters.multitask import MultiTaskModel
-
     for dtype in (torch.float32, torch.bfloat16):
         model = MultiTaskModel(AST(QUICK), max_tasks=1, dtype=dtype, device=dev, bottleneck=16)
         model.forward(torch.randn(8, CLIPS["1s"], QUICK.num_mel_bins), [-1] * 8)
@@ -114,25 +81,10 @@ def _warm_up(dev: torch.device) -> None:
 def measure_in_child(tasks: int, dtype: str, quick: bool, device: str) -> dict[str, Any]:
     """``measure`` in a fresh Python process."""
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
-    cmd = [sys.executable, "-m", "aat_serve.adapters.benchmarks.memory", "--tasks", str(tasks),
+    cmd = [sys.executable, "-m", "aat_serve.cli.bench", "memory", "--tasks", str(tasks),
            "--dtype", dtype, "--device", device] + (["--quick"] if quick else [])
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
     if proc.returncode != 0:
         raise RuntimeError(f"memory measurement for {tasks} {dtype} tasks failed: "
                            f"{proc.stderr.strip()[-500:]}")
     return json.loads(proc.stdout)
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--tasks", type=int, required=True)
-    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--quick", action="store_true")
-    args = p.parse_args(argv)
-    print(json.dumps(measure(args.tasks, args.dtype, args.quick, args.device)))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

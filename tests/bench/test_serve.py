@@ -44,7 +44,8 @@ def test_bench_serve_refuses_a_batchless_batching_run():
 
 def test_bench_against_a_running_server(ckpt_dir, store, bundles):
     from aat_serve.adapters.errors import ConfigError
-    from aat_serve.service.bench import LocalServer, bench_running_server
+    from aat_serve.bench.load import LocalServer
+    from aat_serve.bench.serve import bench_running_server
 
     for name in ("birds", "words"):
         bundles[name].save(store / f"{name}.safetensors")

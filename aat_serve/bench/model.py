@@ -13,13 +13,12 @@ One run, on one machine, measures (all with random weights; nothing is downloade
 - top-1 agreement of bf16 against fp32 on random inputs over the 4 tasks' heads;
 - memory of S resident ``aat_ms`` tasks (S = 1, 10, 100): tensor bytes, and the growth of the
   process (RSS, or the CUDA allocator) now and at its peak, each S in a fresh child process
-  (``aat_serve.adapters.benchmarks.memory``).
+  (``aat_serve.bench.memory``).
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -30,20 +29,22 @@ import torch
 from tqdm import tqdm
 
 from aat_serve.adapters.backbone import AST
-from aat_serve.adapters.benchmarks import memory
-from aat_serve.adapters.benchmarks.common import interleaved, machine, median, table
-from aat_serve.adapters.bundle import Manifest, TaskBundle, expected_tensor_shapes
-from aat_serve.adapters.config import AdapterConfig, BackboneConfig, FeatureConfig
+from aat_serve.adapters.bundle import TaskBundle
+from aat_serve.adapters.config import BackboneConfig
 from aat_serve.adapters.device import onnx_providers, resolve_device
 from aat_serve.adapters.errors import ConfigError
 from aat_serve.adapters.kernels.cpu import keep_freed_memory
 from aat_serve.adapters.multitask import MultiTaskModel
+from aat_serve.bench import memory
+from aat_serve.bench.common import (
+    interleaved,
+    machine,
+    machine_summary,
+    median,
+    table,
+)
+from aat_serve.bench.fixtures import CLIPS, FULL, QUICK, TASK_CLASSES, random_bundle
 
-FULL = BackboneConfig(norm_eps=1e-6, head_norm_eps=1e-6)  # AST ViT-B/16, stride 10
-QUICK = BackboneConfig(embed_dim=64, depth=2, num_heads=2, mlp_hidden=256, norm_eps=1e-6,
-                       head_norm_eps=1e-6)
-CLIPS = {"1s": 100, "10s": 1024}  # frames (10 ms hop); 1024 is AST's 10-s input
-TASK_CLASSES = (50, 35, 10, 527)  # ESC-50, Speech Commands, GTZAN and AudioSet-sized heads
 TARGETS = {"mixed4_vs_single": 0.95, "fp32_vs_hf": 1.0, "bf16_vs_hf": 1.8, "top1": 0.99,
            "ort_vs_torch_fp32": 1.3}
 
@@ -63,8 +64,7 @@ class ModelBenchConfig:
     """``onnxruntime`` adds the ONNX Runtime backbone (fp32) beside torch, in the same run."""
     keep_freed_memory: bool = True
     """glibc keeps freed blocks for reuse (``aat_serve.adapters.kernels.cpu.keep_freed_memory``),
-    for the
-    whole process: the baseline and our model alike."""
+    for the whole process: the baseline and our model alike."""
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -88,32 +88,6 @@ class ModelBenchConfig:
     @property
     def bottleneck(self) -> int:
         return self.backbone.embed_dim // 4
-
-
-# -- tasks -------------------------------------------------------------------------------------
-
-def random_bundle(backbone: AST, fingerprint: str, name: str, method: str, classes: int,
-                  bottleneck: int, seed: int) -> TaskBundle:
-    """A valid bundle with random task weights (std 0.02; LayerNorm at identity)."""
-    spec_adapter = {"aat_ms": AdapterConfig(bottleneck, mlp=True, spatial=True),
-                    "head": AdapterConfig(bottleneck)}[method]
-    shapes = expected_tensor_shapes(method, spec_adapter, backbone.cfg, classes)
-    g = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for n, shape in shapes.items():
-        if n == "head.norm.weight":
-            tensors[n] = torch.ones(shape)
-        elif n == "head.norm.bias":
-            tensors[n] = torch.zeros(shape)
-        else:
-            tensors[n] = torch.randn(shape, generator=g) * 0.02
-    manifest = Manifest(task=name, method=method, labels=[f"class{i}" for i in range(classes)],
-                        backbone_fingerprint=fingerprint, backbone=backbone.cfg.to_dict(),
-                        features=FeatureConfig().to_dict(), adapter=spec_adapter.to_dict(),
-                        version=f"bench-{seed}")
-    bundle = TaskBundle(manifest, tensors)
-    bundle.validate()
-    return bundle
 
 
 # -- the transformers baseline -------------------------------------------------------------
@@ -330,8 +304,7 @@ def check_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
 
 def format_report(report: dict[str, Any]) -> str:
     m = report["machine"]
-    lines = [f"aat bench model on {m.get('gpu') or m['cpu']} ({m['cpu_count']} CPUs, "
-             f"{m['torch_threads']} torch threads, torch {m['torch']}), load average "
+    lines = [f"aat bench model on {machine_summary(m)}, load average "
              f"{m['load_average_before']} -> {m['load_average']}, glibc keeps freed memory: "
              f"{m.get('glibc_keeps_freed_memory')}",
              "transformers parity (max |logit diff|, fp32): " + ", ".join(
@@ -362,7 +335,3 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(f"{'met ' if t['met'] else 'MISS'}  {t['what']}: {t['value']} "
                      f"(target >= {t['target']})")
     return "\n".join(lines)
-
-
-def to_json(report: dict[str, Any]) -> str:
-    return json.dumps(report, indent=2)

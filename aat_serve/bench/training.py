@@ -1,6 +1,6 @@
 """Training step time and peak memory of fine-tuning methods on one batch (ViT-B AST).
 
-    python -m aat_serve.training.benchmark --methods full,aat_ms --frames 128,512 --batch 8
+    aat bench training --methods full,aat_ms --frames 128,512 --batch 8
 
 Each (method, clip length) runs in a fresh subprocess so that peak memory is its own: the CUDA
 allocator's peak on a GPU; on the CPU the process's peak RSS, also shown minus the RSS before
@@ -12,29 +12,28 @@ random: speed and memory do not depend on their values.
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import platform
 import resource
 import statistics
 import subprocess
 import sys
 import time
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 
-from aat_serve.adapters.benchmarks.memory import rss_bytes
+from aat_serve.adapters.backbone import AST
+from aat_serve.adapters.config import BackboneConfig
+from aat_serve.adapters.model import AudioClassifier, count_trainable
+from aat_serve.adapters.process_memory import rss_bytes
+from aat_serve.bench.common import machine, machine_summary, table
+from aat_serve.training.api import model_factory
 
 
 def measure(method: str, frames: int, batch: int, steps: int, warmup: int, device: str,
-            classes: int = 50) -> dict:
-    """Time ``steps`` training steps after ``warmup`` ones; report peak memory."""
-    from aat_serve.adapters.backbone import AST
-    from aat_serve.adapters.config import BackboneConfig
-    from aat_serve.adapters.model import AudioClassifier, count_trainable
-    from aat_serve.training.api import model_factory
-
+            classes: int = 50) -> dict[str, Any]:
+    """Time ``steps`` training steps after ``warmup`` ones in this process; report peak memory."""
     dev = torch.device(device)
     torch.manual_seed(0)
     backbone = AST(BackboneConfig(target_length=frames))
@@ -81,48 +80,50 @@ def measure(method: str, frames: int, batch: int, steps: int, warmup: int, devic
     return out
 
 
-def machine() -> str:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name(0)
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, " \
-           f"{torch.get_num_threads()} torch threads"
+@dataclass
+class TrainingBenchConfig:
+    """The cases (every method at every clip length) and the steps each one times."""
+
+    methods: tuple[str, ...] = ("full", "aat_ms")
+    frames: tuple[int, ...] = (128, 512)
+    batch: int = 8
+    steps: int = 5
+    warmup: int = 2
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--methods", default="full,aat_ms")
-    p.add_argument("--frames", default="128,512", help="frames per clip, comma-separated")
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--one", help=argparse.SUPPRESS)  # internal: METHOD:FRAMES in this process
-    args = p.parse_args(argv)
-    if args.one:
-        method, frames = args.one.split(":")
-        print(json.dumps(measure(method, int(frames), args.batch, args.steps, args.warmup,
-                                 args.device)))
-        return 0
+def measure_in_child(cfg: TrainingBenchConfig, method: str, frames: int) -> dict[str, Any]:
+    """``measure`` of one case in a fresh Python process, so that its peak memory is its own."""
+    cmd = [sys.executable, "-m", "aat_serve.cli.bench", "training", "--one", f"{method}:{frames}",
+           "--batch", str(cfg.batch), "--steps", str(cfg.steps), "--warmup", str(cfg.warmup),
+           "--device", cfg.device]
+    res = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def run_training_bench(cfg: TrainingBenchConfig) -> dict[str, Any]:
+    """Every (clip length, method) case, each in its own child process."""
     rows = []
-    for frames in [int(f) for f in args.frames.split(",")]:
-        for method in args.methods.split(","):
-            cmd = [sys.executable, "-m", "aat_serve.training.benchmark",
-                   "--one", f"{method}:{frames}",
-                   "--batch", str(args.batch), "--steps", str(args.steps), "--warmup",
-                   str(args.warmup), "--device", args.device]
-            res = subprocess.run(cmd, capture_output=True, text=True, check=True)
-            rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
+    for frames in cfg.frames:
+        for method in cfg.methods:
+            rows.append(measure_in_child(cfg, method, frames))
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-    print(f"ViT-B/16 AST (stride 10), batch {args.batch}, {args.steps} timed steps after "
-          f"{args.warmup}; {machine()}; torch {torch.__version__}")
-    extra = args.device == "cpu"
-    print("| frames | method | trainable | step (s, median) | peak memory (MB) |"
-          + (" peak - start (MB) |" if extra else ""))
-    print("|---:|---|---:|---:|---:|" + ("---:|" if extra else ""))
-    for r in rows:
-        print(f"| {r['frames']} | {r['method']} | {r['trainable_params']:,} | "
-              f"{r['step_s_median']:.3f} | {r['peak_mb']:.0f} |"
-              + (f" {r['peak_over_start_mb']:.0f} |" if extra else ""))
+    return {"machine": machine(torch.device(cfg.device)), "config": asdict(cfg),
+            "results": rows}
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """A Markdown table of the cases and, per clip length, aat_ms against full."""
+    cfg, rows = report["config"], report["results"]
+    extra = cfg["device"] == "cpu"
+    lines = [f"ViT-B/16 AST (stride 10), batch {cfg['batch']}, {cfg['steps']} timed steps after "
+             f"{cfg['warmup']}; {machine_summary(report['machine'])}"]
+    header = ["frames", "method", "trainable", "step (s, median)", "peak memory (MB)"]
+    cells = [[r["frames"], r["method"], f"{r['trainable_params']:,}",
+              f"{r['step_s_median']:.3f}", f"{r['peak_mb']:.0f}"]
+             + ([f"{r['peak_over_start_mb']:.0f}"] if extra else []) for r in rows]
+    lines.append(table(cells, header + (["peak - start (MB)"] if extra else []), markdown=True,
+                       right=[True, False, True, True, True, True][:len(header) + extra]))
     base = {(r["frames"], r["method"]): r for r in rows}
     for frames in sorted({r["frames"] for r in rows}):
         full, ms = base.get((frames, "full")), base.get((frames, "aat_ms"))
@@ -133,9 +134,5 @@ def main(argv: list[str] | None = None) -> int:
             if extra:
                 ratio = ms["peak_over_start_mb"] / full["peak_over_start_mb"]
                 line += f" ({ratio:.2f}x counting only what training adds to the weights)"
-            print(line)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+            lines.append(line)
+    return "\n".join(lines)

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from aat_serve.adapters.benchmarks.model import QUICK
+from aat_serve.bench.fixtures import QUICK
 from aat_serve.cli.main import main as aat
 
 pytest.importorskip("transformers")
@@ -84,13 +84,13 @@ def test_kernel_bench_needs_cuda(capsys):
 
 def test_kernel_bench_baselines_compute_the_fused_op():
     """The unfused baselines of ``aat bench kernel`` compute the op the kernels compute."""
-    from aat_serve.adapters.benchmarks.kernel import _eager, _mlp_only, _widened
     from aat_serve.adapters.kernels import (
         AdapterPool,
         MlpWeights,
         mlp_adapter_reference,
         widened_weights,
     )
+    from aat_serve.bench.kernel import _eager, _mlp_only, _widened
 
     g = torch.Generator().manual_seed(0)
 
@@ -111,7 +111,7 @@ def test_kernel_bench_baselines_compute_the_fused_op():
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt")
 def test_keep_freed_memory_sets_glibc_thresholds():
-    code = ("from adapters.kernels.cpu import keep_freed_memory as k; import torch; "
+    code = ("from aat_serve.adapters.kernels.cpu import keep_freed_memory as k; import torch; "
             "print(k()); x = [torch.empty(4 << 20) for _ in range(3)]")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=120, check=True).stdout

@@ -16,7 +16,6 @@ Every implementation's output is compared with the fused one first. Reported: ms
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -25,10 +24,10 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
-from aat_serve.adapters.benchmarks.common import machine, table
 from aat_serve.adapters.errors import ConfigError
 from aat_serve.adapters.kernels.layout import AdapterPool, MlpWeights, segments
 from aat_serve.adapters.kernels.reference import widened_weights
+from aat_serve.bench.common import machine, table
 
 D, H, R = 768, 3072, 192
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -162,7 +161,3 @@ def format_report(report: dict[str, Any]) -> str:
     for k, v in report["errors"].items():
         lines.append(f"error {k}: {v}")
     return "\n".join(lines)
-
-
-def to_json(report: dict[str, Any]) -> str:
-    return json.dumps(report, indent=2)
