@@ -269,7 +269,7 @@ def run_model_bench(cfg: ModelBenchConfig) -> dict[str, Any]:
         for b in [*bundles, parity]:
             models[name].load_task(b)
     if "onnxruntime" in cfg.runtimes:
-        from aat_serve.adapters.onnx_runtime import OrtMultiTaskModel
+        from aat_serve.adapters.multitask import OrtMultiTaskModel
 
         models["ort"] = OrtMultiTaskModel(copy.deepcopy(backbone), max_tasks=8,
                                           fingerprint=fingerprint, bottleneck=cfg.bottleneck,

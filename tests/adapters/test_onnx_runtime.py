@@ -88,8 +88,7 @@ def _bundle(model: AudioClassifier, task: str):
 
 
 def test_ort_multitask_model_equals_torch_multitask_model():
-    from aat_serve.adapters.multitask import MultiTaskModel
-    from aat_serve.adapters.onnx_runtime import OrtMultiTaskModel
+    from aat_serve.adapters.multitask import MultiTaskModel, OrtMultiTaskModel
 
     bb = tiny_backbone()
     methods = ["aat_ms", "aat_m", "head", "joint", "prompt"]
@@ -107,12 +106,12 @@ def test_ort_multitask_model_equals_torch_multitask_model():
         assert o.shape == w.shape
         assert (o - w).abs().max().item() < 1e-4, name
     # A hot swap is picked up without rebuilding any session.
-    sessions = dict(ort_model.ort._sessions)
+    sessions = dict(ort_model.runner.ort._sessions)
     new = _bundle(_task(bb, "aat_ms", 2, seed=77), "t0")
     ref.load_task(new)
     ort_model.load_task(new)
     after = ort_model.classify(x[:2], ["t0", "t0"])
-    assert ort_model.ort._sessions == sessions
+    assert ort_model.runner.ort._sessions == sessions
     want_after = ref.classify(x[:2], ["t0", "t0"])
     for w, o in zip(want_after, after, strict=True):
         assert (o - w).abs().max().item() < 1e-4
