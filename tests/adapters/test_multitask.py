@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from aat_serve.adapters.bundle import TaskBundle
-from aat_serve.adapters.config import AdapterConfig, FeatureConfig
 from aat_serve.adapters.errors import (
     BackboneMismatchError,
     BundleError,
@@ -20,26 +19,17 @@ from aat_serve.adapters.errors import (
 )
 from aat_serve.adapters.model import AudioClassifier
 from aat_serve.adapters.multitask import MultiTaskModel
-from tests.helpers import tiny_backbone
+from tests.helpers import TINY_TASKS, random_bundle, tiny_backbone
 
 R = 8  # adapter bottleneck of the test bundles and slot width of the models
-FEATURES = FeatureConfig(num_mel_bins=32, target_length=64)
-# (name, method, classes): every bundle method, each with its own class count.
-TASKS = [("ms", "aat_ms", 3), ("m", "aat_m", 5), ("hd", "head", 4), ("pr", "prompt", 2),
-         ("jt", "joint", 6)]
+TASKS = TINY_TASKS
 ATOL = 1e-5  # fp32, same math in a different order
 
 
 def make_bundle(backbone, name: str, method: str, classes: int, seed: int) -> TaskBundle:
-    """A bundle with random non-zero task weights (fresh adapters are zero, i.e. identity)."""
-    torch.manual_seed(seed)
-    model = AudioClassifier(copy.deepcopy(backbone), method, classes,
-                            adapter_cfg=AdapterConfig(bottleneck=R, num_prompts=3))
-    with torch.no_grad():
-        for pname, p in model.named_parameters():
-            if pname.startswith(("head.", "prompts.")) or "adapter" in pname:
-                p.add_(torch.randn_like(p) * 0.3)
-    return TaskBundle.from_model(model, name, [f"{name}{i}" for i in range(classes)], FEATURES)
+    """A random bundle of width R with 3 prompts (fresh adapters are zero, i.e. identity)."""
+    return random_bundle(backbone, name, method, classes, seed=seed, bottleneck=R,
+                         num_prompts=3)
 
 
 @pytest.fixture(scope="module")
@@ -156,7 +146,7 @@ def test_task_management(base, bundles):
     info = model.tasks["ms"]
     assert (info.slot, info.method, info.num_classes) == (s0, "aat_ms", 3)
     assert info.version == bundles["ms"].manifest.version
-    assert model.task_manifest("hd").labels == ["hd0", "hd1", "hd2", "hd3"]
+    assert model.task_manifest("hd").labels == ["hd-0", "hd-1", "hd-2", "hd-3"]
     with pytest.raises(SlotsFullError, match=r"cannot load task 'm': all 2 task slots are in use"):
         model.load_task(bundles["m"])
     s2 = model.load_task(bundles["ms"])  # replacing a task needs no free task slot
