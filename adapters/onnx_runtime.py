@@ -14,8 +14,8 @@ Inputs of the graph, for a batch of B clips drawing on U distinct tasks::
 Output: ``pooled (B, D)``; heads (whose class counts differ) are applied by the caller. A task
 without a kind of adapter passes zeros for it (a zero adapter is the identity).
 
-``OrtMultiTaskModel`` is ``MultiTaskModel`` (same slots, hot swap and batching semantics) with
-the backbone pass running here instead of in torch (``AAT_RUNTIME=onnxruntime``).
+``aat_serve.adapters.runners.onnx.OnnxRunner`` runs a ``MultiTaskModel``'s groups here instead
+of in torch (``AAT_RUNTIME=onnxruntime``; ``MultiTaskModel(..., backend="onnxruntime")``).
 """
 
 from __future__ import annotations
@@ -35,7 +35,6 @@ from torch.nn import functional as F
 
 from aat_serve.adapters.backbone import AST, drop_prompts, insert_prompts
 from aat_serve.adapters.errors import ConfigError
-from aat_serve.adapters.multitask import MultiTaskModel
 from aat_serve.adapters.onnx_export import FixedLengthEmbed
 
 log = logging.getLogger(__name__)
@@ -202,78 +201,3 @@ class OrtBackbone:
         binding.bind_output("pooled")
         sess.run_with_iobinding(binding)
         return torch.from_numpy(binding.copy_outputs_to_cpu()[0])
-
-
-class OrtMultiTaskModel(MultiTaskModel):
-    """``MultiTaskModel`` whose backbone pass runs in ONNX Runtime (fp32).
-
-    Slots, hot swaps, grouping by prompt count and heads are the parent's; only ``_encode``
-    (features of one group -> pooled embeddings) is replaced. Each task's adapter weights are
-    gathered from the slot pools once per load (keyed by the load's generation) into the
-    graph's layout.
-    """
-
-    def __init__(self, backbone: AST, max_tasks: int = 64, fingerprint: str | None = None,
-                 bottleneck: int = 192, providers: list[str] | None = None,
-                 threads: int | None = None) -> None:
-        super().__init__(backbone, max_tasks=max_tasks, dtype=torch.float32, device="cpu",
-                         fingerprint=fingerprint, bottleneck=bottleneck, backend="segments")
-        self.ort = OrtBackbone(self.backbone, bottleneck=bottleneck, providers=providers,
-                               threads=threads)
-        self._arrays: dict[int, TaskArrays] = {}
-        self._arrays_lock = threading.Lock()
-
-    @property
-    def runtime(self) -> str:
-        return "onnxruntime"
-
-    @property
-    def provider(self) -> str:
-        return self.ort.provider
-
-    def _task_arrays(self, entry, pools) -> TaskArrays:
-        key = -1 if entry is None else entry.gen
-        with self._arrays_lock:
-            cached = self._arrays.get(key)
-            if cached is not None:
-                return cached
-            cfg, r = self.backbone.cfg, self.ort.bottleneck
-            if entry is None or entry.row < 0:
-                tensors: dict[str, torch.Tensor] = {}
-            else:
-                tensors = {}
-                for kind, on, layer_pools in (("mlp_adapter", entry.mlp, pools.mlp),
-                                              ("spatial_adapter", entry.spatial, pools.spatial)):
-                    if not on:
-                        continue
-                    for i, pool in enumerate(layer_pools):
-                        w_down, b_down, w_up, b_up = (t[entry.row].float().cpu()
-                                                      for t in pool.tensors())
-                        tensors[f"blocks.{i}.{kind}.fc1.weight"] = w_down.t()
-                        tensors[f"blocks.{i}.{kind}.fc1.bias"] = b_down
-                        tensors[f"blocks.{i}.{kind}.fc2.weight"] = w_up.t()
-                        tensors[f"blocks.{i}.{kind}.fc2.bias"] = b_up
-            if entry is not None and entry.prompts is not None:
-                tensors["prompts"] = entry.prompts
-            arrays = TaskArrays.from_tensors(tensors, cfg.depth, cfg.embed_dim, r)
-            live = {e.gen for e in self._live_entries()} | {-1}
-            for stale in [k for k in self._arrays if k not in live]:
-                del self._arrays[stale]
-            self._arrays[key] = arrays
-            return arrays
-
-    def _live_entries(self) -> list:
-        with self._lock:
-            return list(self._by_slot.values())
-
-    def _encode(self, x: torch.Tensor, g, pools) -> torch.Tensor:
-        index: dict[int, int] = {}
-        tasks: list[TaskArrays] = []
-        rows: list[int] = []
-        for e in g.entries:
-            key = -1 if e is None else e.gen
-            if key not in index:
-                index[key] = len(tasks)
-                tasks.append(self._task_arrays(e, pools))
-            rows.append(index[key])
-        return self.ort.pooled(x, tasks, rows).to(x.device)

@@ -3,12 +3,13 @@
 Requests are admitted into a bounded queue (``max_queue``; beyond it 503). The batcher takes the
 oldest clip, waits at most ``max_wait_ms`` after that clip arrived for others of the same
 feature shape, of any task, up to ``max_batch`` clips, orders them by task and runs them as one
-``MultiTaskModel.classify`` call on the worker thread.
+``ServingModel.classify`` call (``aat_serve.adapters.multitask``) on the worker thread.
 
 Model changes (load, replace, unload a task) travel through the same queue as clips and run on
 the same thread between batches. A clip queued before a change is computed before it, a clip
 queued after it is computed after it; no batch ever sees a half-applied change, and the version
-that computed each clip is known exactly.
+that computed each clip is known exactly. The resident tasks are the model's own record
+(``ServingModel.tasks``); the engine keeps no copy.
 
 A clip whose deadline has passed when its batch forms is answered 504 and not computed.
 """
@@ -27,23 +28,14 @@ from typing import Any
 
 import torch
 
-from aat_serve.adapters.bundle import Manifest, TaskBundle
+from aat_serve.adapters.bundle import TaskBundle
 from aat_serve.adapters.errors import UnknownTaskError
+from aat_serve.adapters.multitask import ServingModel
+from aat_serve.adapters.slots import TaskInfo
 from aat_serve.service.errors import ErrorType, ServiceError, not_ready, overloaded, timed_out
 from aat_serve.service.metrics import Metrics
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class TaskInfo:
-    """What the front end needs to know about a resident task."""
-
-    manifest: Manifest
-
-    @property
-    def version(self) -> str:
-        return self.manifest.version
 
 
 @dataclass
@@ -57,6 +49,10 @@ class Result:
     inference_s: float
     batch_size: int
     batch_tasks: int
+
+
+Outcome = tuple[torch.Tensor, TaskInfo] | BaseException | None
+"""A clip's outcome on the worker thread: (logits, the task that computed them) or an error."""
 
 
 @dataclass(eq=False)
@@ -105,23 +101,27 @@ class Admission:
 
 
 class Engine:
-    """Dynamic batching over a ``MultiTaskModel``; all methods are called on the event loop."""
+    """Dynamic batching over a ``ServingModel``; all methods are called on the event loop."""
 
-    def __init__(self, model: Any, metrics: Metrics, *, max_batch: int, max_wait_s: float,
+    def __init__(self, model: ServingModel, metrics: Metrics, *, max_batch: int, max_wait_s: float,
                  max_queue: int) -> None:
         self.model = model
         self.metrics = metrics
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
         self.max_queue = max_queue
-        self.tasks: dict[str, TaskInfo] = {}
-        """Resident tasks; replaced as a whole (never mutated) so readers see a snapshot."""
         self._pending: deque[Job | Control] = deque()
         self._wakeup = asyncio.Event()
         self._admitted = 0
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="aat-infer")
         self._task: asyncio.Task | None = None
         self._admissions: dict[Job, Admission] = {}
+
+    @property
+    def tasks(self) -> dict[str, TaskInfo]:
+        """The resident tasks (a snapshot of the model's). They change only on the worker
+        thread, between batches, so a batch and the changes queued around it agree."""
+        return self.model.tasks
 
     # -- lifecycle ------------------------------------------------------------------------
     def start(self) -> None:
@@ -189,19 +189,13 @@ class Engine:
 
     def _load(self, bundle: TaskBundle) -> None:
         self.model.load_task(bundle)
-        tasks = dict(self.tasks)
-        tasks[bundle.manifest.task] = TaskInfo(bundle.manifest)
-        self.tasks = tasks
-        self.metrics.tasks_resident.set(len(tasks))
+        self.metrics.tasks_resident.set(len(self.tasks))
 
     def _unload(self, task: str) -> bool:
         if task not in self.tasks:
             return False
         self.model.unload_task(task)
-        tasks = dict(self.tasks)
-        del tasks[task]
-        self.tasks = tasks
-        self.metrics.tasks_resident.set(len(tasks))
+        self.metrics.tasks_resident.set(len(self.tasks))
         return True
 
     # -- the batcher ----------------------------------------------------------------------
@@ -317,9 +311,9 @@ class Engine:
                 j.future.set_result(Result(logits, info, start - j.enqueued, elapsed,
                                            len(done), n_tasks))
 
-    def _forward(self, batch: list[Job]) -> list[Any]:
+    def _forward(self, batch: list[Job]) -> list[Outcome]:
         """On the worker thread: one classify call for every clip whose task is resident."""
-        out: list[Any] = [None] * len(batch)
+        out: list[Outcome] = [None] * len(batch)
         rows: list[int] = []
         tasks = self.tasks
         for i, j in enumerate(batch):

@@ -16,13 +16,15 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any
 
+from aat_serve.adapters.backbone import AST
 from aat_serve.adapters.bundle import Manifest, TaskBundle, content_version, read_manifest
 from aat_serve.adapters.errors import AATError, BundleError, SlotsFullError, UnknownTaskError
-from aat_serve.service.engine import Engine, TaskInfo
+from aat_serve.adapters.slots import TaskInfo
+from aat_serve.service.engine import Engine
 from aat_serve.service.metrics import Metrics
 from aat_serve.service.store import BundleStore, StoreEntry
+from aat_serve.service.tasks import TaskTable
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +39,9 @@ class PutResult:
 
 
 class Registry:
-    """Bundle store <-> resident tasks."""
+    """Bundle store <-> resident tasks; per-task state lives in ``tasks`` (``TaskTable``)."""
 
-    def __init__(self, engine: Engine, store: BundleStore | None, backbone: Any,
+    def __init__(self, engine: Engine, store: BundleStore | None, backbone: AST,
                  fingerprint: str, metrics: Metrics, *, lazy: bool, max_tasks: int) -> None:
         self.engine = engine
         self.store = store
@@ -48,12 +50,13 @@ class Registry:
         self.metrics = metrics
         self.lazy = lazy
         self.max_tasks = max_tasks
-        self.catalogue: dict[str, Manifest] = {}
-        """Every task the store holds (resident or not), by name."""
-        self._stamps: dict[str, tuple[int, int]] = {}
-        self._bad: dict[str, tuple[int, int]] = {}
-        self._no_slot: set[str] = set()
+        self.tasks = TaskTable(engine.model)
         self._lock = asyncio.Lock()
+
+    @property
+    def catalogue(self) -> dict[str, Manifest]:
+        """Every task the store holds (resident or not), by name."""
+        return self.tasks.catalogue
 
     # -- validation (no side effects; runs in a thread) -----------------------------------
     def validate(self, data: bytes, task: str) -> TaskBundle:
@@ -95,8 +98,9 @@ class Registry:
             if current is None and len(self.engine.tasks) >= self.max_tasks:
                 raise SlotsFullError(f"cannot add task {task!r}: all {self.max_tasks} task "
                                      "slots are in use (AAT_MAX_TASKS); delete a task first")
+            stored = self.tasks.record(task).stored
             previous = current.version if current is not None else (
-                self.catalogue[task].version if task in self.catalogue else None)
+                stored.version if stored is not None else None)
             new_entry = await asyncio.to_thread(self.store.put, task, version, data)
             try:
                 await self.engine.load(bundle)
@@ -105,9 +109,7 @@ class Registry:
                 self.metrics.bundle_loads.labels("upload", "failed").inc()
                 raise
             await asyncio.to_thread(self.store.drop_seed, task)
-            self.catalogue[task] = bundle.manifest
-            self._stamps[task] = new_entry.stamp
-            self._bad.pop(task, None)
+            self.tasks.loaded(task, new_entry.stamp, bundle.manifest)
         self.metrics.bundle_loads.labels("upload", "ok").inc()
         self.metrics.bundle_load_seconds.observe(time.monotonic() - started)
         log.info("task activated", extra={"task": task, "version": version,
@@ -130,17 +132,16 @@ class Registry:
             info = self.engine.tasks.get(task)
             if entry is None and info is None:
                 raise UnknownTaskError(f"unknown task {task!r}")
+            stored = self.tasks.record(task).stored
             if info is not None:
                 version = info.version
-            elif task in self.catalogue:
-                version = self.catalogue[task].version
+            elif stored is not None:
+                version = stored.version
             else:
                 version = entry.version or ""
             await asyncio.to_thread(self.store.delete, task)
             await self.engine.unload(task)
-            self.catalogue.pop(task, None)
-            self._stamps.pop(task, None)
-            self._bad.pop(task, None)
+            self.tasks.forget(task)
         log.info("task deleted", extra={"task": task, "version": version})
         return version
 
@@ -164,7 +165,7 @@ class Registry:
         info = self.engine.tasks.get(task)
         if info is not None:
             return info.manifest
-        return self.catalogue.get(task)
+        return self.tasks.record(task).stored
 
     # -- store synchronisation ------------------------------------------------------------
     async def refresh(self, only: str | None = None) -> None:
@@ -177,7 +178,7 @@ class Registry:
         async with self._lock:
             if only is None:
                 entries = await asyncio.to_thread(self.store.scan)
-                names = set(entries) | set(self.engine.tasks) | set(self.catalogue)
+                names = set(entries) | set(self.engine.tasks) | self.tasks.names()
             else:
                 e = await asyncio.to_thread(self.store.entry, only)
                 entries = {only: e} if e is not None else {}
@@ -193,32 +194,29 @@ class Registry:
         if task in self.engine.tasks:
             await self.engine.unload(task)
             log.info("task removed from the store; unloaded", extra={"task": task})
-        self.catalogue.pop(task, None)
-        self._stamps.pop(task, None)
-        self._no_slot.discard(task)
+        self.tasks.forget(task)
 
     async def _sync(self, entry: StoreEntry, *, load: bool) -> None:
         task = entry.task
         resident = self.engine.tasks.get(task)
-        if self._stamps.get(task) == entry.stamp and (resident is not None or not load):
+        record = self.tasks.record(task)
+        if record.stamp == entry.stamp and (resident is not None or not load):
             return
-        if self._bad.get(task) == entry.stamp:
+        if record.refused == entry.stamp:
             return  # already reported; wait for the file to change
         try:
             manifest = await asyncio.to_thread(read_manifest, entry.path)
             if manifest.task != task:
                 raise BundleError(f"the bundle is for task {manifest.task!r}, not {task!r}")
             if resident is not None and resident.version == manifest.version:
-                self._stamps[task] = entry.stamp
-                self.catalogue[task] = resident.manifest
+                self.tasks.synced(task, entry.stamp, resident.manifest)
                 return
-            self.catalogue[task] = manifest  # in the store, resident or not
+            self.tasks.stored(task, manifest)  # in the store, resident or not
             if resident is None and not load:
-                self._stamps[task] = entry.stamp
+                self.tasks.synced(task, entry.stamp, manifest)
                 return
             if resident is None and len(self.engine.tasks) >= self.max_tasks:
-                if task not in self._no_slot:  # say it once, not on every rescan
-                    self._no_slot.add(task)
+                if self.tasks.waiting(task):  # say it once, not on every rescan
                     log.warning("no free task slot for %s (AAT_MAX_TASKS=%d)", task,
                                 self.max_tasks, extra={"task": task})
                     self.metrics.bundle_loads.labels("store", "slots_full").inc()
@@ -227,17 +225,14 @@ class Registry:
             bundle = await asyncio.to_thread(self._read, entry)
             await self.engine.load(bundle)
         except AATError as e:
-            self._bad[task] = entry.stamp
+            self.tasks.refused(task, entry.stamp, str(e))
             self.metrics.bundle_loads.labels("store", "refused").inc()
             log.error("store bundle refused: %s", e, extra={"task": task,
                                                             "path": str(entry.path)})
             return
         self.metrics.bundle_loads.labels("store", "ok").inc()
         self.metrics.bundle_load_seconds.observe(time.monotonic() - started)
-        self.catalogue[task] = bundle.manifest
-        self._stamps[task] = entry.stamp
-        self._bad.pop(task, None)
-        self._no_slot.discard(task)
+        self.tasks.loaded(task, entry.stamp, bundle.manifest)
         log.info("task activated", extra={"task": task, "version": bundle.manifest.version,
                                           "previous_version": resident.version if resident
                                           else None, "source": "store"})

@@ -18,12 +18,13 @@ from typing import Any
 
 import torch
 
+from aat_serve.adapters.backbone import AST
 from aat_serve.adapters.checkpoints import LoadedCheckpoint, load_checkpoint
 from aat_serve.adapters.config import FeatureConfig
 from aat_serve.adapters.device import onnx_providers, resolve_device
 from aat_serve.adapters.errors import ConfigError
 from aat_serve.adapters.features import fbank, load_audio
-from aat_serve.adapters.multitask import MultiTaskModel
+from aat_serve.adapters.multitask import MultiTaskModel, ServingModel
 from aat_serve.service.engine import Engine
 from aat_serve.service.errors import overloaded
 from aat_serve.service.metrics import Metrics
@@ -79,25 +80,22 @@ def _featurise(audio: bytes, cfg: FeatureConfig) -> tuple[torch.Tensor, float]:
     return fbank(wave, cfg), wave.numel() / cfg.sample_rate
 
 
-def build_model(settings: Settings, backbone, device: torch.device, dtype: torch.dtype,
+def build_model(settings: Settings, backbone: AST, device: torch.device, dtype: torch.dtype,
                 fingerprint: str) -> MultiTaskModel:
-    """The multi-task model for the configured runtime (``AAT_RUNTIME``)."""
+    """The multi-task model for the configured runtime (``AAT_RUNTIME``): the ONNX Runtime
+    runner (fp32, CPU tensors; ``device`` picks its execution provider) or the torch default."""
     if settings.runtime == "onnxruntime":
-        from aat_serve.adapters.onnx_runtime import OrtMultiTaskModel
-
-        model = OrtMultiTaskModel(backbone, max_tasks=settings.max_tasks,
-                                  fingerprint=fingerprint, providers=onnx_providers(device))
-        log.info("runtime onnxruntime", extra={"provider": model.provider})
+        model = MultiTaskModel(backbone, max_tasks=settings.max_tasks, fingerprint=fingerprint,
+                               backend="onnxruntime", providers=onnx_providers(device))
+        log.info("runtime onnxruntime", extra={"provider": model.backend})
         return model
     return MultiTaskModel(backbone, max_tasks=settings.max_tasks, dtype=dtype, device=device,
                           fingerprint=fingerprint)
 
 
-def runtime_info(model: MultiTaskModel) -> tuple[str, str]:
+def runtime_info(model: ServingModel) -> tuple[str, str]:
     """(runtime, execution provider or backend) for /readyz and logs."""
-    if hasattr(model, "provider"):
-        return "onnxruntime", model.provider
-    return "torch", str(getattr(model, "backend", "torch"))
+    return model.runtime, model.backend
 
 
 class Service:

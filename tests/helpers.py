@@ -1,7 +1,9 @@
-"""Test helpers shared across packages: tiny backbones and external-tool checks."""
+"""Test helpers shared across packages: tiny backbones, random task bundles, tool checks."""
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import os
 import shutil
 
@@ -9,7 +11,16 @@ import pytest
 import torch
 
 from aat_serve.adapters.backbone import AST
-from aat_serve.adapters.config import BackboneConfig
+from aat_serve.adapters.bundle import TaskBundle
+from aat_serve.adapters.config import BackboneConfig, FeatureConfig
+from aat_serve.adapters.methods import get_method
+from aat_serve.adapters.model import AudioClassifier
+
+TINY_FEATURES = FeatureConfig(num_mel_bins=32, target_length=64)
+"""The features of ``tiny_config``'s backbone."""
+TINY_TASKS = [("ms", "aat_ms", 3), ("m", "aat_m", 5), ("hd", "head", 4), ("pr", "prompt", 2),
+              ("jt", "joint", 6)]
+"""(name, method, classes): every bundle method, each with its own class count."""
 
 
 def tiny_config(**overrides) -> BackboneConfig:
@@ -48,3 +59,29 @@ def perturb_task_weights(model: torch.nn.Module, seed: int, scale: float = 0.05)
             if p.requires_grad:
                 p.add_(scale * torch.randn(p.shape, generator=g))
     return model
+
+
+def random_task_model(backbone: AST, method: str, num_classes: int, *, seed: int,
+                      scale: float = 0.3, bottleneck: int | None = None,
+                      num_prompts: int | None = None) -> AudioClassifier:
+    """A single-task model on a copy of ``backbone`` whose task weights (head, adapters,
+    prompts) are their initial values plus N(0, scale^2) noise (``perturb_task_weights``).
+    ``bottleneck`` / ``num_prompts`` override the method's default adapter config."""
+    overrides = {k: v for k, v in (("bottleneck", bottleneck), ("num_prompts", num_prompts))
+                 if v is not None}
+    cfg = dataclasses.replace(get_method(method).adapters, **overrides)
+    model = AudioClassifier(copy.deepcopy(backbone), method, num_classes, adapter_cfg=cfg).eval()
+    return perturb_task_weights(model, seed, scale)
+
+
+def random_bundle(backbone: AST, task: str, method: str = "aat_ms", num_classes: int = 4, *,
+                  seed: int = 0, scale: float = 0.3, bottleneck: int | None = None,
+                  num_prompts: int | None = None, features: FeatureConfig | None = None,
+                  labels: list[str] | None = None, multi_label: bool = False) -> TaskBundle:
+    """The one maker of random task bundles for tests: ``random_task_model`` exported for
+    ``task`` (labels ``{task}-{i}`` unless given; ``TINY_FEATURES`` unless given)."""
+    model = random_task_model(backbone, method, num_classes, seed=seed, scale=scale,
+                              bottleneck=bottleneck, num_prompts=num_prompts)
+    labels = labels or [f"{task}-{i}" for i in range(num_classes)]
+    return TaskBundle.from_model(model, task, labels, features or TINY_FEATURES,
+                                 multi_label=multi_label)

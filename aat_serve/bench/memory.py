@@ -60,7 +60,7 @@ def measure(tasks: int, dtype: str, quick: bool, device: str, seed: int = 0) -> 
         "dtype": dtype, "tasks": tasks, "backbone_mb": sizes["backbone"] * MB,
         "pools_mb": sizes["pools"] * MB, "heads_mb": sizes["tasks"] * MB,
         "per_task_mb": (sizes["pools"] + sizes["tasks"]) / tasks * MB,
-        "pool_rows": model._pools.rows}
+        "pool_rows": model.slots.pools.rows}
     if cuda:
         row["growth_mb"] = (torch.cuda.memory_allocated(dev) - base) * MB
         row["peak_growth_mb"] = (torch.cuda.max_memory_allocated(dev) - base) * MB

@@ -243,11 +243,9 @@ def run_model_bench(cfg: ModelBenchConfig) -> dict[str, Any]:
         for b in [*bundles, parity]:
             models[name].load_task(b)
     if "onnxruntime" in cfg.runtimes:
-        from aat_serve.adapters.onnx_runtime import OrtMultiTaskModel
-
-        models["ort"] = OrtMultiTaskModel(copy.deepcopy(backbone), max_tasks=8,
-                                          fingerprint=fingerprint, bottleneck=cfg.bottleneck,
-                                          providers=onnx_providers(device))
+        models["ort"] = MultiTaskModel(copy.deepcopy(backbone), max_tasks=8, device="cpu",
+                                       fingerprint=fingerprint, bottleneck=cfg.bottleneck,
+                                       backend="onnxruntime", providers=onnx_providers(device))
         for b in [*bundles, parity]:
             models["ort"].load_task(b)
         for clip in cfg.clips:  # build each graph before timing (export is a one-off)

@@ -84,11 +84,11 @@ def run_model_case() -> dict[str, float]:
     import copy
 
     from aat_serve.adapters.multitask import MultiTaskModel
-    from tests.adapters.test_multitask import TASKS, make_bundle
-    from tests.helpers import tiny_backbone
+    from tests.helpers import TINY_TASKS, random_bundle, tiny_backbone
 
     base = tiny_backbone(seed=0)
-    bundles = {n: make_bundle(base, n, m, c, seed=i) for i, (n, m, c) in enumerate(TASKS)}
+    bundles = {n: random_bundle(base, n, m, c, seed=i, bottleneck=8, num_prompts=3)
+               for i, (n, m, c) in enumerate(TINY_TASKS)}
     model = MultiTaskModel(copy.deepcopy(base), bottleneck=8, backend="interpret")
     for b in bundles.values():
         model.load_task(b)

@@ -105,11 +105,11 @@ def test_multitask_model_on_cuda_matches_cpu(monkeypatch):
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # fp32 patch conv
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     from aat_serve.adapters.multitask import MultiTaskModel
-    from tests.adapters.test_multitask import TASKS, make_bundle
-    from tests.helpers import tiny_backbone
+    from tests.helpers import TINY_TASKS, random_bundle, tiny_backbone
 
     base = tiny_backbone(seed=0)
-    bundles = [make_bundle(base, n, m, c, seed=i) for i, (n, m, c) in enumerate(TASKS)]
+    bundles = [random_bundle(base, n, m, c, seed=i, bottleneck=8, num_prompts=3)
+               for i, (n, m, c) in enumerate(TINY_TASKS)]
     cpu = MultiTaskModel(copy.deepcopy(base), bottleneck=8)
     gpu = MultiTaskModel(copy.deepcopy(base), bottleneck=8, device="cuda")
     assert gpu.backend == "triton"

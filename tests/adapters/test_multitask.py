@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from aat_serve.adapters.bundle import TaskBundle
-from aat_serve.adapters.config import AdapterConfig, FeatureConfig
 from aat_serve.adapters.errors import (
     BackboneMismatchError,
     BundleError,
@@ -20,26 +19,17 @@ from aat_serve.adapters.errors import (
 )
 from aat_serve.adapters.model import AudioClassifier
 from aat_serve.adapters.multitask import MultiTaskModel
-from tests.helpers import tiny_backbone
+from tests.helpers import TINY_TASKS, random_bundle, tiny_backbone
 
 R = 8  # adapter bottleneck of the test bundles and slot width of the models
-FEATURES = FeatureConfig(num_mel_bins=32, target_length=64)
-# (name, method, classes): every bundle method, each with its own class count.
-TASKS = [("ms", "aat_ms", 3), ("m", "aat_m", 5), ("hd", "head", 4), ("pr", "prompt", 2),
-         ("jt", "joint", 6)]
+TASKS = TINY_TASKS
 ATOL = 1e-5  # fp32, same math in a different order
 
 
 def make_bundle(backbone, name: str, method: str, classes: int, seed: int) -> TaskBundle:
-    """A bundle with random non-zero task weights (fresh adapters are zero, i.e. identity)."""
-    torch.manual_seed(seed)
-    model = AudioClassifier(copy.deepcopy(backbone), method, classes,
-                            adapter_cfg=AdapterConfig(bottleneck=R, num_prompts=3))
-    with torch.no_grad():
-        for pname, p in model.named_parameters():
-            if pname.startswith(("head.", "prompts.")) or "adapter" in pname:
-                p.add_(torch.randn_like(p) * 0.3)
-    return TaskBundle.from_model(model, name, [f"{name}{i}" for i in range(classes)], FEATURES)
+    """A random bundle of width R with 3 prompts (fresh adapters are zero, i.e. identity)."""
+    return random_bundle(backbone, name, method, classes, seed=seed, bottleneck=R,
+                         num_prompts=3)
 
 
 @pytest.fixture(scope="module")
@@ -111,11 +101,11 @@ def test_single_task_batch_uses_the_widened_mlp(base, bundles, references):
     model = new_model(base, [bundles["ms"], bundles["m"]])
     x = torch.randn(4, 64, 32)
     out = model.classify(x, ["m"] * 4)
-    assert model._widened.gen == model._tasks["m"].gen  # the widened rows hold task m
+    assert model.runner.widened.gen == model.slots.entry("m").gen  # the widened rows hold task m
     with torch.no_grad():
         torch.testing.assert_close(torch.stack(out), references["m"](x), atol=ATOL, rtol=0)
     out = model.classify(x, ["ms"] * 4)
-    assert model._widened.gen == model._tasks["ms"].gen
+    assert model.runner.widened.gen == model.slots.entry("ms").gen
     with torch.no_grad():
         torch.testing.assert_close(torch.stack(out), references["ms"](x), atol=ATOL, rtol=0)
 
@@ -156,7 +146,7 @@ def test_task_management(base, bundles):
     info = model.tasks["ms"]
     assert (info.slot, info.method, info.num_classes) == (s0, "aat_ms", 3)
     assert info.version == bundles["ms"].manifest.version
-    assert model.task_manifest("hd").labels == ["hd0", "hd1", "hd2", "hd3"]
+    assert model.task_manifest("hd").labels == ["hd-0", "hd-1", "hd-2", "hd-3"]
     with pytest.raises(SlotsFullError, match=r"cannot load task 'm': all 2 task slots are in use"):
         model.load_task(bundles["m"])
     s2 = model.load_task(bundles["ms"])  # replacing a task needs no free task slot
@@ -198,13 +188,14 @@ def test_pools_grow_and_freed_rows_are_zeroed(base, bundles):
         b = make_bundle(base, f"t{i}", "aat_ms", 2, seed=40 + i)
         model.load_task(b)
         names.append(b)
-    per_row = model._pools.mlp[0].nbytes() // model._pools.rows
-    assert model._pools.rows == 8  # grown 1, 2, 4, 8
+    pools = model.slots.pools
+    per_row = pools.mlp[0].nbytes() // pools.rows
+    assert pools.rows == 8  # grown 1, 2, 4, 8
     assert model.memory_bytes()["pools"] == per_row * 8 * 2 * base.cfg.depth
-    row = model._tasks["t3"].row
-    assert model._pools.mlp[0].w_down[row].abs().sum() > 0
+    row = model.slots.entry("t3").row
+    assert pools.mlp[0].w_down[row].abs().sum() > 0
     model.unload_task("t3")
-    for pool in (*model._pools.mlp, *model._pools.spatial):
+    for pool in (*pools.mlp, *pools.spatial):
         assert all(t[row].abs().sum() == 0 for t in pool.tensors())
 
 
@@ -231,13 +222,13 @@ def test_hot_swap_waits_for_running_batches(base, bundles, monkeypatch):
     assert started.wait(10)
     old = model.tasks["t"].slot
     new = model.load_task(v2)  # does not wait for the running batch
-    assert new != old and old in model._retiring
+    assert new != old and old in model.slots.retiring_slots()
     monkeypatch.setattr(model, "_run", run)
     torch.testing.assert_close(torch.stack(model.classify(x, ["t", "t"])), e2, atol=ATOL, rtol=0)
     resume.set()
     worker.join(10)
     torch.testing.assert_close(torch.stack(result["out"]), e1, atol=ATOL, rtol=0)
-    assert old not in model._retiring and old in model._free_slots
+    assert old not in model.slots.retiring_slots() and old in model.slots.free_slots()
 
 
 def test_concurrent_hot_swaps_never_mix_versions(base, bundles):
@@ -285,13 +276,13 @@ def test_concurrent_hot_swaps_never_mix_versions(base, bundles):
         t.join(30)
     assert not errors, f"{len(errors)} outputs matched neither version: {errors[:3]}"
     assert min(seen) > 0  # both versions were served while swapping
-    assert len(model._free_slots) == model._capacity - 2  # no slot leaked
+    assert len(model.slots.free_slots()) == model.slots.capacity - 2  # no slot leaked
 
 
 def test_bf16_mode_tracks_fp32(base, bundles):
     fp32 = new_model(base, bundles.values())
     bf16 = new_model(base, bundles.values(), dtype=torch.bfloat16)
-    assert bf16._pools.mlp[0].w_down.dtype == torch.bfloat16
+    assert bf16.slots.pools.mlp[0].w_down.dtype == torch.bfloat16
     assert bf16.backbone.blocks[0].mlp.fc1.weight.dtype == torch.bfloat16
     assert bf16.backbone.blocks[0].norm2.weight.dtype == torch.float32  # fp32 residual stream
     torch.manual_seed(7)
@@ -309,15 +300,15 @@ def test_bf16_mode_tracks_fp32(base, bundles):
 
 def test_a_failed_load_releases_its_slot(base, bundles, monkeypatch):
     model = new_model(base, [bundles["m"]], max_tasks=2)
-    free = sorted(model._free_slots)
+    free = model.slots.free_slots()
 
     def broken(*args):
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(model, "_write_row", broken)
+    monkeypatch.setattr(model.slots, "_write_row", broken)
     with pytest.raises(RuntimeError, match="disk on fire"):
         model.load_task(bundles["ms"])
-    assert sorted(model._free_slots) == free and not model.has_task("ms")
+    assert model.slots.free_slots() == free and not model.has_task("ms")
     monkeypatch.undo()
     model.load_task(bundles["ms"])
     assert sorted(model.tasks) == ["m", "ms"]

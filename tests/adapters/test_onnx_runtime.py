@@ -7,17 +7,17 @@ import copy
 import pytest
 import torch
 
+from aat_serve.adapters.config import FeatureConfig
 from aat_serve.adapters.errors import ConfigError
 from aat_serve.adapters.model import AudioClassifier
 from aat_serve.adapters.onnx_runtime import OrtBackbone, TaskArrays
-from tests.helpers import perturb_task_weights, tiny_backbone
+from tests.helpers import random_bundle, random_task_model, tiny_backbone
 
 pytest.importorskip("onnxruntime")
 
 
 def _task(backbone, method: str, classes: int, seed: int) -> AudioClassifier:
-    model = AudioClassifier(copy.deepcopy(backbone), method, classes).eval()
-    return perturb_task_weights(model, seed)
+    return random_task_model(backbone, method, classes, seed=seed, scale=0.05)
 
 
 def _arrays(model: AudioClassifier) -> TaskArrays:
@@ -78,24 +78,20 @@ def test_prompt_and_plain_tasks_cannot_share_a_group(setup):
         ort.pooled(torch.randn(2, 48, 32), [_arrays(joint), _arrays(models[0])], [0, 1])
 
 
-def _bundle(model: AudioClassifier, task: str):
-    from aat_serve.adapters.bundle import TaskBundle
-    from aat_serve.adapters.config import FeatureConfig
-
-    labels = [f"{task}-{i}" for i in range(model.num_classes)]
-    return TaskBundle.from_model(model, task, labels, FeatureConfig(num_mel_bins=32,
-                                                                    target_length=48))
+def _bundle(backbone, task: str, method: str, classes: int, seed: int):
+    return random_bundle(backbone, task, method, classes, seed=seed, scale=0.05,
+                         features=FeatureConfig(num_mel_bins=32, target_length=48))
 
 
 def test_ort_multitask_model_equals_torch_multitask_model():
     from aat_serve.adapters.multitask import MultiTaskModel
-    from aat_serve.adapters.onnx_runtime import OrtMultiTaskModel
 
     bb = tiny_backbone()
     methods = ["aat_ms", "aat_m", "head", "joint", "prompt"]
-    bundles = [_bundle(_task(bb, m, 2 + i, seed=10 + i), f"t{i}") for i, m in enumerate(methods)]
+    bundles = [_bundle(bb, f"t{i}", m, 2 + i, seed=10 + i) for i, m in enumerate(methods)]
     ref = MultiTaskModel(copy.deepcopy(bb), max_tasks=8, bottleneck=192)
-    ort_model = OrtMultiTaskModel(copy.deepcopy(bb), max_tasks=8, bottleneck=192)
+    ort_model = MultiTaskModel(copy.deepcopy(bb), max_tasks=8, bottleneck=192,
+                               backend="onnxruntime")
     for b in bundles:
         ref.load_task(b)
         ort_model.load_task(b)
@@ -107,12 +103,12 @@ def test_ort_multitask_model_equals_torch_multitask_model():
         assert o.shape == w.shape
         assert (o - w).abs().max().item() < 1e-4, name
     # A hot swap is picked up without rebuilding any session.
-    sessions = dict(ort_model.ort._sessions)
-    new = _bundle(_task(bb, "aat_ms", 2, seed=77), "t0")
+    sessions = dict(ort_model.runner.ort._sessions)
+    new = _bundle(bb, "t0", "aat_ms", 2, seed=77)
     ref.load_task(new)
     ort_model.load_task(new)
     after = ort_model.classify(x[:2], ["t0", "t0"])
-    assert ort_model.ort._sessions == sessions
+    assert ort_model.runner.ort._sessions == sessions
     want_after = ref.classify(x[:2], ["t0", "t0"])
     for w, o in zip(want_after, after, strict=True):
         assert (o - w).abs().max().item() < 1e-4

@@ -16,9 +16,8 @@ from aat_serve.adapters.bundle import TaskBundle
 from aat_serve.adapters.checkpoints import LoadedCheckpoint, load_checkpoint
 from aat_serve.adapters.config import FeatureConfig
 from aat_serve.adapters.features import features_from_audio
-from aat_serve.adapters.model import AudioClassifier
 from tests.adapters.ckpt_factory import random_canonical, write_hf_dir
-from tests.helpers import tiny_config
+from tests.helpers import random_bundle, tiny_config
 
 ADMIN = "admin-token-0123456789abcdef"
 API = "api-token-0123456789abcdef"
@@ -34,16 +33,9 @@ def make_bundle(ckpt: LoadedCheckpoint, task: str, *, method: str = "aat_ms",
                 num_classes: int = 4, seed: int = 0, multi_label: bool = False,
                 labels: list[str] | None = None, features: FeatureConfig | None = None,
                 ) -> TaskBundle:
-    """A bundle with random (non-identity) task weights on ``ckpt``'s backbone."""
-    model = AudioClassifier(copy.deepcopy(ckpt.backbone), method, num_classes)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=g) * (0.5 if "head" in name else 0.3))
-    labels = labels or [f"{task}-{i}" for i in range(num_classes)]
-    return TaskBundle.from_model(model, task, labels, features or ckpt.features,
-                                 multi_label=multi_label)
+    """``tests.helpers.random_bundle`` on ``ckpt``'s backbone and features."""
+    return random_bundle(ckpt.backbone, task, method, num_classes, seed=seed, labels=labels,
+                         features=features or ckpt.features, multi_label=multi_label)
 
 
 def reference_scores(ckpt: LoadedCheckpoint, bundle: TaskBundle, audio: bytes) -> torch.Tensor:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import threading
+import time
 
 import pytest
 import torch
@@ -296,3 +297,21 @@ def test_a_stored_task_without_a_free_slot_is_507(make_app, store, bundles, prel
             "(AAT_MAX_TASKS)")
         assert {t["task"]: t["resident"] for t in c.get("/tasks").json()["tasks"]} == {
             first: True, other: False}
+
+
+def test_a_deleted_task_is_no_longer_waiting_for_a_slot(make_app, store, bundles):
+    """Deleting a task drops all its state: stored again while slots are still full, it is
+    reported as waiting for a slot again (it was not, while a stale flag survived deletion)."""
+    bundles["birds"].save(store / "birds.safetensors")
+    bundles["words"].save(store / "words.safetensors")
+    slots_full = 'aat_bundle_loads_total{outcome="slots_full",source="store"}'
+    with served(make_app(max_tasks=1, admin_token=ADMIN)) as c:
+        assert f"{slots_full} 1.0" in c.get("/metrics").text  # words waits for a slot
+        assert c.delete("/tasks/words", headers=ADMIN_H).status_code == 200
+        assert [t["task"] for t in c.get("/tasks").json()["tasks"]] == ["birds"]
+        time.sleep(0.5)  # rescans of a store without words change nothing
+        assert f"{slots_full} 1.0" in c.get("/metrics").text
+        bundles["words"].save(store / "words.safetensors")
+        wait_until(lambda: f"{slots_full} 2.0" in c.get("/metrics").text, 5)
+        r = _classify(c, "words", wav_bytes())
+        assert r.status_code == 507 and r.json()["error"]["type"] == "slots_full"

@@ -1,0 +1,94 @@
+"""TaskTable: the service's per-task state, one record per task, one owner.
+
+What is loaded (and its version and manifest) is the model's (``TaskSlots``, read through
+``ServingModel.tasks``); everything the service knows about a task beyond that lives in one
+``TaskRecord`` here: the manifest of the bundle the store holds, the store stamp last synced,
+whether that file was refused and why, and whether the task waits for a free slot. Forgetting
+a task drops its whole record, so no fact about a deleted task can outlive the others.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from aat_serve.adapters.bundle import Manifest
+from aat_serve.adapters.multitask import ServingModel
+from aat_serve.adapters.slots import TaskInfo
+
+Stamp = tuple[int, int]
+"""A store file's identity (``StoreEntry.stamp``)."""
+
+
+@dataclass(frozen=True)
+class TaskRecord:
+    """What the service knows about a task beyond its residency."""
+
+    stored: Manifest | None = None
+    """The manifest of the bundle the store holds (the catalogue), when read."""
+    stamp: Stamp | None = None
+    """The store file last synced (loaded, or catalogued without loading)."""
+    refused: Stamp | None = None
+    """The store file that was refused; not retried until the file changes."""
+    reason: str | None = None
+    """Why it was refused."""
+    waiting_for_slot: bool = False
+    """In the store, to be loaded, but all task slots are in use."""
+
+
+class TaskTable:
+    """Per-task records plus the model's resident tasks; read and written on the event loop."""
+
+    def __init__(self, model: ServingModel) -> None:
+        self._model = model
+        self._records: dict[str, TaskRecord] = {}
+
+    # -- queries ------------------------------------------------------------------------------
+    @property
+    def resident(self) -> dict[str, TaskInfo]:
+        """The loaded tasks, from the model (a snapshot)."""
+        return self._model.tasks
+
+    def record(self, task: str) -> TaskRecord:
+        """``task``'s record (an empty one for a task the service knows nothing about)."""
+        return self._records.get(task, TaskRecord())
+
+    @property
+    def catalogue(self) -> dict[str, Manifest]:
+        """Every task the store holds (resident or not), by name."""
+        return {t: r.stored for t, r in self._records.items() if r.stored is not None}
+
+    def names(self) -> set[str]:
+        return set(self._records)
+
+    # -- changes ------------------------------------------------------------------------------
+    def _update(self, task: str, **changes: object) -> None:
+        self._records[task] = dataclasses.replace(self.record(task), **changes)
+
+    def stored(self, task: str, manifest: Manifest) -> None:
+        """The store holds ``manifest`` for ``task``."""
+        self._update(task, stored=manifest)
+
+    def synced(self, task: str, stamp: Stamp, manifest: Manifest) -> None:
+        """The store file ``stamp`` holding ``manifest`` is catalogued (or already resident)."""
+        self._update(task, stored=manifest, stamp=stamp)
+
+    def loaded(self, task: str, stamp: Stamp, manifest: Manifest) -> None:
+        """The store file ``stamp`` holding ``manifest`` was loaded: it is in effect, and
+        neither refused nor waiting for a slot any more."""
+        self._update(task, stored=manifest, stamp=stamp, refused=None, reason=None,
+                     waiting_for_slot=False)
+
+    def refused(self, task: str, stamp: Stamp, reason: str) -> None:
+        self._update(task, refused=stamp, reason=reason)
+
+    def waiting(self, task: str) -> bool:
+        """Mark ``task`` as waiting for a slot; whether it was not already (say it once)."""
+        if self.record(task).waiting_for_slot:
+            return False
+        self._update(task, waiting_for_slot=True)
+        return True
+
+    def forget(self, task: str) -> None:
+        """Drop everything recorded about ``task`` (deleted, or gone from the store)."""
+        self._records.pop(task, None)
