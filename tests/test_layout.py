@@ -67,8 +67,10 @@ def imported_modules(name: str, path: Path) -> set[str]:
                 anchor = name.split(".")
                 anchor = anchor[: len(anchor) - node.level + (1 if is_package else 0)]
                 base = ".".join([*anchor, *([base] if base else [])])
-            out.add(base)
-            out.update(f"{base}.{a.name}" for a in node.names)
+            submodules = {f"{base}.{a.name}" for a in node.names} & MODULES.keys()
+            out.update(submodules)
+            if len(submodules) < len(node.names):  # names defined in ``base`` itself
+                out.add(base)
         for child in ast.iter_child_nodes(node):
             visit(child)
 
