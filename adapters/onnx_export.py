@@ -26,6 +26,7 @@ from torch.nn import functional as F
 
 from aat_serve.adapters.backbone import AST, Block, drop_prompts, insert_prompts
 from aat_serve.adapters.errors import ConfigError
+from aat_serve.adapters.kernels.layout import MlpWeights
 from aat_serve.adapters.model import AudioClassifier
 
 OPSET = 17
@@ -39,20 +40,17 @@ class _WidenedBlock(nn.Module):
         self.norm1, self.attn, self.norm2 = block.norm1, block.attn, block.norm2
         self.spatial_adapter = block.spatial_adapter
         fc1, fc2 = block.mlp.fc1, block.mlp.fc2
-        w1, b1, w2, b2 = fc1.weight, fc1.bias, fc2.weight, fc2.bias
+        mlp = MlpWeights(fc1.weight, fc1.bias, fc2.weight, fc2.bias)
         if block.mlp_adapter is not None:
             a = block.mlp_adapter
-            w1 = torch.cat([w1, a.fc1.weight], dim=0)
-            b1 = torch.cat([b1, a.fc1.bias], dim=0)
-            w2 = torch.cat([w2, a.fc2.weight], dim=1)
-            b2 = b2 + a.fc2.bias
-        self.fc1 = nn.Linear(w1.shape[1], w1.shape[0])
-        self.fc2 = nn.Linear(w2.shape[1], w2.shape[0])
+            mlp = mlp.widened(a.fc1.weight, a.fc1.bias, a.fc2.weight, a.fc2.bias)
+        self.fc1 = nn.Linear(mlp.w1.shape[1], mlp.w1.shape[0])
+        self.fc2 = nn.Linear(mlp.w2.shape[1], mlp.w2.shape[0])
         with torch.no_grad():
-            self.fc1.weight.copy_(w1)
-            self.fc1.bias.copy_(b1)
-            self.fc2.weight.copy_(w2)
-            self.fc2.bias.copy_(b2)
+            self.fc1.weight.copy_(mlp.w1)
+            self.fc1.bias.copy_(mlp.b1)
+            self.fc2.weight.copy_(mlp.w2)
+            self.fc2.bias.copy_(mlp.b2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a = self.attn(self.norm1(x))

@@ -1,4 +1,5 @@
-"""``aat export onnx``: one task as a standalone ONNX model (features in, logits out)."""
+"""``aat export onnx|hf``: one task as a standalone ONNX model (features in, logits out), or
+as a stock Hugging Face ``ASTForAudioClassification`` directory (``head`` and ``aat_m`` tasks)."""
 
 from __future__ import annotations
 
@@ -51,6 +52,30 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_hf(args: argparse.Namespace) -> int:
+    import torch
+
+    from aat_serve.adapters.checkpoints import load_checkpoint
+    from aat_serve.adapters.hf_export import task_as_hf, write_hf_directory
+
+    ckpt = load_checkpoint(args.checkpoint)
+    bundle = TaskBundle.load(args.bundle) if args.bundle else head_bundle(ckpt, task=args.task)
+    dtype = {"float32": torch.float32, "float16": torch.float16}[args.dtype]
+    hf = task_as_hf(ckpt.backbone, bundle, dtype=dtype)
+    out = write_hf_directory(hf, args.out)
+    m = bundle.manifest
+    info = {"out": str(out), "task": m.task, "method": m.method, "classes": len(m.labels),
+            "intermediate_size": hf.config["intermediate_size"], "dtype": args.dtype,
+            "bytes": sum(f.stat().st_size for f in out.iterdir())}
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        print(f"wrote {out}: task {m.task!r} ({m.method}) as ASTForAudioClassification, "
+              f"{info['classes']} labels, intermediate_size {info['intermediate_size']}, "
+              f"{args.dtype}; load it with transformers' from_pretrained")
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="export a task to another runtime",
                        description="Export a task to another runtime.")
@@ -72,3 +97,19 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="'dynamic' (default) or a fixed batch size")
     o.add_argument("--json", action="store_true", help="print JSON")
     o.set_defaults(func=run)
+    h = ssub.add_parser(
+        "hf", help="a stock Hugging Face ASTForAudioClassification directory (head, aat_m)",
+        description="Export backbone + task bundle as a Hugging Face AST directory "
+                    "(config.json, model.safetensors, preprocessor_config.json) that "
+                    "transformers loads with no custom code. Exact for 'head' and 'aat_m' "
+                    "tasks: the MLP adapter becomes r more hidden units of each block's MLP "
+                    "(intermediate_size = 3072 + r for ViT-B). Other methods are refused with "
+                    "the reason.")
+    h.add_argument("--checkpoint", required=True, help="backbone checkpoint (file or directory)")
+    h.add_argument("--bundle", help="task bundle (.safetensors); default: the checkpoint's head")
+    h.add_argument("--task", default="checkpoint-head",
+                   help="task name when exporting the checkpoint's own head")
+    h.add_argument("--out", required=True, help="output directory (replaced if it exists)")
+    h.add_argument("--dtype", choices=("float32", "float16"), default="float32")
+    h.add_argument("--json", action="store_true", help="print JSON")
+    h.set_defaults(func=run_hf)

@@ -32,6 +32,15 @@ class MlpWeights:
     def hidden(self) -> int:
         return self.w1.shape[0]
 
+    def widened(self, down_w: torch.Tensor, down_b: torch.Tensor, up_w: torch.Tensor,
+                up_b: torch.Tensor) -> MlpWeights:
+        """This MLP plus one adapter in parallel (``nn.Linear`` layouts: ``down_w (R, D)``,
+        ``up_w (D, R)``) as one wider MLP of hidden width ``H + R``: the adapter reads the same
+        input and uses the same GELU, so ``fc1`` gains its rows, ``fc2`` its columns and ``b2``
+        its output bias."""
+        return MlpWeights(torch.cat([self.w1, down_w], dim=0), torch.cat([self.b1, down_b]),
+                          torch.cat([self.w2, up_w], dim=1), self.b2 + up_b)
+
 
 @dataclass(frozen=True)
 class AdapterPool:
