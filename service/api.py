@@ -224,10 +224,16 @@ async def readyz(svc: ServiceDep) -> Readiness:
                      dtype=svc.settings.dtype, runtime=runtime, provider=provider)
 
 
-@router.get("/metrics", tags=["operations"], response_class=Response,
-            responses={200: {"content": {CONTENT_TYPE_LATEST: {}},
-                             "description": "Prometheus text format."}},
-            summary="Prometheus metrics")
-async def metrics(svc: ServiceDep) -> Response:
-    """Counters and histograms, prefix ``aat_`` (bind privately; no auth)."""
-    return Response(svc.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+@router.api_route("/metrics", methods=["GET", "HEAD"], tags=["operations"],
+                  response_class=Response,
+                  responses={200: {"content": {CONTENT_TYPE_LATEST: {}},
+                                   "description": "Prometheus text format."}},
+                  summary="Prometheus metrics")
+async def metrics(request: Request, svc: ServiceDep) -> Response:
+    """Ours (prefix ``aat_``) and the standard process and Python series (``process_*``,
+    ``python_*``); bind privately, no auth. ``HEAD`` answers the headers alone."""
+    body = svc.metrics.render()
+    if request.method == "HEAD":
+        return Response(media_type=CONTENT_TYPE_LATEST,
+                        headers={"Content-Length": str(len(body))})
+    return Response(body, media_type=CONTENT_TYPE_LATEST)

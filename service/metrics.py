@@ -6,7 +6,16 @@ Labels are bounded: ``task`` is a task the server knows (anything else is report
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 
 UNKNOWN_TASK = "_unknown"
 
@@ -20,6 +29,11 @@ class Metrics:
 
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
+        # The standard series every Prometheus user expects (process_cpu_seconds_total,
+        # process_resident_memory_bytes, python_gc_*, python_info): the library's own
+        # collectors, shared by every app in the process since they describe the process.
+        for standard in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+            r.register(standard)
         self.requests = Counter("aat_requests_total", "Classification requests by task and "
                                 "outcome (ok or the error type).", ["task", "outcome"], registry=r)
         self.request_seconds = Histogram("aat_request_seconds", "Classification request time "

@@ -369,3 +369,21 @@ def test_no_configuration_serves_the_embedded_demo(monkeypatch, ckpt_dir, bundle
     with served(create_app(load_settings())) as c:
         assert [t["task"] for t in c.get("/tasks").json()["tasks"]] == ["words"]
     assert sorted(p.name for p in tasks.iterdir()) == ["tags.safetensors"]  # left untouched
+
+
+def test_metrics_carry_the_standard_process_series_and_answer_head(client):
+    import re
+
+    text = client.get("/metrics").text
+    rss = re.search(r"^process_resident_memory_bytes (\S+)$", text, re.M)
+    assert rss is not None and float(rss.group(1)) > 10 * 2**20  # a live process, in bytes
+    cpu = re.search(r"^process_cpu_seconds_total (\S+)$", text, re.M)
+    assert cpu is not None and float(cpu.group(1)) > 0
+    assert re.search(r'^python_info\{.*version="\d+\.\d+\.\d+"', text, re.M)
+    assert "python_gc_collections_total" in text
+    head = client.head("/metrics")
+    assert head.status_code == 200 and head.content == b""
+    assert head.headers["content-type"].startswith("text/plain")
+    assert int(head.headers["content-length"]) > 0  # what GET would send
+    # The differs check: a route that does not take HEAD still refuses it.
+    assert client.head("/tasks").status_code == 405
