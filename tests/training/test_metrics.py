@@ -135,3 +135,37 @@ def test_bce_masked_entries_carry_no_loss_and_no_gradient():
         compute_loss("ce", logits, target, mask)
     with pytest.raises(ConfigError, match="unknown loss 'mse'"):
         compute_loss("mse", logits, target)
+
+
+# ---- against scikit-learn and scipy (the reference implementations AST's own code calls) ----
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("tied", [False, True])
+def test_ap_auc_and_d_prime_equal_scikit_learn_and_scipy(seed, tied):
+    """Random scores, and scores rounded to a few levels so most of them tie: per class, our
+    AP and ROC-AUC equal sklearn's, and d' equals sqrt(2) * scipy's norm.ppf(mAUC)."""
+    skm = pytest.importorskip("sklearn.metrics")
+    stats = pytest.importorskip("scipy.stats")
+    rng = np.random.default_rng(seed)
+    n, c = 60 + 17 * seed, 7
+    scores = rng.random((n, c))
+    if tied:
+        scores = np.round(scores * 3) / 3  # four levels: ties everywhere
+    targets = (rng.random((n, c)) < 0.3).astype(np.float64)
+    targets[:, 0] = 0  # a class with no positive: undefined AP and AUC (NaN), left out of means
+    targets[0, 0] = 1 if seed % 2 else 0
+    ours_ap = per_class(average_precision, scores, targets)
+    ours_auc = per_class(roc_auc, scores, targets)
+    for k in range(c):
+        y = targets[:, k]
+        if 0 < y.sum() < n:
+            assert ours_ap[k] == pytest.approx(skm.average_precision_score(y, scores[:, k]),
+                                               abs=1e-12)
+            assert ours_auc[k] == pytest.approx(skm.roc_auc_score(y, scores[:, k]), abs=1e-12)
+        else:
+            assert math.isnan(ours_auc[k])
+    m = compute_metrics(scores, targets)
+    assert m["d_prime"] == pytest.approx(math.sqrt(2) * stats.norm.ppf(m["mAUC"]), abs=1e-9)
+    # The differs check: sklearn is sensitive to what we compare (flipped scores differ).
+    k = 1
+    assert abs(skm.roc_auc_score(targets[:, k], -scores[:, k]) - ours_auc[k]) > 1e-6
