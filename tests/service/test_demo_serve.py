@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -119,3 +120,19 @@ def test_held_out_note_plays_an_instrument(server, heldout, tmp_path):
                    check=True, timeout=30)
     preds = _classify(server, "instruments", out.read_bytes())
     assert preds[0]["label"] == "guitar", preds
+
+
+def test_the_readme_python_client_example(server, tmp_path):
+    """The README's Python block, run as written (against this server's port, in a folder
+    holding the seven.wav its comment makes)."""
+    require_tool("espeak-ng")
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    (block,) = re.findall(r"```python\n(.*?)```", readme, re.S)
+    assert "Client(\"http://127.0.0.1:8000\")" in block
+    subprocess.run(["espeak-ng", "-v", "en-us", "-w", str(tmp_path / "seven.wav"), "seven"],
+                   check=True, timeout=30)
+    run = subprocess.run([sys.executable, "-c", block.replace("http://127.0.0.1:8000", server)],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    label, score = run.stdout.split()
+    assert label == "seven" and 0.5 < float(score) <= 1.0
