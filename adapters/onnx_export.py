@@ -1,7 +1,11 @@
 """Export one task (backbone + bundle, or a checkpoint's own head) as a standalone ONNX model.
 
 The exported graph takes normalised log-mel features ``(batch, frames, mel)`` at the task's
-target length and returns ``logits (batch, classes)``. Two things are folded at export time:
+target length (the default: the fastest, for callers that compute features themselves), or
+with ``waveform=`` raw samples ``(batch, samples)`` with the Kaldi front end in the graph
+(``fbank.KaldiFbank``: no client re-implements the fbank or the normalisation), and returns
+``logits (batch, classes)``. The metadata key ``aat.input`` says which. Two things are folded
+at export time:
 
 * the positional embedding is resampled once for the task's grid and stored as a constant;
 * the MLP adapter reads the same LN2 output and GELU as the MLP, so ``MLP(h) + A_m(h)`` is one
@@ -17,6 +21,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,7 +30,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from aat_serve.adapters.backbone import AST, Block, drop_prompts, insert_prompts
+from aat_serve.adapters.config import FeatureConfig
 from aat_serve.adapters.errors import ConfigError
+from aat_serve.adapters.fbank import KaldiFbank
 from aat_serve.adapters.kernels.layout import MlpWeights
 from aat_serve.adapters.model import AudioClassifier
 
@@ -104,11 +111,32 @@ class ExportableClassifier(nn.Module):
         return self.head(self.backbone.pool(h))
 
 
+class WaveformClassifier(nn.Module):
+    """Raw samples in: the Kaldi front end (``fbank.KaldiFbank``, float32, DFT as a matrix
+    product) in front of an ``ExportableClassifier`` of any dtype."""
+
+    def __init__(self, classifier: nn.Module, features: FeatureConfig, dtype: torch.dtype
+                 ) -> None:
+        super().__init__()
+        self.fbank = KaldiFbank(features, dft="matmul")
+        self.classifier, self.dtype = classifier, dtype
+
+    def forward(self, waveform: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.fbank(waveform.float()).to(self.dtype))
+
+
 def export_onnx(model: AudioClassifier, out: str | os.PathLike, *, num_frames: int,
                 metadata: dict[str, Any] | None = None,
                 dtype: Literal["float32", "float16"] = "float32",
-                batch: int | Literal["dynamic"] = "dynamic") -> Path:
-    """Write ``model`` as ONNX to ``out``; returns the path. ``metadata`` values become JSON."""
+                batch: int | Literal["dynamic"] = "dynamic",
+                waveform: FeatureConfig | None = None) -> Path:
+    """Write ``model`` as ONNX to ``out``; returns the path. ``metadata`` values become JSON.
+
+    By default the graph takes normalised log-mel ``features (batch, num_frames, mel)``. With
+    ``waveform`` (the task's feature settings) it takes ``waveform (batch, samples)``: mono
+    float samples in [-1, 1] at ``waveform.sample_rate``, any number of samples, one length
+    per batch, and computes the features in the graph.
+    """
     if dtype not in ("float32", "float16"):
         raise ConfigError(f"ONNX export dtype must be float32 or float16, got {dtype!r}")
     if batch != "dynamic" and (not isinstance(batch, int) or batch <= 0):
@@ -117,15 +145,25 @@ def export_onnx(model: AudioClassifier, out: str | os.PathLike, *, num_frames: i
     module = ExportableClassifier(copy.deepcopy(model), num_frames).eval()
     tdtype = torch.float32 if dtype == "float32" else torch.float16
     module = module.to(tdtype)
-    example = torch.zeros(1 if batch == "dynamic" else batch, num_frames,
-                          model.backbone.cfg.num_mel_bins, dtype=tdtype)
+    n = 1 if batch == "dynamic" else batch
+    if waveform is None:
+        name, example = "features", torch.zeros(n, num_frames, model.backbone.cfg.num_mel_bins,
+                                                dtype=tdtype)
+        axes = {0: "batch"}
+    else:
+        module = WaveformClassifier(module, waveform, tdtype).eval()
+        name, example = "waveform", torch.zeros(n, waveform.sample_rate)
+        axes = {0: "batch", 1: "samples"}
+    if batch != "dynamic":
+        axes = {k: v for k, v in axes.items() if k != 0}
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    dynamic = {"features": {0: "batch"}, "logits": {0: "batch"}} if batch == "dynamic" else None
-    with torch.no_grad():
+    dynamic = {name: axes, **({"logits": {0: "batch"}} if batch == "dynamic" else {})}
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
         torch.onnx.export(module, (example,), str(out), dynamo=False, opset_version=OPSET,
-                          input_names=["features"], output_names=["logits"],
-                          dynamic_axes=dynamic, do_constant_folding=True)
+                          input_names=[name], output_names=["logits"],
+                          dynamic_axes=dynamic or None, do_constant_folding=True)
     if metadata:
         import onnx
 

@@ -34,21 +34,25 @@ def run(args: argparse.Namespace) -> int:
     model = bundle.build_model(ckpt.backbone).eval()
     m = bundle.manifest
     features = m.feature_config
-    metadata = {"aat.task": m.task, "aat.method": m.method, "aat.labels": m.labels,
+    metadata = {"aat.input": args.input, "aat.task": m.task, "aat.method": m.method,
+                "aat.labels": m.labels,
                 "aat.multi_label": m.multi_label, "aat.features": features.to_dict(),
                 "aat.backbone_fingerprint": m.backbone_fingerprint, "aat.version": m.version}
     out = export_onnx(model, args.out, num_frames=features.target_length, metadata=metadata,
-                      dtype=args.dtype, batch=args.batch)
+                      dtype=args.dtype, batch=args.batch,
+                      waveform=features if args.input == "waveform" else None)
+    batch = "batch" if args.batch == "dynamic" else args.batch
+    shape = ([batch, "samples"] if args.input == "waveform"
+             else [batch, features.target_length, features.num_mel_bins])
     info = {"out": str(out), "task": m.task, "method": m.method, "classes": len(m.labels),
-            "input": ["batch" if args.batch == "dynamic" else args.batch,
-                      features.target_length, features.num_mel_bins],
+            "input_name": args.input, "input": shape,
             "opset": OPSET, "dtype": args.dtype, "bytes": out.stat().st_size}
     if args.json:
         print(json.dumps(info, indent=2))
     else:
         print(f"wrote {out} ({info['bytes'] / 1e6:.1f} MB): task {m.task!r} ({m.method}), "
-              f"features {tuple(info['input'])} -> logits ({info['classes']}), opset {OPSET}, "
-              f"{args.dtype}")
+              f"{args.input} {tuple(info['input'])} -> logits ({info['classes']}), "
+              f"opset {OPSET}, {args.dtype}")
     return 0
 
 
@@ -84,14 +88,19 @@ def register(sub: argparse._SubParsersAction) -> None:
         "onnx", help="a standalone ONNX model: normalised log-mel features in, logits out",
         description="Export backbone + task bundle (or the checkpoint's own head) as one ONNX "
                     "model. Input 'features' (batch, frames, mel) normalised as the task's "
-                    "feature settings say; output 'logits' (batch, classes). The MLP adapter is "
-                    "folded into a widened MLP; labels and feature settings are stored in the "
-                    "model metadata (keys aat.*). Opset 17.")
+                    "feature settings say, or with --input waveform 'waveform' (batch, "
+                    "samples) at the task's sample rate; output 'logits' (batch, classes). "
+                    "The MLP adapter is folded into a widened MLP; labels and feature "
+                    "settings are stored in the model metadata (keys aat.*). Opset 17.")
     o.add_argument("--checkpoint", required=True, help="backbone checkpoint (file or directory)")
     o.add_argument("--bundle", help="task bundle (.safetensors); default: the checkpoint's head")
     o.add_argument("--task", default="checkpoint-head",
                    help="task name when exporting the checkpoint's own head")
     o.add_argument("--out", required=True, help="output .onnx file")
+    o.add_argument("--input", choices=("features", "waveform"), default="features",
+                   help="'features' (default, fastest): normalised log-mel in; 'waveform': "
+                        "mono float samples at the task's sample rate in, the Kaldi fbank and "
+                        "normalisation inside the graph")
     o.add_argument("--dtype", choices=("float32", "float16"), default="float32")
     o.add_argument("--batch", type=_batch, default="dynamic",
                    help="'dynamic' (default) or a fixed batch size")
