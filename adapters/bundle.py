@@ -9,7 +9,9 @@ Layout::
     __metadata__  format = "aat-bundle/1", manifest = JSON (see ``Manifest``)
 
 No pickle, no code, no paths: loading parses the safetensors header itself, checks the
-manifest schema, every tensor name, shape and dtype, and that every value is finite.
+manifest schema, every manifest field against sane bounds (``bundle_checks``), every tensor
+name, shape and dtype, and that every value is finite and bounded. ``check_backbone`` adds
+the checks that need the backbone the bundle runs on.
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import re
 import struct
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -29,12 +30,15 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from aat_serve.adapters import bundle_checks
 from aat_serve.adapters.backbone import AST
+from aat_serve.adapters.bundle_checks import FORMAT, TASK_NAME_RE
 from aat_serve.adapters.config import AdapterConfig, BackboneConfig, FeatureConfig
 from aat_serve.adapters.errors import (
     AATError,
     BackboneMismatchError,
     BundleError,
+    BundleFieldError,
     CheckpointError,
     ConfigError,
 )
@@ -45,8 +49,6 @@ from aat_serve.adapters.model import AudioClassifier
 if TYPE_CHECKING:  # only annotated: a bundle file never needs the checkpoint loader
     from aat_serve.adapters.checkpoints import LoadedCheckpoint
 
-FORMAT = "aat-bundle/1"
-TASK_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 _MAX_HEADER = 16 * 1024 * 1024
 AUDIOSET_CLASSES = 527
@@ -131,8 +133,13 @@ class Manifest:
         if not labels or not all(isinstance(x, str) for x in labels):
             raise BundleError("bundle manifest field 'labels' must be a non-empty list of strings")
         known = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {k: v for k, v in data.items() if k in known}
-        m = cls(**kwargs)
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise BundleFieldError(unknown[0], data[unknown[0]], ", ".join(sorted(known)),
+                                   message=f"bundle manifest field {unknown[0]!r} is not a "
+                                           f"known field; allowed: {', '.join(sorted(known))}")
+        m = cls(**data)
+        bundle_checks.check_manifest(m)  # every field against sane bounds
         try:  # the nested configs must parse too
             m.feature_config, m.backbone_config, m.adapter_config  # noqa: B018
         except (TypeError, ValueError) as e:  # ConfigError is a ValueError
@@ -269,7 +276,10 @@ class TaskBundle:
         tensors = {k: v.detach().to("cpu", torch.float32).contiguous()
                    for k, v in model.task_state_dict().items()}
         manifest.version = content_version(tensors, manifest)
-        return cls(manifest, tensors)
+        bundle = cls(manifest, tensors)
+        bundle.validate()  # the trainer cannot write a bundle that an upload would refuse
+        bundle_checks.check_against_backbone(manifest, model.backbone.cfg)
+        return bundle
 
     # -- bytes and files ------------------------------------------------------------------
     def to_bytes(self) -> bytes:
@@ -313,11 +323,11 @@ class TaskBundle:
 
     # -- validation -----------------------------------------------------------------------
     def validate(self) -> None:
-        """Names, shapes and finiteness against the manifest's own backbone config."""
+        """Every manifest field (``bundle_checks``), then tensor names and shapes against the
+        manifest's own backbone config, then every value finite and bounded."""
         m = self.manifest
-        if get_method(m.method).adapters.num_prompts and m.adapter_config.num_prompts < 1:
-            raise BundleError(f"bundle for method {m.method!r} needs adapter.num_prompts >= 1, "
-                              f"got {m.adapter_config.num_prompts}")
+        bundle_checks.check_manifest(m)
+        bundle_checks.check_labels_fit_head(m.labels, self.tensors)
         expected = expected_tensor_shapes(m.method, m.adapter_config, m.backbone_config,
                                           m.num_classes)
         missing = sorted(set(expected) - set(self.tensors))
@@ -335,11 +345,18 @@ class TaskBundle:
                                   f"expected {shape}")
             if t.dtype not in _DTYPES.values():
                 raise BundleError(f"bundle tensor {name!r} has dtype {t.dtype}")
-            if not torch.isfinite(t).all():
-                raise BundleError(f"bundle tensor {name!r} has non-finite values")
+        bundle_checks.check_tensors(self.tensors)
+
+    def check_version(self) -> None:
+        """Raise ``BundleError`` unless the manifest's version is the content hash."""
+        actual = content_version(self.tensors, self.manifest)
+        if self.manifest.version != actual:
+            raise BundleError(f"the bundle's version {self.manifest.version!r} does not match "
+                              f"its content hash {actual!r}")
 
     def check_backbone(self, backbone: AST, fingerprint: str | None = None) -> None:
-        """Raise ``BackboneMismatchError`` unless the bundle was trained on this backbone."""
+        """Raise ``BackboneMismatchError`` unless the bundle was trained on this backbone, and
+        ``BundleFieldError`` unless its manifest fits it (geometry, mel bins, clip length)."""
         fp = fingerprint if fingerprint is not None else backbone.fingerprint()
         if self.manifest.backbone_fingerprint != fp:
             raise BackboneMismatchError(
@@ -358,6 +375,7 @@ class TaskBundle:
                 raise BackboneMismatchError(
                     f"bundle tensor {name!r} has shape {tuple(self.tensors[name].shape)}, "
                     f"this backbone needs {shape}")
+        bundle_checks.check_against_backbone(self.manifest, backbone.cfg)
 
     # -- use ------------------------------------------------------------------------------
     def build_model(self, backbone: AST, fingerprint: str | None = None) -> AudioClassifier:

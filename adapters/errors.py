@@ -35,6 +35,33 @@ class BundleError(AATError, ValueError):
     """A task bundle is malformed: wrong format, manifest, tensor names, shapes or values."""
 
 
+def show_value(value: object, limit: int = 60) -> str:
+    """``value`` for an error message: ``repr``, with long text cut and its length said."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    size = f" ({len(value)} characters)" if isinstance(value, str) else ""
+    return f"{text[:limit]}...{size}"
+
+
+class BundleFieldError(BundleError):
+    """One field of a bundle (a manifest value, or a tensor's values) is out of its range.
+
+    ``field`` is the field's dotted path (``features.target_length``, ``labels[3]``,
+    ``tensors.head.fc.weight``), ``value`` what the bundle holds there and ``allowed`` what
+    would be accepted; the message names all three. A subclass of ``BundleError``, so the
+    service answers it as any invalid bundle (422 ``invalid_bundle``).
+    """
+
+    def __init__(self, field: str, value: object, allowed: str, message: str | None = None,
+                 ) -> None:
+        self.field = field
+        self.value = value
+        self.allowed = allowed
+        super().__init__(message or
+                         f"bundle field {field} is {show_value(value)}; allowed: {allowed}")
+
+
 class BackboneMismatchError(BundleError):
     """A task bundle was trained on a different backbone than the one it is applied to."""
 

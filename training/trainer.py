@@ -33,6 +33,7 @@ from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from aat_serve.adapters import bundle_checks
 from aat_serve.adapters.bundle import TaskBundle
 from aat_serve.adapters.checkpoints import checkpoint_filter_fn
 from aat_serve.adapters.config import FeatureConfig
@@ -155,6 +156,8 @@ class Trainer:
         if features.target_length != recipe.target_length:
             raise ConfigError(f"features.target_length {features.target_length} differs from "
                               f"the recipe's {recipe.target_length}")
+        # The bounds an upload is checked against, before hours of training, not at export.
+        bundle_checks.check_features(features.to_dict(), model.backbone.cfg)
         self.model = model
         self.splits = splits
         self.labels = list(labels)

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from aat_serve.adapters.bundle import TaskBundle, head_bundle
-from aat_serve.adapters.errors import AATError, ConfigError
+from aat_serve.adapters.errors import AATError
 
 _SHOWN_LABELS = 10
 
@@ -65,29 +65,35 @@ def run_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _verify_failed(args: argparse.Namespace, result: dict[str, Any], why: str,
+                   loaded: bool) -> int:
+    result.update(ok=False, error=why)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    what = (f"does not fit checkpoint {str(args.checkpoint)!r}" if loaded else "is refused")
+    print(f"error: bundle {str(args.file)!r} {what}: {why}", file=sys.stderr)
+    return 1
+
+
 def run_verify(args: argparse.Namespace) -> int:
+    """Exit 0 only if the bundle passes every check an upload gets, on this checkpoint."""
     from aat_serve.adapters.checkpoints import load_checkpoint
 
-    bundle = TaskBundle.load(args.file)
+    result: dict[str, Any] = {"file": str(args.file), "checkpoint": str(args.checkpoint)}
+    try:
+        bundle = TaskBundle.load(args.file)  # format, manifest fields, tensors
+        bundle.check_version()
+    except AATError as e:
+        return _verify_failed(args, result, str(e), loaded=False)
     ckpt = load_checkpoint(args.checkpoint)
     fp = ckpt.backbone.fingerprint()
     m = bundle.manifest
-    result: dict[str, Any] = {"file": str(args.file), "checkpoint": str(args.checkpoint),
-                              "task": m.task, "bundle_fingerprint": m.backbone_fingerprint,
-                              "checkpoint_fingerprint": fp}
-    try:
+    result.update(task=m.task, bundle_fingerprint=m.backbone_fingerprint,
+                  checkpoint_fingerprint=fp)
+    try:  # fingerprint, shapes, geometry, mel bins, clip length
         bundle.check_backbone(ckpt.backbone, fp)
-        mel = m.feature_config.num_mel_bins
-        if mel != ckpt.backbone.cfg.num_mel_bins:
-            raise ConfigError(f"bundle features have {mel} mel bins, the backbone expects "
-                              f"{ckpt.backbone.cfg.num_mel_bins}")
     except AATError as e:
-        result.update(ok=False, error=str(e))
-        if args.json:
-            print(json.dumps(result, indent=2))
-        print(f"error: bundle {str(args.file)!r} does not fit checkpoint "
-              f"{str(args.checkpoint)!r}: {e}", file=sys.stderr)
-        return 1
+        return _verify_failed(args, result, str(e), loaded=True)
     result["ok"] = True
     if args.json:
         print(json.dumps(result, indent=2))
@@ -155,9 +161,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     i.set_defaults(func=run_inspect)
 
     v = ssub.add_parser("verify", help="check that a bundle fits a backbone checkpoint",
-                        description="Exit 0 only if the bundle was trained on this checkpoint's "
-                                    "backbone (same weight fingerprint, tensor shapes and mel "
-                                    "bins); otherwise print why and exit 1.")
+                        description="Exit 0 only if the bundle passes every check an upload "
+                                    "gets: its manifest fields within their bounds, its tensors "
+                                    "finite and bounded, trained on this checkpoint's backbone "
+                                    "(same weight fingerprint, tensor shapes, mel bins, a clip "
+                                    "length the positional grid supports); otherwise print why "
+                                    "and exit 1.")
     v.add_argument("file", metavar="FILE", help="bundle (.safetensors)")
     v.add_argument("--checkpoint", required=True, metavar="PATH",
                    help="Hugging Face directory, original AST or SSAST .pth")

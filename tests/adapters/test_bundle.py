@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import struct
 
@@ -14,7 +15,13 @@ from torch.nn import functional as F
 
 from aat_serve.adapters.bundle import FORMAT, TaskBundle, expected_tensor_shapes
 from aat_serve.adapters.config import FeatureConfig
-from aat_serve.adapters.errors import AATError, BackboneMismatchError, BundleError, ConfigError
+from aat_serve.adapters.errors import (
+    AATError,
+    BackboneMismatchError,
+    BundleError,
+    BundleFieldError,
+    ConfigError,
+)
 from aat_serve.adapters.methods import BUNDLE_METHODS, METHODS
 from aat_serve.adapters.model import AudioClassifier
 from tests.helpers import tiny_backbone
@@ -116,6 +123,32 @@ def test_from_model_checks_labels_and_task_name():
         TaskBundle.from_model(model, "ESC", LABELS, FEATURES)
 
 
+@pytest.mark.parametrize("changes, message", [
+    ({"target_length": 10_000_000}, "bundle field features.target_length is 10000000; allowed: "
+     "16..271 (one 16-frame patch up to 4x the 4 time patches of the backbone's positional "
+     "grid, at most 4096 patches)"),
+    ({"num_mel_bins": 128}, "bundle field features.num_mel_bins is 128; allowed: 32 (the "
+     "bundle's backbone's mel bins)"),
+    ({"frame_shift_ms": 0.0}, "bundle field features.frame_shift_ms is 0.0; allowed: 1..100 ms"),
+    ({"mean": float("nan")}, "bundle field features.mean is nan; allowed: -100..100 (log-mel "
+     "units)"),
+])
+def test_from_model_cannot_export_what_an_upload_refuses(changes, message):
+    """The trainer's export (``from_model``) runs the upload's validation."""
+    model = trained("aat_m", steps=1)
+    good = TaskBundle.from_model(model, "esc50", LABELS, FEATURES)  # a normal export passes
+    assert TaskBundle.from_bytes(good.to_bytes()).manifest == good.manifest
+    absurd = dataclasses.replace(FEATURES, **changes)
+    with pytest.raises(BundleFieldError) as e:
+        TaskBundle.from_model(model, "esc50", LABELS, absurd)
+    assert str(e.value) == message
+    with pytest.raises(BundleFieldError, match=r"^bundle tensor 'head.fc.bias' holds a value of "
+                                               r"magnitude 1e\+30; allowed: \|value\| <= 10000$"):
+        with torch.no_grad():
+            model.head.fc.bias[0] = 1e30
+        TaskBundle.from_model(model, "esc50", LABELS, FEATURES)
+
+
 # -- one distinct error per wrong case --------------------------------------------------------
 
 def _edit_manifest(**changes):
@@ -200,19 +233,25 @@ BAD_CASES = {
     "task upper case": (_edit_manifest(task="A"), "bundle manifest: invalid task name 'A'"),
     "task too long": (_edit_manifest(task="a" * 65),
                       f"bundle manifest: invalid task name '{'a' * 65}'"),
-    "invalid backbone config": (_nested("backbone", embed_dim=-1),
+    "backbone field out of range": (_nested("backbone", embed_dim=-1),
+                                    "bundle field backbone.embed_dim is -1; allowed: 1..65536"),
+    "invalid backbone config": (_nested("backbone", embed_dim=33),
                                 "bundle manifest has an invalid config: BackboneConfig.embed_dim "
-                                "must be positive, got -1"),
+                                "(33) must be divisible by num_heads (2)"),
     "invalid feature config": (_nested("features", std=0),
-                               "bundle manifest has an invalid config: FeatureConfig.std must be "
-                               "positive, got 0"),
+                               "bundle field features.std is 0; allowed: 0.01..100 (log-mel "
+                               "units)"),
     "no prompts": (_nested("adapter", num_prompts=0),
-                   "bundle for method 'joint' needs adapter.num_prompts >= 1, got 0"),
+                   "bundle field adapter.num_prompts is 0; allowed: 1..256 (method 'joint' has "
+                   "prompts)"),
     "tensor missing": (_edit_tensors(lambda t: t.pop("blocks.1.mlp_adapter.fc2.bias")),
                        "bundle for method 'joint' is missing tensor "
                        "'blocks.1.mlp_adapter.fc2.bias'"),
-    "tensor misshapen": (_set("head.fc.weight", torch.zeros(5, 32)),
-                         "bundle tensor 'head.fc.weight' has shape (5, 32), expected (4, 32)"),
+    "tensor misshapen": (_set("head.fc.weight", torch.zeros(4, 31)),
+                         "bundle tensor 'head.fc.weight' has shape (4, 31), expected (4, 32)"),
+    "head rows not labels": (_set("head.fc.weight", torch.zeros(5, 32)),
+                             "bundle field labels has 4 labels; allowed: 5 (one per row of "
+                             "tensor 'head.fc.weight')"),
     "prompts misshapen": (_set("prompts", torch.zeros(2, 11, 32)),
                           "bundle tensor 'prompts' has shape (2, 11, 32), expected (2, 12, 32)"),
     "extra tensor": (_set("blocks.0.lora.weight", torch.zeros(3)),

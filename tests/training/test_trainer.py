@@ -11,7 +11,7 @@ import torch
 
 from aat_serve.adapters.bundle import TaskBundle
 from aat_serve.adapters.config import FeatureConfig
-from aat_serve.adapters.errors import BundleError, ConfigError
+from aat_serve.adapters.errors import BundleError, BundleFieldError, ConfigError
 from aat_serve.adapters.methods import METHODS
 from aat_serve.adapters.model import count_trainable
 from aat_serve.training.api import model_factory
@@ -208,6 +208,18 @@ def test_trainer_refuses_unusable_setups(pets, tmp_path):
         model = model_factory(tiny_backbone(0), "head", 2)()
         Trainer(model, pets.splits(), pets.labels, recipe=BASE.replace(target_length=80),
                 features=feats(BASE), run_dir=tmp_path / "z", task="pets")
+
+
+def test_trainer_refuses_features_an_upload_would_refuse(pets, tmp_path):
+    model = model_factory(tiny_backbone(0), "aat_m", 2)()
+    absurd = FeatureConfig(num_mel_bins=32, target_length=64, std=1e-38)
+    with pytest.raises(BundleFieldError, match=r"^bundle field features\.std is 1e-38; allowed: "
+                                               r"0\.01\.\.100 \(log-mel units\)$"):
+        Trainer(model, pets.splits(), pets.labels, recipe=BASE, features=absurd,
+                run_dir=tmp_path / "a", task="pets")
+    assert not (tmp_path / "a").exists()  # refused before anything was written
+    Trainer(model, pets.splits(), pets.labels, recipe=BASE, features=feats(BASE),
+            run_dir=tmp_path / "b", task="pets")  # the recipe's own features are fine
 
 
 def test_openmic_masked_multi_label_training(tmp_path):
