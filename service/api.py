@@ -94,7 +94,8 @@ async def classify(
 ) -> ClassifyResponse:
     """Decode the audio, batch it with other requests (of any task) and return the top-k."""
     started = time.monotonic()
-    known = task in svc.engine.tasks or task in svc.registry.catalogue
+    known = (task in svc.engine.tasks or task in svc.registry.catalogue
+             or svc.registry.tasks.record(task).reason is not None)
     label = task if known else UNKNOWN_TASK  # bounded label values
     try:
         out = await _classify(task, request, svc, top_k)

@@ -117,6 +117,7 @@ def test_a_poisoned_store_file_does_not_stop_the_other_tasks(make_app, store, ck
                                 f"{reason}")
         assert _metric(c, 'aat_bundles_failed{task="words"}') == 1.0
         assert _metric(c, 'aat_bundles_failed{task="birds"}') is None
+        assert _metric(c, 'aat_requests_total{outcome="task_failed",task="words"}') == 1.0
         # fixed: a good file replaces the poisoned one and is picked up by the rescan
         if patch is not None:
             patch.on = False
