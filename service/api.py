@@ -24,7 +24,6 @@ from aat_serve.service.errors import (
     error_responses,
     from_aat_error,
     not_ready,
-    timed_out,
 )
 from aat_serve.service.metrics import UNKNOWN_TASK
 from aat_serve.service.runtime import Service, runtime_info
@@ -95,7 +94,8 @@ async def classify(
 ) -> ClassifyResponse:
     """Decode the audio, batch it with other requests (of any task) and return the top-k."""
     started = time.monotonic()
-    known = task in svc.engine.tasks or task in svc.registry.catalogue
+    known = (task in svc.engine.tasks or task in svc.registry.catalogue
+             or svc.registry.tasks.record(task).reason is not None)
     label = task if known else UNKNOWN_TASK  # bounded label values
     try:
         out = await _classify(task, request, svc, top_k)
@@ -121,9 +121,8 @@ async def _classify(task: str, request: Request, svc: Service, top_k: int) -> Cl
     deadline = time.monotonic() + s.request_timeout_s
     admission = svc.engine.admit()
     try:
-        feats, duration = await svc.features(audio, svc.feature_config(info.manifest.features))
-        if time.monotonic() >= deadline:
-            raise timed_out(s.request_timeout_s)
+        feats, duration = await svc.features(audio, svc.feature_config(info.manifest.features),
+                                             deadline)
         job = Job(task=task, features=feats, version=info.version,
                   feature_settings=info.manifest.features, deadline=deadline,
                   timeout_s=s.request_timeout_s, future=svc.engine.new_future())
@@ -148,10 +147,13 @@ async def _classify(task: str, request: Request, svc: Service, top_k: int) -> Cl
             dependencies=[Depends(require_api_token)], responses=error_responses(401, 500),
             summary="List the tasks")
 async def list_tasks(svc: ServiceDep) -> TaskList:
-    """Every task in the store or resident: version, method, labels, metrics."""
-    resident = svc.engine.tasks
-    names = sorted(set(resident) | set(svc.registry.catalogue))
-    items = [TaskSummary.of(svc.registry.manifest(n), n in resident) for n in names]
+    """Every task in the store or resident: state, version, method, labels, metrics; a task
+    whose store file failed shows ``state: failed`` (or stays ``active`` on its previous
+    version) with the ``reason``."""
+    table = svc.registry.tasks
+    names = sorted(set(svc.engine.tasks) | set(svc.registry.catalogue) | table.failed_names())
+    items = [TaskSummary.of(n, svc.registry.manifest(n), table.state(n),
+                            table.record(n).reason) for n in names]
     return TaskList(tasks=items, count=len(items))
 
 
@@ -216,11 +218,15 @@ async def healthz(svc: ServiceDep) -> Health:
 @router.get("/readyz", tags=["operations"], response_model=Readiness,
             responses=error_responses(503), summary="Readiness")
 async def readyz(svc: ServiceDep) -> Readiness:
-    """200 once the backbone and the preloaded tasks have run a warm-up batch."""
+    """200 once the backbone and the preloaded tasks have run a warm-up batch; tasks whose
+    store file failed are skipped (``failed_tasks``), never a reason to stay unready."""
     if not svc.ready:
         raise not_ready(svc.startup_error or not_ready().message)
     runtime, provider = runtime_info(svc.model)
-    return Readiness(status="ready", tasks=len(svc.engine.tasks), device=str(svc.device),
+    table = svc.registry.tasks
+    failed = sum(1 for n in table.failed_names() if table.state(n) == "failed")
+    return Readiness(status="ready", tasks=len(svc.engine.tasks), failed_tasks=failed,
+                     device=str(svc.device),
                      dtype=svc.settings.dtype, runtime=runtime, provider=provider)
 
 

@@ -11,7 +11,12 @@ queued after it is computed after it; no batch ever sees a half-applied change, 
 that computed each clip is known exactly. The resident tasks are the model's own record
 (``ServingModel.tasks``); the engine keeps no copy.
 
-A clip whose deadline has passed when its batch forms is answered 504 and not computed.
+Deadlines and bounds: a clip whose deadline has passed when its batch forms, or on the worker
+thread right before the forward, is answered 504 and not computed. A batch holds at most
+``max_batch`` clips and ``max_batch_frames`` input frames (one longer clip runs alone). One
+task's failure stays its own: if a forward over several tasks raises, each task's clips are run
+again on their own, and only the failing task's clips get the error (500); a clip whose scores
+are NaN or infinite gets 500 ``task_failed`` naming the task (``aat_nonfinite_outputs_total``).
 """
 
 from __future__ import annotations
@@ -32,7 +37,14 @@ from aat_serve.adapters.bundle import TaskBundle
 from aat_serve.adapters.errors import UnknownTaskError
 from aat_serve.adapters.multitask import ServingModel
 from aat_serve.adapters.slots import TaskInfo
-from aat_serve.service.errors import ErrorType, ServiceError, not_ready, overloaded, timed_out
+from aat_serve.service.errors import (
+    ErrorType,
+    ServiceError,
+    not_ready,
+    overloaded,
+    task_failed,
+    timed_out,
+)
 from aat_serve.service.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -104,10 +116,12 @@ class Engine:
     """Dynamic batching over a ``ServingModel``; all methods are called on the event loop."""
 
     def __init__(self, model: ServingModel, metrics: Metrics, *, max_batch: int, max_wait_s: float,
-                 max_queue: int) -> None:
+                 max_queue: int, max_batch_frames: int | None = None) -> None:
         self.model = model
         self.metrics = metrics
         self.max_batch = max_batch
+        self.max_batch_frames = max_batch_frames
+        """Most input frames per batch; None: no bound beyond ``max_batch``."""
         self.max_wait_s = max_wait_s
         self.max_queue = max_queue
         self._pending: deque[Job | Control] = deque()
@@ -242,13 +256,22 @@ class Engine:
                 return i
         return len(self._pending)
 
+    def capacity(self, key: tuple[int, ...]) -> int:
+        """Clips of feature shape ``key`` in one batch: ``max_batch``, fewer when their frames
+        would exceed ``max_batch_frames``, and at least one (a longer clip runs alone)."""
+        if self.max_batch_frames is None:
+            return self.max_batch
+        frames = max(1, key[0]) if key else 1
+        return max(1, min(self.max_batch, self.max_batch_frames // frames))
+
     async def _form_batch(self, head: Job) -> list[Job]:
         key = head.key
+        cap = self.capacity(key)
         until = head.enqueued + self.max_wait_s
         while True:
             stop = self._barrier()
             ready = sum(1 for i in range(stop) if self._pending[i].key == key)
-            if ready >= self.max_batch or stop < len(self._pending):
+            if ready >= cap or stop < len(self._pending):
                 break
             remaining = until - time.monotonic()
             if remaining <= 0:
@@ -273,7 +296,7 @@ class Engine:
                 item.future.set_exception(timed_out(item.timeout_s))
                 self._forget(item)
                 continue
-            if item.key == key and len(batch) < self.max_batch:
+            if item.key == key and len(batch) < cap:
                 batch.append(item)
                 self._forget(item)  # batched: its place in the queue is free again
             else:
@@ -312,13 +335,17 @@ class Engine:
                                            len(done), n_tasks))
 
     def _forward(self, batch: list[Job]) -> list[Outcome]:
-        """On the worker thread: one classify call for every clip whose task is resident."""
+        """On the worker thread: one classify call for every clip still due whose task is
+        resident; a clip past its deadline (or given up) is answered 504, not computed."""
         out: list[Outcome] = [None] * len(batch)
         rows: list[int] = []
         tasks = self.tasks
+        now = time.monotonic()
         for i, j in enumerate(batch):
             info = tasks.get(j.task)
-            if info is None:
+            if j.cancelled or now >= j.deadline:
+                out[i] = timed_out(j.timeout_s)
+            elif info is None:
                 out[i] = UnknownTaskError(f"unknown task {j.task!r}")
             elif info.version != j.version and info.manifest.features != j.feature_settings:
                 out[i] = ServiceError(ErrorType.TASK_CHANGED,
@@ -327,10 +354,35 @@ class Engine:
             else:
                 rows.append(i)
         if rows:
-            feats = torch.stack([batch[i].features for i in rows])
-            with torch.inference_mode():
-                logits = self.model.classify(feats, [batch[i].task for i in rows])
-            for i, lg in zip(rows, logits, strict=True):
-                out[i] = (lg.detach().float().cpu(), tasks[batch[i].task])
+            self._classify_rows(batch, rows, out, tasks)
         return out
 
+    def _classify_rows(self, batch: list[Job], rows: list[int], out: list[Outcome],
+                       tasks: dict[str, TaskInfo]) -> None:
+        """Classify ``rows`` of ``batch`` into ``out``; if the forward raises and the rows span
+        several tasks, each task runs again alone so that only the failing one gets the
+        error."""
+        names = [batch[i].task for i in rows]
+        try:
+            feats = torch.stack([batch[i].features for i in rows])
+            with torch.inference_mode():
+                logits = self.model.classify(feats, names)
+        except Exception as e:
+            if len(set(names)) > 1:
+                for task in sorted(set(names)):
+                    self._classify_rows(batch, [i for i in rows if batch[i].task == task], out,
+                                        tasks)
+                return
+            for i in rows:  # one task's own failure: 500, logged with each request's id
+                out[i] = e
+            return
+        for i, lg in zip(rows, logits, strict=True):
+            task = batch[i].task
+            lg = lg.detach().float().cpu()
+            if not bool(torch.isfinite(lg).all()):
+                self.metrics.nonfinite_outputs.labels(task).inc()
+                log.error("non-finite scores from task %s", task, extra={"task": task})
+                out[i] = task_failed(task, "its model gave non-finite scores (NaN or infinity) "
+                                           "for this clip; its bundle is faulty")
+            else:
+                out[i] = (lg, tasks[task])

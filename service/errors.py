@@ -63,6 +63,9 @@ class ErrorType(str, Enum):
                                              "names, shapes, values or version")
     INTERNAL_ERROR = ("internal_error", 500,
                       "an unexpected server error, logged with the request id")
+    TASK_FAILED = ("task_failed", 500, "the named task cannot answer: its stored bundle failed "
+                                       "to load or warm up, or its model gave non-finite scores "
+                                       "(NaN, infinity) for this clip")
     OVERLOADED = ("overloaded", 503, "the queue is full or too many uploads run; retry after "
                                      "`Retry-After` seconds")
     NOT_READY = ("not_ready", 503, "warming up or shutting down; retry after `Retry-After` "
@@ -168,6 +171,11 @@ def timed_out(timeout_s: float) -> ServiceError:
     return ServiceError(ErrorType.TIMEOUT,
                         f"the request was not answered within {timeout_s:g} s "
                         "(AAT_REQUEST_TIMEOUT_S)")
+
+
+def task_failed(task: str, why: str) -> ServiceError:
+    """500 ``task_failed``: ``task`` cannot answer (a faulty bundle), never the caller's fault."""
+    return ServiceError(ErrorType.TASK_FAILED, f"task {task!r} cannot answer: {why}")
 
 
 def from_aat_error(e: AATError) -> ServiceError:

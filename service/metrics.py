@@ -57,6 +57,13 @@ class Metrics:
                                     registry=r)
         self.bundle_load_seconds = Histogram("aat_bundle_load_seconds", "Time to validate and "
                                              "activate a bundle.", buckets=_SECONDS, registry=r)
+        self.bundles_failed = Gauge("aat_bundles_failed", "1 for each task whose bundle in the "
+                                    "store failed validation, loading or warm-up (skipped; a "
+                                    "previous version, if any, still serves).", ["task"],
+                                    registry=r)
+        self.nonfinite_outputs = Counter("aat_nonfinite_outputs_total", "Clips whose scores "
+                                         "were NaN or infinite (answered 500 task_failed).",
+                                         ["task"], registry=r)
         self.rejections = Counter("aat_rejections_total", "Requests refused, by reason (the "
                                   "error type).", ["reason"], registry=r)
         self.ready = Gauge("aat_ready", "1 once the backbone and preloaded tasks are warm.",

@@ -6,6 +6,12 @@
 * ``refresh`` rescans the store (periodically, and for one task on a miss), loading new or
   changed bundles and unloading deleted ones, so replicas sharing a store converge.
 * With ``preload="lazy"`` a task is loaded on its first request instead of at start-up.
+* Isolation: a store file that fails validation, loading or its warm-up batch is logged,
+  recorded as failed (``GET /tasks``, ``aat_bundles_failed``) and skipped; every other task
+  serves. A version that fails validation or loading never replaces the one serving; one that
+  loads but fails its warm-up is unloaded, and the previous version is loaded back when the
+  store still holds its file (uploaded versions keep it; a hand-placed file replaced in place
+  does not).
 
 Store, model and catalogue changes are serialised by one lock; validation runs before it.
 """
@@ -13,6 +19,7 @@ Store, model and catalogue changes are serialised by one lock; validation runs b
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -22,9 +29,11 @@ from aat_serve.adapters.bundle import Manifest, TaskBundle, content_version, rea
 from aat_serve.adapters.errors import AATError, BundleError, SlotsFullError, UnknownTaskError
 from aat_serve.adapters.slots import TaskInfo
 from aat_serve.service.engine import Engine
+from aat_serve.service.errors import task_failed
 from aat_serve.service.metrics import Metrics
 from aat_serve.service.store import BundleStore, StoreEntry
 from aat_serve.service.tasks import TaskTable
+from aat_serve.service.warmup import warm_up_tasks
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +119,7 @@ class Registry:
                 raise
             await asyncio.to_thread(self.store.drop_seed, task)
             self.tasks.loaded(task, new_entry.stamp, bundle.manifest)
+            self._failed_metric(task, False)
         self.metrics.bundle_loads.labels("upload", "ok").inc()
         self.metrics.bundle_load_seconds.observe(time.monotonic() - started)
         log.info("task activated", extra={"task": task, "version": version,
@@ -142,6 +152,7 @@ class Registry:
             await asyncio.to_thread(self.store.delete, task)
             await self.engine.unload(task)
             self.tasks.forget(task)
+            self._failed_metric(task, False)
         log.info("task deleted", extra={"task": task, "version": version})
         return version
 
@@ -155,6 +166,9 @@ class Registry:
             await self.refresh(only=task)
         info = self.engine.tasks.get(task)
         if info is None:
+            reason = self.tasks.record(task).reason
+            if reason is not None:
+                raise task_failed(task, f"its bundle in the store failed: {reason}")
             if task in self.catalogue and len(self.engine.tasks) >= self.max_tasks:
                 raise SlotsFullError(f"cannot load task {task!r}: all {self.max_tasks} task "
                                      "slots are in use (AAT_MAX_TASKS)")
@@ -171,7 +185,9 @@ class Registry:
     async def refresh(self, only: str | None = None) -> None:
         """Bring the catalogue and the resident tasks in line with the store.
 
-        ``only`` limits the scan to one task and loads it even in lazy mode (a miss).
+        ``only`` limits the scan to one task and loads it even in lazy mode (a miss). Every
+        version loaded here runs a warm-up batch before the rescan ends; a failing one is
+        unloaded and marked failed.
         """
         if self.store is None:
             return
@@ -183,56 +199,105 @@ class Registry:
                 e = await asyncio.to_thread(self.store.entry, only)
                 entries = {only: e} if e is not None else {}
                 names = {only}
+            loaded: dict[str, str | None] = {}  # task -> the version it replaced
             for task in sorted(names):
                 entry = entries.get(task)
                 if entry is None:
                     await self._forget(task)
-                else:
-                    await self._sync(entry, load=not self.lazy or only == task)
+                    continue
+                previous = self.engine.tasks.get(task)
+                if await self._sync(entry, load=not self.lazy or only == task):
+                    loaded[task] = previous.version if previous is not None else None
+            if loaded:
+                await self._warm_up(loaded)
+
+    async def _warm_up(self, loaded: dict[str, str | None]) -> None:
+        """Warm the tasks just loaded; unload each that fails, restoring its previous version
+        when the store still holds that file."""
+        failures = await self.engine.control(
+            lambda: warm_up_tasks(self.engine.model, list(loaded), self.engine.capacity))
+        for task, reason in sorted(failures.items()):
+            await self.engine.unload(task)
+            self.tasks.failed(task, reason)
+            self._failed_metric(task, True)
+            self.metrics.bundle_loads.labels("store", "warm_up_failed").inc()
+            log.error("task failed its warm-up; unloaded: %s", reason, extra={"task": task})
+            if loaded[task] is not None:
+                await self._restore(task, loaded[task])
+
+    async def _restore(self, task: str, version: str) -> None:
+        """Load ``task``'s stored ``version`` back (it served before a failed replacement)."""
+        path = self.store.version_path(task, version)
+        try:
+            bundle = await asyncio.to_thread(self.validate, path.read_bytes(), task)
+            await self.engine.load(bundle)
+        except (OSError, AATError) as e:
+            log.error("could not restore version %s of task %s: %s", version, task, e,
+                      extra={"task": task})
+            return
+        log.info("previous version restored", extra={"task": task, "version": version})
 
     async def _forget(self, task: str) -> None:
         if task in self.engine.tasks:
             await self.engine.unload(task)
             log.info("task removed from the store; unloaded", extra={"task": task})
         self.tasks.forget(task)
+        self._failed_metric(task, False)
 
-    async def _sync(self, entry: StoreEntry, *, load: bool) -> None:
+    def _failed_metric(self, task: str, failed: bool) -> None:
+        if failed:
+            self.metrics.bundles_failed.labels(task).set(1)
+        else:
+            with contextlib.suppress(KeyError):
+                self.metrics.bundles_failed.remove(task)
+
+    async def _sync(self, entry: StoreEntry, *, load: bool) -> bool:
+        """Catalogue (and, with ``load``, load) ``entry``; whether a version was loaded."""
         task = entry.task
         resident = self.engine.tasks.get(task)
         record = self.tasks.record(task)
         if record.stamp == entry.stamp and (resident is not None or not load):
-            return
+            return False
         if record.refused == entry.stamp:
-            return  # already reported; wait for the file to change
+            return False  # already reported; wait for the file to change
         try:
             manifest = await asyncio.to_thread(read_manifest, entry.path)
             if manifest.task != task:
                 raise BundleError(f"the bundle is for task {manifest.task!r}, not {task!r}")
             if resident is not None and resident.version == manifest.version:
                 self.tasks.synced(task, entry.stamp, resident.manifest)
-                return
+                return False
             self.tasks.stored(task, manifest)  # in the store, resident or not
             if resident is None and not load:
                 self.tasks.synced(task, entry.stamp, manifest)
-                return
+                return False
             if resident is None and len(self.engine.tasks) >= self.max_tasks:
                 if self.tasks.waiting(task):  # say it once, not on every rescan
                     log.warning("no free task slot for %s (AAT_MAX_TASKS=%d)", task,
                                 self.max_tasks, extra={"task": task})
                     self.metrics.bundle_loads.labels("store", "slots_full").inc()
-                return  # the stamp stays old: retried on the next rescan or request
+                return False  # the stamp stays old: retried on the next rescan or request
             started = time.monotonic()
             bundle = await asyncio.to_thread(self._read, entry)
             await self.engine.load(bundle)
-        except AATError as e:
-            self.tasks.refused(task, entry.stamp, str(e))
-            self.metrics.bundle_loads.labels("store", "refused").inc()
-            log.error("store bundle refused: %s", e, extra={"task": task,
-                                                            "path": str(entry.path)})
-            return
+        except Exception as e:  # one bad file never stops the others
+            self._refuse(entry, e)
+            return False
         self.metrics.bundle_loads.labels("store", "ok").inc()
         self.metrics.bundle_load_seconds.observe(time.monotonic() - started)
         self.tasks.loaded(task, entry.stamp, bundle.manifest)
+        self._failed_metric(task, False)
         log.info("task activated", extra={"task": task, "version": bundle.manifest.version,
                                           "previous_version": resident.version if resident
                                           else None, "source": "store"})
+        return True
+
+    def _refuse(self, entry: StoreEntry, e: Exception) -> None:
+        """Record ``entry`` as failed: logged, listed with its reason, counted, skipped."""
+        task = entry.task
+        reason = str(e) if isinstance(e, AATError) else f"{type(e).__name__}: {e}"
+        self.tasks.refused(task, entry.stamp, reason)
+        self._failed_metric(task, True)
+        self.metrics.bundle_loads.labels("store", "refused").inc()
+        log.error("store bundle refused: %s", reason, exc_info=not isinstance(e, AATError),
+                  extra={"task": task, "path": str(entry.path)})

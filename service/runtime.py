@@ -26,7 +26,7 @@ from aat_serve.adapters.errors import ConfigError
 from aat_serve.adapters.features import fbank, load_audio
 from aat_serve.adapters.multitask import MultiTaskModel, ServingModel
 from aat_serve.service.engine import Engine
-from aat_serve.service.errors import overloaded
+from aat_serve.service.errors import overloaded, timed_out
 from aat_serve.service.metrics import Metrics
 from aat_serve.service.registry import Registry
 from aat_serve.service.settings import Settings
@@ -74,8 +74,17 @@ def load_backbone(settings: Settings) -> LoadedCheckpoint:
     return load_checkpoint(settings.checkpoint)
 
 
-def _featurise(audio: bytes, cfg: FeatureConfig) -> tuple[torch.Tensor, float]:
-    """``features_from_audio`` in its two steps, keeping the decoded duration."""
+LARGE_AUDIO_BYTES = 1 << 20
+"""Audio bodies above this (about 30 s of 16 kHz 16-bit WAV) decode in a pool of their own, one
+thread: a few long clips never keep short ones from the decode pool."""
+
+
+def _featurise(audio: bytes, cfg: FeatureConfig, deadline: float = float("inf"),
+               timeout_s: float = 0.0) -> tuple[torch.Tensor, float]:
+    """``features_from_audio`` in its two steps, keeping the decoded duration; a request whose
+    deadline passed while it waited for a decode thread is not decoded (504)."""
+    if time.monotonic() >= deadline:
+        raise timed_out(timeout_s)
     wave = load_audio(audio, sample_rate=cfg.sample_rate, max_duration_s=cfg.max_duration_s)
     return fbank(wave, cfg), wave.numel() / cfg.sample_rate
 
@@ -117,6 +126,7 @@ class Service:
         self.registry: Registry | None = None
         self.decode_pool = ThreadPoolExecutor(settings.decode_workers,
                                               thread_name_prefix="aat-decode")
+        self.large_decode_pool = ThreadPoolExecutor(1, thread_name_prefix="aat-decode-large")
         self.ready = False
         self.startup_error: str | None = None
         self.started_at = time.time()
@@ -128,25 +138,42 @@ class Service:
         """Create the engine and registry on the running loop; load and warm up behind."""
         s = self.settings
         self.engine = Engine(self.model, self.metrics, max_batch=s.max_batch,
-                             max_wait_s=s.max_wait_ms / 1000.0, max_queue=s.max_queue)
+                             max_wait_s=s.max_wait_ms / 1000.0, max_queue=s.max_queue,
+                             max_batch_frames=self.max_batch_frames)
         self.engine.start()
         self.registry = Registry(self.engine, self.store, self.backbone, self.fingerprint,
                                  self.metrics, lazy=s.preload == "lazy", max_tasks=s.max_tasks)
         loop = asyncio.get_running_loop()
         self._background.append(loop.create_task(self._startup(), name="aat-startup"))
 
+    @property
+    def max_batch_frames(self) -> int:
+        """``AAT_MAX_BATCH_FRAMES``, or ``max_batch`` clips of the backbone's length."""
+        if self.settings.max_batch_frames is not None:
+            return self.settings.max_batch_frames
+        return self.settings.max_batch * self.backbone.cfg.target_length
+
     async def _startup(self) -> None:
+        """Remove orphan temporaries, load the store (each task warmed up on load; a failing
+        one is marked failed and skipped), warm the backbone if no task is loaded, then ready.
+        Only a failure of the whole (store unreadable, backbone broken) fails start-up."""
         try:
+            if self.store is not None:
+                await asyncio.to_thread(self.store.remove_orphans)
             await self.registry.refresh()
-            await self.engine.control(self._warm_up)
+            if not self.engine.tasks:
+                await self.engine.control(self._warm_up_backbone)
         except Exception as e:
             self.startup_error = f"start-up failed: {e}"
             log.exception("start-up failed")
             return
         self.ready = True
         self.metrics.ready.set(1)
-        log.info("ready", extra={"tasks": sorted(self.engine.tasks), "device": str(self.device),
-                                 "dtype": self.settings.dtype, "fingerprint": self.fingerprint})
+        failed = sorted(t for t in self.registry.tasks.names()
+                        if self.registry.tasks.state(t) == "failed")
+        log.info("ready", extra={"tasks": sorted(self.engine.tasks), "failed_tasks": failed,
+                                 "device": str(self.device), "dtype": self.settings.dtype,
+                                 "fingerprint": self.fingerprint})
         if self.store is not None:
             self._background.append(asyncio.get_running_loop().create_task(
                 self._refresh_forever(), name="aat-refresh"))
@@ -159,26 +186,13 @@ class Service:
             except Exception:
                 log.exception("store rescan failed")
 
-    def _warm_up(self) -> None:
-        """One batch per feature shape through every resident task (on the worker thread)."""
+    def _warm_up_backbone(self) -> None:
+        """One batch through the backbone alone (on the worker thread), when no task is
+        loaded; the tasks' own warm-up runs as the registry loads them."""
         started = time.monotonic()
-        tasks = self.engine.tasks
-        with torch.inference_mode():
-            if not tasks:  # the backbone alone
-                cfg = self.backbone.cfg
-                p = next(self.backbone.parameters())
-                self.backbone(torch.zeros(1, cfg.target_length, cfg.num_mel_bins,
-                                          device=p.device, dtype=p.dtype))
-            else:
-                by_shape: dict[tuple[int, int], list[str]] = {}
-                for name, info in sorted(tasks.items()):
-                    f = info.manifest.feature_config
-                    by_shape.setdefault((f.target_length, f.num_mel_bins), []).append(name)
-                for shape, names in by_shape.items():
-                    for i in range(0, len(names), self.settings.max_batch):
-                        chunk = names[i:i + self.settings.max_batch]
-                        self.model.classify(torch.zeros(len(chunk), *shape), chunk)
-        log.info("warm-up done", extra={"tasks": len(tasks),
+        cfg = self.backbone.cfg
+        self.model.forward(torch.zeros(1, cfg.target_length, cfg.num_mel_bins), [-1])
+        log.info("warm-up done", extra={"tasks": 0,
                                         "seconds": round(time.monotonic() - started, 3)})
 
     async def stop(self) -> None:
@@ -192,6 +206,7 @@ class Service:
         if self.engine is not None:
             await self.engine.stop()
         self.decode_pool.shutdown(wait=False, cancel_futures=True)
+        self.large_decode_pool.shutdown(wait=False, cancel_futures=True)
 
     # -- helpers for the routes -----------------------------------------------------------
     def feature_config(self, features: dict[str, Any]) -> FeatureConfig:
@@ -200,10 +215,19 @@ class Service:
         limit = min(cfg.max_duration_s, self.settings.max_audio_seconds)
         return dataclasses.replace(cfg, max_duration_s=limit)
 
-    async def features(self, audio: bytes, cfg: FeatureConfig) -> tuple[torch.Tensor, float]:
-        """Model input and duration (s), decoded in the decode pool, off the event loop."""
+    async def features(self, audio: bytes, cfg: FeatureConfig, deadline: float = float("inf"),
+                       ) -> tuple[torch.Tensor, float]:
+        """Model input and duration (s), decoded off the event loop: in the decode pool, or in
+        the large-audio pool for bodies over ``LARGE_AUDIO_BYTES``. 504 at ``deadline``, even
+        while the decode still waits for a thread (it then never runs) or still runs."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.decode_pool, _featurise, audio, cfg)
+        pool = self.large_decode_pool if len(audio) > LARGE_AUDIO_BYTES else self.decode_pool
+        timeout_s = self.settings.request_timeout_s
+        work = loop.run_in_executor(pool, _featurise, audio, cfg, deadline, timeout_s)
+        try:
+            return await asyncio.wait_for(work, max(0.0, deadline - time.monotonic()))
+        except TimeoutError:
+            raise timed_out(timeout_s) from None
 
     @contextlib.contextmanager
     def upload_slot(self):

@@ -26,22 +26,38 @@ class ClassifyResponse(BaseModel):
     batch_tasks: int = Field(description="Distinct tasks in that batch.")
 
 
+TASK_STATES = ("active", "stored", "waiting_for_slot", "failed")
+
+
 class TaskSummary(BaseModel):
     task: str
-    version: str
-    method: str
+    state: str = Field(description="active: loaded and serving; stored: in the store, loaded "
+                                   "on its first request; waiting_for_slot: in the store, "
+                                   "every task slot in use; failed: its store file was refused "
+                                   "(validation, loading or warm-up) and no version serves.")
+    reason: str | None = Field(None, description="Why the task's latest store file was "
+                                                 "refused (also while a previous version is "
+                                                 "still active); null otherwise.")
+    version: str | None = Field(description="null only for a failed file without a readable "
+                                            "manifest (as are the fields below).")
+    method: str | None
     labels: list[str]
-    num_classes: int
-    multi_label: bool
+    num_classes: int | None
+    multi_label: bool | None
     metrics: dict[str, Any]
-    created_at: str
+    created_at: str | None
     resident: bool = Field(description="Loaded in this replica's model (else loaded on use).")
 
     @classmethod
-    def of(cls, m: Manifest, resident: bool) -> TaskSummary:
-        return cls(task=m.task, version=m.version, method=m.method, labels=m.labels,
-                   num_classes=m.num_classes, multi_label=m.multi_label, metrics=m.metrics,
-                   created_at=m.created_at, resident=resident)
+    def of(cls, task: str, m: Manifest | None, state: str, reason: str | None
+           ) -> TaskSummary:
+        if m is None:
+            return cls(task=task, state=state, reason=reason, version=None, method=None,
+                       labels=[], num_classes=None, multi_label=None, metrics={},
+                       created_at=None, resident=False)
+        return cls(task=task, state=state, reason=reason, version=m.version, method=m.method,
+                   labels=m.labels, num_classes=m.num_classes, multi_label=m.multi_label,
+                   metrics=m.metrics, created_at=m.created_at, resident=state == "active")
 
 
 class TaskList(BaseModel):
@@ -77,6 +93,8 @@ class Health(BaseModel):
 class Readiness(BaseModel):
     status: str
     tasks: int
+    failed_tasks: int = 0
+    """Tasks whose store file failed and that serve no version (``GET /tasks``)."""
     device: str
     dtype: str
     runtime: str = "torch"

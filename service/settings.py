@@ -45,6 +45,10 @@ class Settings(BaseSettings):
     float32 only). Uploading or replacing a task never rebuilds the ONNX Runtime session."""
     max_batch: int = Field(8, ge=1, le=1024)
     """Most clips in one forward pass."""
+    max_batch_frames: int | None = Field(None, ge=1, le=100_000_000)
+    """Most input frames (clips x frames per clip) in one forward pass, so no batch of long
+    clips can exhaust memory; unset: ``max_batch`` clips of the backbone's length. A single
+    clip longer than this still runs, alone."""
     max_wait_ms: float = Field(5.0, ge=0, le=10_000)
     """Longest a clip waits for others to fill its batch."""
     max_queue: int = Field(256, ge=1, le=1_000_000)

@@ -10,8 +10,9 @@ A task directory with an ``ACTIVE`` file takes precedence over a hand-placed fil
 is atomic (temporary file in the same directory, fsync, rename, fsync of the directory), so a
 reader sees the old or the new state and never a partial file. The previous version is kept
 until a newer one is active; older ones are pruned. Other files (dotfiles, temporaries) are
-ignored. Nothing here loads tensors (``aat_serve.adapters.bundle.read_manifest`` parses only the
-header).
+ignored; temporary files that a killed write left behind are removed at start-up
+(``remove_orphans``). Nothing here loads tensors (``aat_serve.adapters.bundle.read_manifest``
+parses only the header).
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +35,11 @@ log = logging.getLogger(__name__)
 ACTIVE = "ACTIVE"
 SUFFIX = ".safetensors"
 _VERSION_RE = TASK_NAME_RE  # content hashes are lowercase hex; the same charset is safe
+TEMP_RE = re.compile(r"\.[^/]+\.[a-z0-9_]{8}\.tmp")
+"""A temporary file of ``aat_serve.adapters.fileio.atomic_write``: ``.<name>.<random>.tmp``."""
+ORPHAN_AGE_S = 600.0
+"""A temporary file older than this is an orphan of a killed write (a live write renames its
+file within seconds); younger ones may belong to another replica's upload and are kept."""
 
 
 @dataclass(frozen=True)
@@ -96,6 +104,32 @@ class BundleStore:
             if e is not None:
                 out[name] = e
         return out
+
+    def version_path(self, task: str, version: str) -> Path:
+        """Where an uploaded ``version`` of ``task`` is (or was) stored."""
+        return self.root / task / f"{version}{SUFFIX}"
+
+    def remove_orphans(self, min_age_s: float = ORPHAN_AGE_S) -> list[Path]:
+        """Remove temporary files left by killed writes (in the store and its task folders)
+        that are older than ``min_age_s``; returns what was removed."""
+        removed = []
+        now = time.time()
+        folders = [self.root] + [p for p in self.root.iterdir()
+                                 if p.is_dir() and TASK_NAME_RE.fullmatch(p.name)]
+        for folder in folders:
+            for p in folder.iterdir():
+                if not TEMP_RE.fullmatch(p.name):
+                    continue
+                try:
+                    if not p.is_file() or now - p.stat().st_mtime < min_age_s:
+                        continue
+                    p.unlink()
+                except OSError as e:
+                    log.warning("store: cannot remove temporary file %s: %s", p, e.strerror)
+                    continue
+                removed.append(p)
+                log.info("store: removed an orphan temporary file", extra={"path": str(p)})
+        return removed
 
     @staticmethod
     def _stamp(path: Path) -> tuple[int, int] | None:

@@ -61,6 +61,10 @@ class TaskTable:
     def names(self) -> set[str]:
         return set(self._records)
 
+    def failed_names(self) -> set[str]:
+        """Tasks whose latest store file was refused (some may still serve an older one)."""
+        return {t for t, r in self._records.items() if r.reason is not None}
+
     # -- changes ------------------------------------------------------------------------------
     def _update(self, task: str, **changes: object) -> None:
         self._records[task] = dataclasses.replace(self.record(task), **changes)
@@ -80,7 +84,24 @@ class TaskTable:
                      waiting_for_slot=False)
 
     def refused(self, task: str, stamp: Stamp, reason: str) -> None:
+        """The store file ``stamp`` failed validation or loading: not retried until it changes."""
         self._update(task, refused=stamp, reason=reason)
+
+    def failed(self, task: str, reason: str) -> None:
+        """The file last loaded (``stamp``) failed its warm-up and was unloaded."""
+        self._update(task, refused=self.record(task).stamp, reason=reason)
+
+    def state(self, task: str) -> str:
+        """What ``GET /tasks`` says of ``task`` (docs/service.md): ``active`` (loaded and
+        serving), ``failed`` (its store file was refused and no version of it serves),
+        ``waiting_for_slot`` (in the store; every slot is in use) or ``stored`` (in the
+        store, loaded on its first request)."""
+        if task in self.resident:
+            return "active"
+        record = self.record(task)
+        if record.reason is not None:
+            return "failed"
+        return "waiting_for_slot" if record.waiting_for_slot else "stored"
 
     def waiting(self, task: str) -> bool:
         """Mark ``task`` as waiting for a slot; whether it was not already (say it once)."""

@@ -215,7 +215,8 @@ def test_task_listing_and_manifest(client, bundles):
         assert t == {"task": m.task, "version": m.version, "method": m.method,
                      "labels": m.labels, "num_classes": len(m.labels),
                      "multi_label": m.multi_label, "metrics": m.metrics,
-                     "created_at": m.created_at, "resident": True}
+                     "created_at": m.created_at, "resident": True, "state": "active",
+                     "reason": None}
     one = client.get("/tasks/words").json()
     assert one == {"task": "words", "version": bundles["words"].manifest.version,
                    "resident": True, "manifest": bundles["words"].manifest.to_dict()}
@@ -223,7 +224,8 @@ def test_task_listing_and_manifest(client, bundles):
 
 def test_health_readiness_and_metrics(client):
     assert client.get("/healthz").json() == {"status": "ok"}
-    assert client.get("/readyz").json() == {"status": "ready", "tasks": 3, "device": "cpu",
+    assert client.get("/readyz").json() == {"status": "ready", "tasks": 3, "failed_tasks": 0,
+                                            "device": "cpu",
                                             "dtype": "float32", "runtime": "torch",
                                             "provider": "segments"}
     client.post("/classify/birds", content=wav_bytes(), headers=WAV)

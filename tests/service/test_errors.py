@@ -33,6 +33,7 @@ PINNED = {
     "unknown_task": 404, "not_found": 404, "method_not_allowed": 405,
     "backbone_mismatch": 409, "payload_too_large": 413, "audio_too_long": 413,
     "unsupported_media_type": 415, "invalid_bundle": 422, "internal_error": 500,
+    "task_failed": 500,
     "overloaded": 503, "not_ready": 503, "task_changed": 503, "timeout": 504,
     "slots_full": 507, "http_error": None,
 }

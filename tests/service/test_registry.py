@@ -202,14 +202,20 @@ def test_lazy_preload_loads_on_first_request(make_app, store, bundles):
 def test_a_broken_store_file_is_skipped_and_the_rest_served(make_app, store, bundles, caplog):
     bundles["birds"].save(store / "birds.safetensors")
     (store / "words.safetensors").write_bytes(b"\x00" * 64)
+    reason = "words.safetensors: not a safetensors file: bad header length"
     with served(make_app()) as c:
-        assert [t["task"] for t in c.get("/tasks").json()["tasks"]] == ["birds"]
+        listed = {t["task"]: (t["state"], t["reason"]) for t in c.get("/tasks").json()["tasks"]}
+        assert listed == {"birds": ("active", None), "words": ("failed", reason)}
         r = _classify(c, "words", wav_bytes())
-        assert (r.status_code, r.json()) == error(404, "unknown_task", "unknown task 'words'")
+        assert (r.status_code, r.json()) == error(
+            500, "task_failed", f"task 'words' cannot answer: its bundle in the store failed: "
+                                f"{reason}")
         assert 'aat_bundle_loads_total{outcome="refused",source="store"} 1.0' in \
             c.get("/metrics").text
         bundles["words"].save(store / "words.safetensors")  # fixed by hand: picked up on a miss
         assert _classify(c, "words", wav_bytes()).status_code == 200
+        listed = {t["task"]: (t["state"], t["reason"]) for t in c.get("/tasks").json()["tasks"]}
+        assert listed == {"birds": ("active", None), "words": ("active", None)}
 
 
 def test_replicas_sharing_a_store_converge(make_app, ckpt, bundles, v2):
