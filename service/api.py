@@ -86,7 +86,7 @@ def top_predictions(logits: torch.Tensor, labels: list[str], multi_label: bool, 
 @router.post(
     "/classify/{task:path}", tags=["classify"], response_model=ClassifyResponse,
     dependencies=[Depends(require_api_token)], openapi_extra=AUDIO_BODY,
-    responses=error_responses(400, 401, 404, 413, 415, 500, 503, 504),
+    responses=error_responses(400, 401, 404, 408, 413, 415, 500, 503, 504),
     summary="Classify one audio clip with a task")
 async def classify(
     task: str, request: Request, svc: ServiceDep,
@@ -173,7 +173,8 @@ async def get_task(task: str, svc: ServiceDep) -> TaskDetail:
 @router.put("/tasks/{task:path}", tags=["management"], response_model=PutResult,
             dependencies=[Depends(require_admin_token)], openapi_extra=BUNDLE_BODY,
             responses={201: {"model": PutResult, "description": "Task created."},
-                       **error_responses(400, 401, 403, 409, 413, 415, 422, 500, 503, 507)},
+                       **error_responses(400, 401, 403, 408, 409, 413, 415, 422, 500, 503,
+                                        507)},
             summary="Upload a bundle: validate, store, activate")
 async def put_task(task: str, request: Request, response: Response, svc: ServiceDep
                    ) -> PutResult:

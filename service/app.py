@@ -18,6 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from aat_serve.adapters.checkpoints import LoadedCheckpoint
 from aat_serve.adapters.errors import AATError
 from aat_serve.service.api import router
+from aat_serve.service.body_timeout import BodyTimeoutMiddleware
 from aat_serve.service.errors import (
     ErrorType,
     ServiceError,
@@ -136,5 +137,7 @@ def create_app(settings: Settings | None = None, *,
     install_error_handlers(app)
     app.include_router(router)
     _openapi_without_default_422(app)
+    app.add_middleware(BodyTimeoutMiddleware, idle_s=settings.body_timeout_s,
+                       total_s=settings.body_total_timeout_s)
     app.add_middleware(RequestContextMiddleware)
     return app

@@ -24,12 +24,31 @@ def media_type(request: Request) -> str:
     return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
 
 
+def check_content_encoding(request: Request) -> None:
+    """415 unless the body is unencoded: ``Content-Encoding`` absent or only ``identity``."""
+    raw = request.headers.get("content-encoding")
+    if raw is None:
+        return
+    codings = [c.strip().lower() for c in raw.split(",")]
+    if any(c not in ("identity", "") for c in codings):
+        raise ServiceError(ErrorType.UNSUPPORTED_MEDIA_TYPE,
+                           f"unsupported Content-Encoding {raw.strip()!r}; send the body "
+                           "unencoded (identity)", {"Accept-Encoding": "identity"})
+
+
 def check_media_type(request: Request, *, audio: bool) -> str:
-    """``raw`` or ``multipart``, or 415 naming what is accepted."""
+    """``raw`` or ``multipart``, or 415 naming what is accepted.
+
+    Audio needs a Content-Type; a bundle without one is read as ``application/octet-stream``
+    (RFC 9110 8.3 lets the recipient assume it; ``curl -T`` sends none).
+    """
+    check_content_encoding(request)
     mt = media_type(request)
     if mt == MULTIPART:
         return "multipart"
     if mt == "application/octet-stream" or (audio and mt.startswith("audio/")):
+        return "raw"
+    if not audio and "content-type" not in request.headers:
         return "raw"
     accepted = ("audio/* (e.g. audio/wav), application/octet-stream or multipart/form-data "
                 "with a 'file' field") if audio else (

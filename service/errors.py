@@ -54,13 +54,20 @@ class ErrorType(str, Enum):
     UNKNOWN_TASK = ("unknown_task", 404, "no such task")
     NOT_FOUND = ("not_found", 404, "no such route")
     METHOD_NOT_ALLOWED = ("method_not_allowed", 405, "the method is not allowed on this route")
+    REQUEST_TIMEOUT = ("request_timeout", 408,
+                       "the request head or body arrived too slowly (AAT_HEADER_TIMEOUT_S, "
+                       "AAT_BODY_TIMEOUT_S, AAT_BODY_TOTAL_TIMEOUT_S); the connection is closed")
     BACKBONE_MISMATCH = ("backbone_mismatch", 409,
                          "the bundle was trained on a different backbone")
     PAYLOAD_TOO_LARGE = ("payload_too_large", 413, "the body is larger than its limit")
     AUDIO_TOO_LONG = ("audio_too_long", 413, "the audio is longer than AAT_MAX_AUDIO_SECONDS")
-    UNSUPPORTED_MEDIA_TYPE = ("unsupported_media_type", 415, "an unsupported Content-Type")
+    UNSUPPORTED_MEDIA_TYPE = ("unsupported_media_type", 415,
+                              "an unsupported Content-Type, or a Content-Encoding other than "
+                              "identity")
     INVALID_BUNDLE = ("invalid_bundle", 422, "the bundle is invalid: format, manifest, tensor "
                                              "names, shapes, values or version")
+    HEADERS_TOO_LARGE = ("headers_too_large", 431,
+                         "the request line and headers are larger than the HTTP parser accepts")
     INTERNAL_ERROR = ("internal_error", 500,
                       "an unexpected server error, logged with the request id")
     TASK_FAILED = ("task_failed", 500, "the named task cannot answer: its stored bundle failed "
@@ -153,9 +160,12 @@ def unknown_task(task: str) -> ServiceError:
 
 
 def too_large(what: str, size: int | None, limit: int, setting: str) -> ServiceError:
-    got = f"{size} bytes" if size is not None else "more"
-    return ServiceError(ErrorType.PAYLOAD_TOO_LARGE,
-                        f"{what} is too large: {got}, the limit is {limit} bytes ({setting})")
+    """413; ``size`` is the declared Content-Length, None when a streamed body passed the limit."""
+    if size is None:
+        message = f"{what} is larger than the limit of {limit} bytes ({setting})"
+    else:
+        message = f"{what} is {size} bytes, the limit is {limit} bytes ({setting})"
+    return ServiceError(ErrorType.PAYLOAD_TOO_LARGE, message)
 
 
 def overloaded(message: str, retry_after_s: int = 1) -> ServiceError:

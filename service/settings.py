@@ -55,6 +55,13 @@ class Settings(BaseSettings):
     """Most requests admitted (decoding or waiting for a batch); beyond it 503."""
     request_timeout_s: float = Field(30.0, gt=0, le=3600)
     """A request not answered this long after its body arrived gets 504 (and is not computed)."""
+    header_timeout_s: float = Field(10.0, gt=0, le=3600)
+    """A connection whose request head (request line and headers) is not complete this long
+    after it opened, or after its previous response, is closed (408 if part of a head came)."""
+    body_timeout_s: float = Field(15.0, gt=0, le=3600)
+    """Longest wait for the next piece of a request body; then 408 and the connection closes."""
+    body_total_timeout_s: float = Field(300.0, gt=0, le=86_400)
+    """A request body still incomplete this long after the server began reading it gets 408."""
     max_audio_mb: float = Field(25.0, gt=0)
     max_audio_seconds: float = Field(600.0, gt=0)
     max_bundle_mb: float = Field(200.0, gt=0)

@@ -13,6 +13,7 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from aat_serve.service.app import create_app
+    from aat_serve.service.http_protocol import http_protocol
     from aat_serve.service.logs import configure_logging
     from aat_serve.service.runtime import load_backbone, tune_process, with_embedded_defaults
     from aat_serve.service.settings import load_settings
@@ -31,8 +32,10 @@ def run(args: argparse.Namespace) -> int:
                                "management": settings.management_enabled,
                                "keep_freed_memory": malloc_tuned,
                                "api_token": settings.api_token is not None})
+    # The guarded protocol adds the request-head timeout and JSON bodies for parser errors.
     uvicorn.run(app, host=settings.host, port=settings.port, log_config=None,
-                log_level=settings.log_level, access_log=False, timeout_graceful_shutdown=30)
+                log_level=settings.log_level, access_log=False, timeout_graceful_shutdown=30,
+                http=http_protocol(settings.header_timeout_s))
     return 0
 
 
@@ -43,7 +46,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "comes from an AAT_* environment variable (AAT_CHECKPOINT, AAT_BUNDLE_DIR, "
                     "AAT_ADMIN_TOKEN, AAT_API_TOKEN, AAT_DEVICE, AAT_DTYPE, AAT_MAX_BATCH, "
                     "AAT_MAX_WAIT_MS, AAT_MAX_QUEUE, AAT_REQUEST_TIMEOUT_S, AAT_MAX_AUDIO_MB, "
-                    "AAT_MAX_AUDIO_SECONDS, AAT_MAX_BUNDLE_MB, AAT_MAX_TASKS, AAT_PRELOAD, "
+                    "AAT_MAX_AUDIO_SECONDS, AAT_MAX_BUNDLE_MB, AAT_HEADER_TIMEOUT_S, "
+                    "AAT_BODY_TIMEOUT_S, AAT_BODY_TOTAL_TIMEOUT_S, AAT_MAX_TASKS, AAT_PRELOAD, "
                     "AAT_REFRESH_S, AAT_KEEP_FREED_MEMORY, AAT_LOG_LEVEL, ...); these flags "
                     "override them.")
     p.add_argument("--host", help="address to bind (AAT_HOST, default 127.0.0.1)")

@@ -181,7 +181,7 @@ def test_size_and_duration_limits_are_413(make_app, store, bundles):
         big = wav_bytes(0.5)  # 16 kB > 10 kB
         r = c.post("/classify/birds", content=big, headers=WAV)
         assert (r.status_code, r.json()) == error(
-            413, "payload_too_large", f"audio is too large: {len(big)} bytes, the limit is "
+            413, "payload_too_large", f"audio is {len(big)} bytes, the limit is "
             f"{limit} bytes (AAT_MAX_AUDIO_MB)")
 
         def chunked():  # no Content-Length: the limit applies while streaming
@@ -190,7 +190,7 @@ def test_size_and_duration_limits_are_413(make_app, store, bundles):
 
         r = c.post("/classify/birds", content=chunked(), headers=WAV)
         assert (r.status_code, r.json()) == error(
-            413, "payload_too_large", f"audio is too large: more, the limit is {limit} bytes "
+            413, "payload_too_large", f"audio is larger than the limit of {limit} bytes "
             "(AAT_MAX_AUDIO_MB)")
         long = wav_bytes(0.3, sr=8000)  # 4.8 kB, 0.3 s > 0.25 s
         r = c.post("/classify/birds", content=long, headers=WAV)
@@ -286,12 +286,12 @@ def test_openapi_documents_every_route_body_and_error(client):
     spec = client.get("/openapi.json").json()
     paths = spec["paths"]
     expected = {
-        ("/classify/{task}", "post"): {"200", "400", "401", "404", "413", "415", "500", "503",
-                                       "504"},
+        ("/classify/{task}", "post"): {"200", "400", "401", "404", "408", "413", "415", "500",
+                                       "503", "504"},
         ("/tasks", "get"): {"200", "401", "500"},
         ("/tasks/{task}", "get"): {"200", "400", "401", "404", "500"},
-        ("/tasks/{task}", "put"): {"200", "201", "400", "401", "403", "409", "413", "415",
-                                   "422", "500", "503", "507"},
+        ("/tasks/{task}", "put"): {"200", "201", "400", "401", "403", "408", "409", "413",
+                                   "415", "422", "500", "503", "507"},
         ("/tasks/{task}", "delete"): {"200", "400", "401", "403", "404", "500"},
         ("/healthz", "get"): {"200", "503"},
         ("/readyz", "get"): {"200", "503"},

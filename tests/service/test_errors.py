@@ -30,10 +30,10 @@ from tests.service.helpers import wav_bytes
 PINNED = {
     "invalid_request": 400, "invalid_audio": 400, "invalid_task_name": 400,
     "unauthorized": 401, "management_disabled": 403, "forbidden": 403,
-    "unknown_task": 404, "not_found": 404, "method_not_allowed": 405,
+    "unknown_task": 404, "not_found": 404, "method_not_allowed": 405, "request_timeout": 408,
     "backbone_mismatch": 409, "payload_too_large": 413, "audio_too_long": 413,
-    "unsupported_media_type": 415, "invalid_bundle": 422, "internal_error": 500,
-    "task_failed": 500,
+    "unsupported_media_type": 415, "invalid_bundle": 422, "headers_too_large": 431,
+    "internal_error": 500, "task_failed": 500,
     "overloaded": 503, "not_ready": 503, "task_changed": 503, "timeout": 504,
     "slots_full": 507, "http_error": None,
 }

@@ -155,7 +155,7 @@ def test_rejected_uploads_change_nothing(make_app, store, ckpt, bundles, tmp_pat
         r = _put(c, "words", big)
         assert (r.status_code, r.json()) == error(
             413, "payload_too_large",
-            f"bundle is too large: {limit + 1} bytes, the limit is {limit} bytes "
+            f"bundle is {limit + 1} bytes, the limit is {limit} bytes "
             "(AAT_MAX_BUNDLE_MB)")
         r = _put(c, "words", v1.to_bytes(), **{"content-type": "audio/wav"})
         assert (r.status_code, r.json()) == error(
