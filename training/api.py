@@ -7,6 +7,7 @@ bundle or a whole-model checkpoint on a data set's test split with a per-class r
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from collections.abc import Callable
@@ -17,7 +18,8 @@ import torch
 
 from aat_serve.adapters.backbone import AST
 from aat_serve.adapters.bundle import check_task_name
-from aat_serve.adapters.checkpoints import load_checkpoint
+from aat_serve.adapters.checkpoints import LoadedCheckpoint, load_checkpoint
+from aat_serve.adapters.checkpoints.load import checkpoint_path
 from aat_serve.adapters.config import AdapterConfig, FeatureConfig
 from aat_serve.adapters.device import resolve_device
 from aat_serve.adapters.errors import ConfigError
@@ -28,8 +30,11 @@ from aat_serve.training.data import load_source
 from aat_serve.training.data.base import BadAudioRule, DataSource
 from aat_serve.training.evaluate import evaluate_examples
 from aat_serve.training.export import load_trained
+from aat_serve.training.feature_defaults import resolve_features
 from aat_serve.training.recipes import Recipe, default_recipe, get_recipe
 from aat_serve.training.trainer import RunOptions, Trainer, TrainResult
+
+FEATURE_SOURCE_FIELDS = ("sample_rate", "num_mel_bins", "target_length", "mean", "std")
 
 
 def default_task_name(dataset: str, root: str | os.PathLike) -> str:
@@ -76,11 +81,24 @@ def model_factory(backbone: AST, method: str, num_classes: int, *, seed: int = 0
     return make
 
 
-def _backbone(checkpoint: str | os.PathLike | AST, target_length: int) -> tuple[AST, str]:
+def _load_backbone(checkpoint: str | os.PathLike | AST
+                   ) -> tuple[AST, LoadedCheckpoint | None, str]:
+    """The backbone, its loaded checkpoint (None for an in-process one) and its name."""
     if isinstance(checkpoint, AST):
-        return checkpoint, "<in-process backbone>"
-    ckpt = load_checkpoint(checkpoint, target_length=target_length)
-    return ckpt.backbone, str(Path(checkpoint).resolve())
+        return checkpoint, None, "<in-process backbone>"
+    ckpt = load_checkpoint(checkpoint)
+    return ckpt.backbone, ckpt, str(checkpoint_path(checkpoint).resolve())
+
+
+def _set_length(backbone: AST, target_length: int) -> None:
+    """Record the run's clip length in the backbone's config (the stored grid stays)."""
+    cfg = backbone.cfg
+    if cfg.target_length == target_length:
+        return
+    new = dataclasses.replace(cfg, target_length=target_length, pos_grid=None)
+    if new.grid() != cfg.stored_grid:
+        new = dataclasses.replace(new, pos_grid=cfg.stored_grid)
+    backbone.cfg = new
 
 
 def train(dataset: str, root: str | os.PathLike, checkpoint: str | os.PathLike | AST,
@@ -90,7 +108,7 @@ def train(dataset: str, root: str | os.PathLike, checkpoint: str | os.PathLike |
           options: RunOptions | None = None, on_bad_audio: BadAudioRule = "error",
           allow_pickle: bool = False, bottleneck: int | None = None,
           num_prompts: int | None = None, source: DataSource | None = None,
-          ) -> TrainResult | CVResult:
+          all_labels: bool = False) -> TrainResult | CVResult:
     """Train ``method`` on a data set from a backbone checkpoint; write ``out``."""
     get_method(method)
     if fold is not None and cv:
@@ -99,16 +117,23 @@ def train(dataset: str, root: str | os.PathLike, checkpoint: str | os.PathLike |
         raise ConfigError("give an output path (--out) or a run directory (--run-dir)")
     task = check_task_name(task or default_task_name(dataset, root))
     src = source or load_source(dataset, root, on_bad_audio=on_bad_audio,
-                                allow_pickle=allow_pickle)
-    rec = (recipe.replace(**(overrides or {})) if isinstance(recipe, Recipe)
-           else resolve_recipe(dataset, method, src.multi_label, recipe, overrides))
-    backbone, ckpt_name = _backbone(checkpoint, rec.target_length)
-    features = feature_config(backbone, rec)
+                                allow_pickle=allow_pickle, all_labels=all_labels)
+    backbone, ckpt, ckpt_name = _load_backbone(checkpoint)
+    if isinstance(recipe, Recipe):  # a caller's own recipe is taken as it is
+        rec = recipe.replace(**(overrides or {}))
+        features = feature_config(backbone, rec)
+        sources = {n: {"value": v, "source": f"recipe {rec.name}"}
+                   for n, v in features.to_dict().items() if n in FEATURE_SOURCE_FIELDS}
+    else:
+        rec = resolve_recipe(dataset, method, src.multi_label, recipe, overrides)
+        given = {k for k, v in (overrides or {}).items() if v is not None}
+        rec, features, sources = resolve_features(rec, given, ckpt, backbone.cfg.num_mel_bins)
+    _set_length(backbone, rec.target_length)
     make = model_factory(backbone, method, src.num_classes, seed=rec.seed,
                          bottleneck=bottleneck, num_prompts=num_prompts)
     run_dir = Path(run_dir) if run_dir is not None else Path(f"{Path(out).with_suffix('')}.run")
     config = {"dataset": dataset, "root": str(Path(root).resolve()), "checkpoint": ckpt_name,
-              "backbone_fingerprint": backbone.fingerprint()}
+              "backbone_fingerprint": backbone.fingerprint(), "feature_sources": sources}
     if cv:
         return run_cv(make, src, recipe=rec, features=features, run_dir=run_dir, task=task,
                       options=options, config=config, out_path=out)
@@ -124,10 +149,11 @@ def evaluate(dataset: str, root: str | os.PathLike, bundle: str | os.PathLike, *
              checkpoint: str | os.PathLike | AST | None = None, fold: int | None = None,
              split: str = "test", device: str = "auto", batch_size: int = 32,
              num_workers: int = 0, on_bad_audio: BadAudioRule = "error",
-             allow_pickle: bool = False, source: DataSource | None = None) -> dict[str, Any]:
+             allow_pickle: bool = False, source: DataSource | None = None,
+             all_labels: bool = False) -> dict[str, Any]:
     """Metrics and a per-class report of a trained bundle/model on a split of a data set."""
     src = source or load_source(dataset, root, on_bad_audio=on_bad_audio,
-                                allow_pickle=allow_pickle)
+                                allow_pickle=allow_pickle, all_labels=all_labels)
     backbone = None
     if checkpoint is not None:
         backbone = checkpoint if isinstance(checkpoint, AST) else load_checkpoint(

@@ -60,9 +60,52 @@ def markdown_table(rows: list[dict[str, Any]], title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def parse_rates(values: list[str], methods: list[str]) -> dict[str, float]:
+    """``["full=1e-5", "1e-3"]`` -> a learning rate per method; methods not given keep their
+    recipe's rate (an empty dict: every method trains at its own recipe's rate)."""
+    rates: dict[str, float] = {}
+    every: float | None = None
+    for v in values:
+        method, sep, rate = v.rpartition("=")
+        try:
+            lr = float(rate)
+        except ValueError:
+            raise ConfigError(f"--lr {v!r}: expected METHOD=RATE or RATE, e.g. full=1e-5"
+                              ) from None
+        if not sep:
+            every = lr
+        elif method not in methods:
+            raise ConfigError(f"--lr {v!r}: {method!r} is not among the compared methods "
+                              f"({', '.join(methods)})")
+        else:
+            rates[method] = lr
+    if every is not None:
+        rates = {m: rates.get(m, every) for m in methods}
+    return rates
+
+
+def _run_one(cmd: list[str], method: str, progress: bool) -> dict[str, Any]:
+    """One ``aat train --json`` in its own process; its progress bars pass through."""
+    proc = subprocess.run(cmd + (["--progress"] if progress else []), stdout=subprocess.PIPE,
+                          stderr=None if progress else subprocess.PIPE, text=True, check=False)
+    if proc.returncode != 0:
+        tail = (proc.stderr or "").strip().splitlines()[-5:]
+        try:
+            tail = [json.loads(proc.stdout)["error"]["message"]]
+        except (ValueError, KeyError, TypeError):
+            tail = tail or proc.stdout.strip().splitlines()[-5:]
+        raise ConfigError(f"training {method} failed (exit {proc.returncode}): "
+                          + " | ".join(tail))
+    return json.loads(proc.stdout)
+
+
 def compare_methods(methods: list[str], train_args: list[str], out_dir: str | os.PathLike,
-                    title: str, progress: bool = True) -> list[dict[str, Any]]:
-    """Run ``aat train <train_args> --method M`` per method; write comparison.{md,json}."""
+                    title: str, progress: bool = True, rates: dict[str, float] | None = None,
+                    ) -> list[dict[str, Any]]:
+    """Run ``aat train <train_args> --method M`` per method; write comparison.{md,json}.
+
+    Each method trains at its recipe's learning rate unless ``rates`` names one for it.
+    """
     if not methods:
         raise ConfigError("no methods to compare")
     for m in methods:
@@ -70,18 +113,16 @@ def compare_methods(methods: list[str], train_args: list[str], out_dir: str | os
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict[str, Any]] = {}
-    for m in methods:
+    for i, m in enumerate(methods, 1):
         cmd = [sys.executable, "-m", "aat_serve.cli.main", "train", *train_args, "--method", m,
                "--out", str(out_dir / f"{m}.safetensors"), "--run-dir", str(out_dir / f"{m}.run"),
                "--json"]
+        if m in (rates or {}):
+            cmd += ["--lr", repr(float(rates[m]))]
         if progress:
-            print(f"training {m} ...", file=sys.stderr, flush=True)
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        if proc.returncode != 0:
-            tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
-            raise ConfigError(f"training {m} failed (exit {proc.returncode}): "
-                              + " | ".join(tail))
-        results[m] = json.loads(proc.stdout)
+            lr = f"lr {rates[m]:g}" if m in (rates or {}) else "the recipe's lr"
+            print(f"training {m} ({i}/{len(methods)}, {lr}) ...", file=sys.stderr, flush=True)
+        results[m] = _run_one(cmd, m, progress)
     rows = comparison_rows(results)
     write_json(out_dir / "comparison.json", {"title": title, "rows": rows, "runs": results})
     (out_dir / "comparison.md").write_text(markdown_table(rows, title))

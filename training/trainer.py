@@ -97,6 +97,8 @@ class TrainResult:
     clips_per_s: float
     peak_memory_mb: float
     test_report: list[dict[str, Any]] = field(default_factory=list)
+    feature_sources: dict[str, Any] = field(default_factory=dict)
+    """Each feature setting's value and where it came from (backbone, recipe, flag)."""
 
     def to_dict(self) -> dict[str, Any]:
         return {"best_epoch": self.best_epoch, "metric": self.metric,
@@ -105,7 +107,8 @@ class TrainResult:
                 "out": str(self.out_path) if self.out_path else None,
                 "trainable_params": self.trainable_params, "total_params": self.total_params,
                 "epoch_time_s": self.epoch_time_s, "clips_per_s": self.clips_per_s,
-                "peak_memory_mb": self.peak_memory_mb, "epochs": len(self.history)}
+                "peak_memory_mb": self.peak_memory_mb, "epochs": len(self.history),
+                "feature_sources": self.feature_sources}
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -324,23 +327,24 @@ class Trainer:
             with self._autocast():
                 logits = self.model(x)
             loss = compute_loss(r.loss, logits, y, m)
-            if not torch.isfinite(loss):
-                raise ConfigError(f"loss became {float(loss)} at epoch {epoch + 1}, step "
+            loss_value = loss.detach().item()  # a float, so no autograd warning below
+            if not math.isfinite(loss_value):
+                raise ConfigError(f"loss became {loss_value} at epoch {epoch + 1}, step "
                                   f"{p.global_step}; lower the learning rate (--lr)")
             self.scaler.scale(loss / r.grad_accum).backward()
             pending += 1
             p.batches_done += 1
-            p.running["loss_sum"] += loss.item() * len(x)
+            p.running["loss_sum"] += loss_value * len(x)
             p.running["clips"] += len(x)
             if pending == r.grad_accum or p.batches_done == total_batches:
                 p.global_step = self._step(p.global_step)
                 pending = 0
                 p.running["seconds"] = time.perf_counter() - t0
-                self._after_step(epoch, p, total_batches, loss.item())
+                self._after_step(epoch, p, total_batches, loss_value)
             bar.update(1)
             if self.options.progress:
                 rate = p.running["clips"] / max(time.perf_counter() - t0, 1e-9)
-                bar.set_postfix(loss=f"{float(loss):.4f}", clips_s=f"{rate:.1f}",
+                bar.set_postfix(loss=f"{loss_value:.4f}", clips_s=f"{rate:.1f}",
                                 lr=f"{self.optimizer.param_groups[0]['lr']:.2e}")
         bar.close()
         return time.perf_counter() - t0
@@ -426,6 +430,7 @@ class Trainer:
             out_path=written, trainable_params=count_trainable(self.model), total_params=total,
             epoch_time_s=float(np.mean(times)),
             clips_per_s=float(np.mean([h["clips_per_s"] for h in history] or [float("nan")])),
-            peak_memory_mb=peak_memory_mb(self.device), test_report=report)
+            peak_memory_mb=peak_memory_mb(self.device), test_report=report,
+            feature_sources=self.config.get("feature_sources", {}))
         write_json(self.run_dir / "summary.json", {**result.to_dict(), "test_report": report})
         return result

@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from aat_serve.adapters.bundle import TaskBundle, head_bundle
-from aat_serve.adapters.errors import AATError
+from aat_serve.adapters.checkpoints.aat_model import MODEL_FORMAT, read_model_manifest
+from aat_serve.adapters.errors import AATError, ConfigError
 
 _SHOWN_LABELS = 10
 
@@ -55,13 +56,62 @@ def _print_summary(info: dict[str, Any]) -> None:
               f"{t['parameters']:>12,}")
 
 
+def model_summary(path: str | Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """Like ``bundle_summary``, for a whole-model (``full``/``partial``) checkpoint."""
+    from safetensors import safe_open
+
+    tensors = []
+    with safe_open(str(path), framework="pt") as f:
+        for name in sorted(f.keys()):
+            t = f.get_slice(name)
+            shape = list(t.get_shape())
+            n = 1
+            for d in shape:
+                n *= d
+            dtype = t.get_dtype()
+            size = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8}.get(dtype, 4)
+            tensors.append({"name": name, "shape": shape, "dtype": dtype.lower(),
+                            "parameters": n, "bytes": n * size})
+    return {"file": str(path), "file_bytes": Path(path).stat().st_size, "format": MODEL_FORMAT,
+            "parameters": sum(t["parameters"] for t in tensors),
+            "tensor_bytes": sum(t["bytes"] for t in tensors), "manifest": manifest,
+            "tensors": tensors}
+
+
+def _print_model_summary(info: dict[str, Any]) -> None:
+    m = info["manifest"]
+    labels = m["labels"]
+    shown = "; ".join(labels[:_SHOWN_LABELS]) + ("; ..." if len(labels) > _SHOWN_LABELS else "")
+    b, f = m["backbone"], m["features"]
+    print(f"model      {info['file']} ({info['file_bytes']:,} bytes, {MODEL_FORMAT}: a "
+          "backbone with its own head; use it as --checkpoint)")
+    print(f"task       {m['task']}  method {m['method']}")
+    print(f"labels     {len(labels)} ({'multi-label' if m['multi_label'] else 'single-label'}): "
+          f"{shown}")
+    print(f"backbone   {b['embed_dim']} wide, {b['depth']} blocks, "
+          f"stride {b['freq_stride']}/{b['time_stride']}")
+    print(f"features   {f['sample_rate']} Hz, {f['num_mel_bins']} mel x {f['target_length']} "
+          f"frames, mean {f['mean']}, std {f['std']}")
+    for key in ("recipe", "metrics"):
+        if m.get(key):
+            print(f"{key:<10} {json.dumps(m[key], sort_keys=True)}")
+    print(f"created    {m.get('created_at') or '-'}")
+    print(f"tensors    {len(info['tensors'])}, {info['parameters']:,} parameters, "
+          f"{info['tensor_bytes']:,} bytes")
+
+
 def run_inspect(args: argparse.Namespace) -> int:
-    bundle = TaskBundle.load(args.file)
-    info = bundle_summary(args.file, bundle)
+    model = read_model_manifest(Path(args.file)) if Path(args.file).is_file() else None
+    if model is not None:
+        info = model_summary(args.file, model.raw)
+        printer = _print_model_summary
+    else:
+        info = bundle_summary(args.file, TaskBundle.load(args.file))
+        printer = _print_summary
     if args.json:
         print(json.dumps(info, indent=2))
     else:
-        _print_summary(info)
+        printer(info)
     return 0
 
 
@@ -155,8 +205,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     i = ssub.add_parser("inspect", help="show a bundle's manifest and tensors",
                         description="Validate a bundle and print its manifest, tensors "
-                                    "(name, dtype, shape, parameters) and sizes.")
-    i.add_argument("file", metavar="FILE", help="bundle (.safetensors)")
+                                    "(name, dtype, shape, parameters) and sizes; a full/partial "
+                                    "model written by aat train is shown the same way.")
+    i.add_argument("file", metavar="FILE",
+                   help="bundle or full/partial model (.safetensors)")
     i.add_argument("--json", action="store_true", help="print JSON")
     i.set_defaults(func=run_inspect)
 
@@ -169,7 +221,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                     "and exit 1.")
     v.add_argument("file", metavar="FILE", help="bundle (.safetensors)")
     v.add_argument("--checkpoint", required=True, metavar="PATH",
-                   help="Hugging Face directory, original AST or SSAST .pth")
+                   help="Hugging Face directory, original AST or SSAST .pth, or 'demo'")
     v.add_argument("--json", action="store_true", help="print JSON")
     v.set_defaults(func=run_verify)
 

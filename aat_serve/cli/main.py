@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.metadata
 import importlib.util
 import logging
 import sys
 
 from aat_serve.adapters.errors import AATError
+from aat_serve.cli.errors import report_error
 
 # Order is the order in ``aat --help``. Modules that are not present are skipped.
 SUBCOMMAND_MODULES = (
@@ -27,12 +29,21 @@ SUBCOMMAND_MODULES = (
 )
 
 
+def package_version() -> str:
+    """The installed aat-serve version (``unknown`` when run from an uninstalled tree)."""
+    try:
+        return importlib.metadata.version("aat-serve")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="aat",
         description="Serve many audio classification tasks from one frozen Audio Spectrogram "
                     "Transformer with AAT adapters.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    parser.add_argument("--version", action="version", version=f"aat {package_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in SUBCOMMAND_MODULES:
         if importlib.util.find_spec(name) is not None:
@@ -51,8 +62,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except AATError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return report_error(e, bool(getattr(args, "json", False)))
+    except OSError as e:  # e.g. an unwritable output: JSON too when --json was asked for
+        if not getattr(args, "json", False):
+            raise
+        return report_error(e, True)
     except KeyboardInterrupt:
         return 130
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 
 import torch
 
 from aat_serve.adapters.backbone import AST
 from aat_serve.adapters.config import BackboneConfig
+from aat_serve.adapters.errors import ConfigError
 from aat_serve.adapters.methods import METHODS
 from aat_serve.adapters.model import AudioClassifier, count_trainable
 
@@ -29,15 +31,36 @@ def method_table(classes: int, frames: int, cfg: BackboneConfig | None = None) -
     return rows
 
 
+def checkpoint_config(checkpoint: str, frames: int | None) -> BackboneConfig:
+    """A checkpoint's backbone geometry at ``frames`` (default: its own clip length)."""
+    from aat_serve.adapters.checkpoints import load_checkpoint
+
+    ckpt = load_checkpoint(checkpoint)
+    cfg = ckpt.backbone.cfg
+    if frames is None:
+        frames = ckpt.features.target_length
+    return dataclasses.replace(cfg, target_length=frames, pos_grid=cfg.stored_grid)
+
+
 def run(args: argparse.Namespace) -> int:
-    cfg = BackboneConfig(target_length=args.frames, freq_stride=args.stride,
-                         time_stride=args.stride)
-    rows = method_table(args.classes, args.frames, cfg)
+    if args.checkpoint:
+        if args.stride is not None:
+            raise ConfigError("--stride is the checkpoint's own; drop it with --checkpoint")
+        cfg = checkpoint_config(args.checkpoint, args.frames)
+        what = f"{args.checkpoint}: {cfg.embed_dim} wide, {cfg.depth} blocks"
+    else:
+        cfg = BackboneConfig(target_length=args.frames or 512,
+                             freq_stride=args.stride or 10, time_stride=args.stride or 10)
+        what = "ViT-B/16 AST"
+    stride, frames = cfg.freq_stride, cfg.target_length
+    rows = method_table(args.classes, frames, cfg)
     if args.json:
-        print(json.dumps({"classes": args.classes, "frames": args.frames,
-                          "stride": args.stride, "methods": rows}, indent=2))
+        out = {"classes": args.classes, "frames": frames, "stride": stride, "methods": rows}
+        if args.checkpoint:
+            out["checkpoint"] = args.checkpoint
+        print(json.dumps(out, indent=2))
         return 0
-    print(f"ViT-B/16 AST, stride {args.stride}, {args.frames} frames, {args.classes} classes")
+    print(f"{what}, stride {stride}, {frames} frames, {args.classes} classes")
     print(f"{'method':<8} {'trainable':>12} {'of model':>9}  bundle  description")
     for r in rows:
         print(f"{r['method']:<8} {r['trainable']:>12,} {r['percent']:>8.3f}%  "
@@ -48,9 +71,12 @@ def run(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("methods", help="trainable parameters of each fine-tuning method",
                        description="Print each method's trainable parameter count for a "
-                                   "ViT-B/16 AST backbone.")
+                                   "ViT-B/16 AST backbone, or for the backbone of --checkpoint.")
     p.add_argument("--classes", type=int, default=50, help="number of classes (default 50)")
-    p.add_argument("--frames", type=int, default=512, help="frames per clip (default 512)")
-    p.add_argument("--stride", type=int, default=10, help="patch stride (default 10)")
+    p.add_argument("--frames", type=int,
+                   help="frames per clip (default 512, or the checkpoint's own length)")
+    p.add_argument("--stride", type=int, help="patch stride of ViT-B/16 (default 10)")
+    p.add_argument("--checkpoint", metavar="PATH",
+                   help="count for this backbone (a checkpoint, or 'demo') instead of ViT-B/16")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=run)

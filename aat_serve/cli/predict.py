@@ -1,7 +1,9 @@
 """``aat predict``: classify audio files with a checkpoint's own head or a task bundle.
 
 Scores are sigmoids for multi-label tasks and softmaxes otherwise. A file that cannot be
-decoded is reported and skipped; the exit status is 1 if any file failed.
+decoded is reported and skipped; the exit status is 1 if any file failed. ``-`` (or
+``/dev/stdin``) reads one clip from standard input; a folder stands for its audio files, in
+sorted order. ``--json`` results use the API's key: ``predictions``.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import argparse
 import json
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
@@ -17,6 +20,7 @@ from tqdm import tqdm
 from aat_serve.adapters.bundle import TaskBundle, head_bundle
 from aat_serve.adapters.checkpoints import load_checkpoint, read_label_csv
 from aat_serve.adapters.config import FeatureConfig
+from aat_serve.adapters.device import resolve_device
 from aat_serve.adapters.errors import AudioError, CheckpointError, ConfigError
 from aat_serve.adapters.features import features_from_audio
 from aat_serve.adapters.model import AudioClassifier
@@ -43,7 +47,7 @@ class Predictor:
 
 
 def build_predictor(checkpoint: str, bundle_path: str | None = None,
-                    labels_csv: str | None = None, device: str = "cpu") -> Predictor:
+                    labels_csv: str | None = None, device: str = "auto") -> Predictor:
     """Load the backbone, then the bundle (or the checkpoint's own head) on top of it."""
     ckpt = load_checkpoint(checkpoint)
     if bundle_path is not None:
@@ -67,10 +71,10 @@ def build_predictor(checkpoint: str, bundle_path: str | None = None,
             raise ConfigError(f"label file {labels_csv!r} has {len(labels)} classes, but the "
                               f"task has {m.num_classes}")
     model = bundle.build_model(ckpt.backbone, fingerprint).eval()
+    dev = resolve_device(device, "--device")
     try:
-        dev = torch.device(device)
         model.to(dev)
-    except (RuntimeError, AssertionError) as e:  # bad name, or CUDA not available
+    except (RuntimeError, AssertionError) as e:  # e.g. no such CUDA device index
         raise ConfigError(f"cannot use device {device!r}: {e}") from None
     return Predictor(model, labels, m.multi_label, features, dev)
 
@@ -79,21 +83,50 @@ def _result(file: str, logits: torch.Tensor, predictor: Predictor, k: int) -> di
     scores = predictor.scores(logits)
     top = torch.topk(scores, min(k, scores.numel()))
     return {"file": file,
-            "labels": [{"label": predictor.labels[i], "score": float(s)}
+            "predictions": [{"label": predictor.labels[i], "score": float(s)}
                        for s, i in zip(top.values.tolist(), top.indices.tolist(), strict=True)],
             "logits": [float(v) for v in logits.tolist()]}
+
+
+STDIN_NAMES = ("-", "/dev/stdin")
+AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3", ".au", ".aiff", ".aif")
+
+
+def expand_inputs(items: list[str]) -> list[str]:
+    """Each argument as given; a folder becomes its audio files (recursively, sorted)."""
+    out: list[str] = []
+    for item in items:
+        p = Path(item)
+        if item in STDIN_NAMES or not p.is_dir():
+            out.append(item)
+            continue
+        found = sorted(str(f) for f in p.rglob("*") if f.is_file()
+                       and f.suffix.lower() in AUDIO_SUFFIXES and not f.name.startswith("."))
+        if not found:
+            raise ConfigError(f"folder {item!r} holds no audio files; expected files ending "
+                              f"in {', '.join(AUDIO_SUFFIXES)}")
+        out.extend(found)
+    if sum(i in STDIN_NAMES for i in out) > 1:
+        raise ConfigError("standard input ('-' or /dev/stdin) can be read only once")
+    return out
+
+
+def _source(item: str):
+    """What ``features_from_audio`` reads: the bytes of stdin, or the path."""
+    return sys.stdin.buffer.read() if item in STDIN_NAMES else item
 
 
 def run(args: argparse.Namespace) -> int:
     if args.top_k < 1:
         raise ConfigError(f"--top-k must be at least 1, got {args.top_k}")
+    inputs = expand_inputs(args.audio)
     predictor = build_predictor(args.checkpoint, args.bundle, args.labels, args.device)
     failed = 0
-    progress = tqdm(args.audio, desc="predict", unit="file", file=sys.stderr,
-                    disable=len(args.audio) < 2 or not sys.stderr.isatty())
+    progress = tqdm(inputs, desc="predict", unit="file", file=sys.stderr,
+                    disable=len(inputs) < 2 or not sys.stderr.isatty())
     for path in progress:
         try:
-            logits = predictor.logits(path)
+            logits = predictor.logits(_source(path))
         except AudioError as e:
             failed += 1
             msg = str(e) if path in str(e) else f"{path}: {e}"
@@ -105,7 +138,8 @@ def run(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(result), flush=True)
         else:
-            lines = [path] + [f"  {r['score']:.4f}  {r['label']}" for r in result["labels"]]
+            lines = [path] + [f"  {r['score']:.4f}  {r['label']}"
+                              for r in result["predictions"]]
             progress.write("\n".join(lines), file=sys.stdout)
     return 1 if failed else 0
 
@@ -117,13 +151,18 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "and either its own head or a task bundle. Scores are sigmoids for "
                     "multi-label tasks and softmaxes otherwise. Feature settings come from the "
                     "bundle's manifest, or from the checkpoint.",
-        epilog="With --json each file gives one line: {\"file\", \"labels\": [{\"label\", "
+        epilog="With --json each file gives one line: {\"file\", \"predictions\": [{\"label\", "
                "\"score\"}, ...] (top-k, best first), \"logits\": [...] (every class, in index "
                "order)}, or {\"file\", \"error\"} when it cannot be decoded. The exit status is 1 "
-               "if any file failed.")
-    p.add_argument("audio", nargs="+", metavar="AUDIO", help="audio files to classify")
+               "if any file failed; a failure before any file is read prints "
+               "{\"error\": {\"type\", \"message\"}}.")
+    p.add_argument("audio", nargs="+", metavar="AUDIO",
+                   help="audio files to classify; a folder stands for its audio files "
+                        "(sorted), '-' for one clip on standard input")
     p.add_argument("--checkpoint", required=True, metavar="PATH",
-                   help="backbone: a Hugging Face directory, or an AST / SSAST .pth file")
+                   help="backbone: a Hugging Face directory, an AST / SSAST .pth file, a "
+                        "full/partial model from aat train, or 'demo' (the shipped demo "
+                        "backbone)")
     p.add_argument("--bundle", metavar="FILE",
                    help="task bundle (.safetensors); default: the checkpoint's own head")
     p.add_argument("--labels", metavar="CSV",
@@ -131,7 +170,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "(index,mid,display_name); default: the task's own labels")
     p.add_argument("--top-k", type=int, default=5, metavar="K",
                    help="how many labels to print per file (default 5)")
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
+    p.add_argument("--device", default="auto",
+                   help="auto (CUDA if present; default), cpu, cuda, cuda:N")
     p.add_argument("--json", action="store_true", help="print one JSON object per file")
     p.set_defaults(func=run)
 

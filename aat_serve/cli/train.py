@@ -4,6 +4,7 @@ compare methods. Every recipe field is a flag (``--lr``, ``--target-length``, ``
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -11,7 +12,7 @@ import sys
 from typing import Any
 
 from aat_serve.adapters.methods import METHODS
-from aat_serve.training.data import DATASETS
+from aat_serve.training.data import DATASETS, BadAudioError
 from aat_serve.training.recipes import FIELDS, RECIPES
 
 _LITERALS = {"loss": ("ce", "bce"), "metric": ("acc", "mAP")}
@@ -21,10 +22,10 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _add_recipe_flags(p: argparse.ArgumentParser) -> None:
+def _add_recipe_flags(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
     g = p.add_argument_group("recipe overrides (default: the recipe's value)")
     for name, f in FIELDS.items():
-        if name == "name":
+        if name == "name" or name in skip:
             continue
         kind = type(f.default)
         kw: dict[str, Any] = {"dest": f"r_{name}", "default": None, "help": f.metadata["help"]}
@@ -50,11 +51,25 @@ def _add_data_flags(p: argparse.ArgumentParser) -> None:
                    help="where the data set was extracted (the CSV file for --dataset csv)")
     p.add_argument("--skip-bad-audio", action="store_true",
                    help="leave out (and log) files that cannot be decoded instead of stopping")
+    p.add_argument("--all-labels", action="store_true",
+                   help="keep every class of the official layout even when the data holds no "
+                        "clip of it (default: the labels the data holds; empty classes are "
+                        "named in a warning)")
     p.add_argument("--allow-pickle", action="store_true",
                    help="OpenMIC: allow a pickled sample_key array in openmic-2018.npz")
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
     p.add_argument("--workers", type=int, default=0, help="data loading processes (default 0)")
     p.add_argument("--json", action="store_true", help="print a JSON summary; no progress bars")
+
+
+@contextlib.contextmanager
+def cli_hints():
+    """Errors name this CLI's flags, not the Python arguments behind them."""
+    try:
+        yield
+    except BadAudioError as e:
+        e.hint = "--skip-bad-audio"
+        raise
 
 
 def _quiet(args: argparse.Namespace) -> None:
@@ -76,15 +91,16 @@ def run_train(args: argparse.Namespace) -> int:
 
     _quiet(args)
     options = RunOptions(device=args.device, num_workers=args.workers,
-                         progress=(sys.stderr.isatty() or args.progress) and not args.json,
+                         progress=args.progress or (sys.stderr.isatty() and not args.json),
                          checkpoint_every=args.checkpoint_every, cache_waveforms=args.cache_audio,
                          fresh=args.fresh)
-    result = train(args.dataset, args.root, args.checkpoint, args.method, args.out,
-                   task=args.task, recipe=args.recipe, overrides=_overrides(args),
-                   fold=args.fold, cv=args.cv, run_dir=args.run_dir, options=options,
-                   on_bad_audio="skip" if args.skip_bad_audio else "error",
-                   allow_pickle=args.allow_pickle, bottleneck=args.bottleneck,
-                   num_prompts=args.num_prompts)
+    with cli_hints():
+        result = train(args.dataset, args.root, args.checkpoint, args.method, args.out,
+                       task=args.task, recipe=args.recipe, overrides=_overrides(args),
+                       fold=args.fold, cv=args.cv, run_dir=args.run_dir, options=options,
+                       on_bad_audio="skip" if args.skip_bad_audio else "error",
+                       allow_pickle=args.allow_pickle, bottleneck=args.bottleneck,
+                       num_prompts=args.num_prompts, all_labels=args.all_labels)
     summary = result.to_dict()
     if args.json:
         print(json.dumps(_clean(summary), indent=2, sort_keys=True))
@@ -128,7 +144,8 @@ def _register_train(sub: argparse._SubParsersAction) -> None:
         epilog="recipes: " + ", ".join(RECIPES))
     _add_data_flags(p)
     p.add_argument("--checkpoint", required=True,
-                   help="backbone: Hugging Face AST directory, original AST or SSAST .pth")
+                   help="backbone: Hugging Face AST directory, original AST or SSAST .pth, or "
+                        "'demo' (the demo backbone shipped with aat-serve)")
     p.add_argument("--method", required=True, choices=list(METHODS), help="fine-tuning method")
     p.add_argument("--out", help="output bundle / model file (.safetensors)")
     p.add_argument("--task", help="task name in the bundle (default: the data set's name)")
@@ -160,11 +177,12 @@ def run_eval(args: argparse.Namespace) -> int:
     from aat_serve.training.api import evaluate
 
     _quiet(args)
-    res = evaluate(args.dataset, args.root, args.bundle, checkpoint=args.checkpoint,
-                   fold=args.fold, split=args.split, device=args.device,
-                   batch_size=args.batch_size, num_workers=args.workers,
-                   on_bad_audio="skip" if args.skip_bad_audio else "error",
-                   allow_pickle=args.allow_pickle)
+    with cli_hints():
+        res = evaluate(args.dataset, args.root, args.bundle, checkpoint=args.checkpoint,
+                       fold=args.fold, split=args.split, device=args.device,
+                       batch_size=args.batch_size, num_workers=args.workers,
+                       on_bad_audio="skip" if args.skip_bad_audio else "error",
+                       allow_pickle=args.allow_pickle, all_labels=args.all_labels)
     if args.json:
         print(json.dumps(_clean(res), indent=2, sort_keys=True))
         return 0
@@ -193,8 +211,8 @@ def _register_eval(sub: argparse._SubParsersAction) -> None:
                                    "checkpoint) on a data set: the recipe's metric, accuracy, "
                                    "mAP, mAUC and a per-class report.")
     _add_data_flags(p)
-    p.add_argument("--checkpoint", help="the backbone the bundle was trained on (not needed for "
-                                        "a whole-model checkpoint)")
+    p.add_argument("--checkpoint", help="the backbone the bundle was trained on, or 'demo' "
+                                        "(not needed for a whole-model checkpoint)")
     p.add_argument("--bundle", required=True, help="task bundle or whole-model checkpoint")
     p.add_argument("--fold", type=int,
                    help="held-out fold (esc50, us8k; default: the fold it was trained for)")
@@ -207,7 +225,7 @@ def _register_eval(sub: argparse._SubParsersAction) -> None:
 # -- compare --------------------------------------------------------------------------------
 
 def run_compare(args: argparse.Namespace) -> int:
-    from aat_serve.training.compare import compare_methods, markdown_table
+    from aat_serve.training.compare import compare_methods, markdown_table, parse_rates
 
     train_args = ["--dataset", args.dataset, "--root", args.root, "--checkpoint",
                   args.checkpoint, "--device", args.device, "--workers", str(args.workers)]
@@ -219,6 +237,8 @@ def run_compare(args: argparse.Namespace) -> int:
         train_args += ["--recipe", args.recipe]
     if args.skip_bad_audio:
         train_args.append("--skip-bad-audio")
+    if args.all_labels:
+        train_args.append("--all-labels")
     if args.allow_pickle:
         train_args.append("--allow-pickle")
     if args.cache_audio:
@@ -233,7 +253,8 @@ def run_compare(args: argparse.Namespace) -> int:
             train_args += [flag, str(value)]
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     title = f"{args.dataset}: methods compared"
-    rows = compare_methods(methods, train_args, args.out_dir, title, progress=not args.json)
+    rows = compare_methods(methods, train_args, args.out_dir, title, progress=not args.json,
+                           rates=parse_rates(args.lr, methods))
     if args.json:
         print(json.dumps(_clean({"rows": rows}), indent=2, sort_keys=True))
     else:
@@ -248,7 +269,8 @@ def _register_compare(sub: argparse._SubParsersAction) -> None:
                                    "metric, epoch time, peak memory) to OUT_DIR/comparison.md "
                                    "and comparison.json.")
     _add_data_flags(p)
-    p.add_argument("--checkpoint", required=True, help="backbone checkpoint")
+    p.add_argument("--checkpoint", required=True,
+                   help="backbone checkpoint, or 'demo' (the shipped demo backbone)")
     p.add_argument("--methods", default="head,prompt,aat_m,aat_ms,full",
                    help="comma-separated methods (default head,prompt,aat_m,aat_ms,full)")
     p.add_argument("--out-dir", required=True, help="where runs, bundles and the table go")
@@ -258,7 +280,10 @@ def _register_compare(sub: argparse._SubParsersAction) -> None:
     folds.add_argument("--cv", action="store_true", help="cross-validate every method")
     p.add_argument("--cache-audio", action="store_true", help="keep decoded audio in memory")
     p.add_argument("--fresh", action="store_true", help="start every run over")
-    _add_recipe_flags(p)
+    p.add_argument("--lr", action="append", default=[], metavar="[METHOD=]RATE",
+                   help="learning rate of one method (full=1e-5), or of every method not named "
+                        "(1e-4); repeatable (default: each method's recipe rate)")
+    _add_recipe_flags(p, skip=("lr",))
     p.set_defaults(func=run_compare)
 
 

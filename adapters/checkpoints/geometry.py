@@ -146,16 +146,19 @@ def ssast_geometry(canon: CanonicalStateDict, fields: ConfigFields, path: str,
 
 def original_geometry(canon: CanonicalStateDict, fields: ConfigFields,
                       freq_stride: int | None, time_stride: int | None,
-                      target_length: int | None) -> tuple[ConfigFields, tuple[int, int], int]:
+                      target_length: int | None, num_mel_bins: int
+                      ) -> tuple[ConfigFields, tuple[int, int], int]:
     """(fields with strides and mel bins, stored grid, native length) of an original AST file.
 
-    The file stores neither, so ``infer_grid`` derives them for 128 mel bins.
+    The file stores neither strides nor mel bins: ``infer_grid`` derives the strides for the
+    caller's ``num_mel_bins``.
     """
     n_patch = int(canon.tensors["pos_embed"].shape[1]) - int(fields["num_prefix_tokens"])
     fs, ts, grid, native_len = infer_grid(
-        n_patch, (int(fields["patch_freq"]), int(fields["patch_time"])), 128,
+        n_patch, (int(fields["patch_freq"]), int(fields["patch_time"])), num_mel_bins,
         freq_stride=freq_stride, time_stride=time_stride, target_length=target_length)
-    return dict(fields, freq_stride=fs, time_stride=ts, num_mel_bins=128), grid, native_len
+    return (dict(fields, freq_stride=fs, time_stride=ts, num_mel_bins=num_mel_bins), grid,
+            native_len)
 
 
 def backbone_config(fields: ConfigFields, native_grid: tuple[int, int], target_length: int

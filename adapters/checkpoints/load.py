@@ -17,6 +17,7 @@ from torch.nn import functional as F
 
 from aat_serve.adapters.backbone import AST
 from aat_serve.adapters.checkpoints import hf_config
+from aat_serve.adapters.checkpoints.aat_model import ModelManifest, read_model_manifest
 from aat_serve.adapters.checkpoints.convert import CanonicalStateDict, source_name, to_canonical
 from aat_serve.adapters.checkpoints.files import read_hf_weights, read_json, read_tensor_file
 from aat_serve.adapters.checkpoints.geometry import (
@@ -28,10 +29,26 @@ from aat_serve.adapters.checkpoints.geometry import (
 from aat_serve.adapters.checkpoints.hub import looks_like_model_id, resolve_checkpoint
 from aat_serve.adapters.checkpoints.messages import few_names
 from aat_serve.adapters.config import BackboneConfig, FeatureConfig
+from aat_serve.adapters.demo_assets import BACKBONE_DIR as DEMO_BACKBONE_DIR
 from aat_serve.adapters.errors import CheckpointError, ConfigError
 
 HEAD_KEYS = ("norm.weight", "norm.bias", "fc.weight", "fc.bias")
 """Names in ``LoadedCheckpoint.head`` (``head.`` + these in a canonical state dict)."""
+
+DEMO_CHECKPOINT = "demo"
+"""The checkpoint name that means the demo backbone shipped inside the package."""
+
+ORIGINAL_AST_MEL_BINS = 128
+"""Mel bins assumed for an original AST ``.pth``, which does not record them (every public
+one uses 128); ``load_checkpoint(num_mel_bins=...)`` says otherwise."""
+
+
+def checkpoint_path(path: str | os.PathLike) -> Path:
+    """Where a checkpoint name points: ``demo`` (when no such file exists) is the demo backbone."""
+    p = Path(path)
+    if str(path) == DEMO_CHECKPOINT and not p.exists():
+        return DEMO_BACKBONE_DIR
+    return p
 
 
 @dataclass
@@ -53,6 +70,11 @@ class LoadedCheckpoint:
     """Tensors of the file that were deliberately not loaded (DeiT heads, SSAST pretraining)."""
     multi_label: bool | None = None
     """From a Hugging Face ``problem_type`` when the config states one."""
+    features_recorded: bool = False
+    """True when ``features`` were read from the checkpoint (``preprocessor_config.json`` or
+    a whole-model manifest); False when they are defaults (AudioSet statistics)."""
+    manifest: dict | None = None
+    """The manifest of a whole-model (``aat-model/1``) checkpoint; None for the others."""
 
     @property
     def num_classes(self) -> int | None:
@@ -161,7 +183,8 @@ def _check_positive(**values: int | None) -> None:
 
 def load_checkpoint(path: str | os.PathLike, *, target_length: int | None = None,
                     freq_stride: int | None = None, time_stride: int | None = None,
-                    num_heads: int | None = None) -> LoadedCheckpoint:
+                    num_heads: int | None = None, num_mel_bins: int | None = None
+                    ) -> LoadedCheckpoint:
     """Load a Hugging Face directory, an original AST or an SSAST checkpoint, strictly.
 
     ``path`` may also be a Hugging Face model id (``owner/name``), resolved through the hub
@@ -169,22 +192,56 @@ def load_checkpoint(path: str | os.PathLike, *, target_length: int | None = None
     as stored and is cut or interpolated per input). ``freq_stride``/``time_stride`` override
     the inferred strides of an original AST file, and set SSAST's fine-tuning strides (default
     10/10 for patch models, ``patch_freq``/1 for frame models as SSAST does).
+    ``num_mel_bins`` is for an original AST file, which does not record it (default
+    ``ORIGINAL_AST_MEL_BINS``). ``demo`` names the demo backbone; a whole-model checkpoint
+    written by ``aat train`` (``full``/``partial``) loads with its own labels and features.
     """
-    p = Path(path)
-    spath = str(path)
+    p = checkpoint_path(path)
+    spath = str(p) if str(path) == DEMO_CHECKPOINT else str(path)
     _check_positive(target_length=target_length, freq_stride=freq_stride,
-                    time_stride=time_stride, num_heads=num_heads)
+                    time_stride=time_stride, num_heads=num_heads, num_mel_bins=num_mel_bins)
     if not p.exists() and looks_like_model_id(spath):  # e.g. MIT/ast-finetuned-audioset-...
         p = resolve_checkpoint(spath)
     if p.is_dir():
         return _load_hf_dir(p, target_length, freq_stride, time_stride)
     if not p.exists():
         raise CheckpointError(f"checkpoint {spath!r} does not exist")
-    return _load_tensor_file(p, spath, target_length, freq_stride, time_stride, num_heads)
+    if p.is_file():
+        model = read_model_manifest(p)
+        if model is not None:
+            return _load_aat_model(p, spath, model, target_length)
+    return _load_tensor_file(p, spath, target_length, freq_stride, time_stride, num_heads,
+                             num_mel_bins)
+
+
+def _load_aat_model(p: Path, spath: str, model: ModelManifest, target_length: int | None
+                    ) -> LoadedCheckpoint:
+    """A whole-model checkpoint: geometry, labels and features from its manifest."""
+    canon = to_canonical(read_tensor_file(p), "ast", spath)
+    cfg = model.backbone
+    if target_length is not None:
+        cfg = backbone_config({k: v for k, v in cfg.to_dict().items()
+                               if k not in ("target_length", "pos_grid")},
+                              cfg.stored_grid, target_length)
+    backbone = build_backbone(cfg, canon.tensors, fmt="ast", origin=canon.origin, path=spath)
+    head = extract_head(canon, cfg.embed_dim, spath, len(model.labels))
+    features = model.features
+    if target_length is not None:
+        features = FeatureConfig.from_dict({**features.to_dict(), "target_length": target_length})
+    if features.num_mel_bins != cfg.num_mel_bins:
+        raise CheckpointError(f"{spath!r}: its manifest's features have "
+                              f"{features.num_mel_bins} mel bins, its backbone "
+                              f"{cfg.num_mel_bins}")
+    return LoadedCheckpoint(backbone=backbone, head=head, labels=list(model.labels),
+                            features=features, source_format="aat-model", path=spath,
+                            dropped=tuple(sorted(canon.dropped)),
+                            multi_label=model.multi_label, features_recorded=True,
+                            manifest=model.raw)
 
 
 def _load_tensor_file(p: Path, spath: str, target_length: int | None, freq_stride: int | None,
-                      time_stride: int | None, num_heads: int | None) -> LoadedCheckpoint:
+                      time_stride: int | None, num_heads: int | None,
+                      num_mel_bins: int | None) -> LoadedCheckpoint:
     """An original AST or SSAST file (or a single Hugging Face weights file)."""
     canon = to_canonical(read_tensor_file(p), path=spath)
     fmt = canon.source_format
@@ -192,8 +249,9 @@ def _load_tensor_file(p: Path, spath: str, target_length: int | None, freq_strid
     if fmt == "ssast":
         fields, grid, native_len = ssast_geometry(canon, fields, spath, freq_stride, time_stride)
     else:
-        fields, grid, native_len = original_geometry(canon, fields, freq_stride, time_stride,
-                                                     target_length)
+        fields, grid, native_len = original_geometry(
+            canon, fields, freq_stride, time_stride, target_length,
+            num_mel_bins or ORIGINAL_AST_MEL_BINS)
     length = target_length or native_len
     cfg = backbone_config(dict(fields, norm_eps=1e-12 if fmt == "hf" else 1e-6,
                                head_norm_eps=1e-12 if fmt == "hf" else 1e-5), grid, length)
@@ -233,4 +291,5 @@ def _load_hf_dir(directory: Path, target_length: int | None, freq_stride: int | 
     features = hf_config.feature_config(pre, cfg, target_length, str(pre_path))
     return LoadedCheckpoint(backbone=backbone, head=head, labels=labels, features=features,
                             source_format="hf", path=spath, dropped=tuple(canon.dropped),
-                            multi_label=hf_config.multi_label(config))
+                            multi_label=hf_config.multi_label(config),
+                            features_recorded=pre_path.is_file())

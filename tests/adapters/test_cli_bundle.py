@@ -90,7 +90,10 @@ def test_from_checkpoint_labels_and_options(capsys, ckpts, tmp_path):
 ])
 def test_from_checkpoint_errors(capsys, ckpts, tmp_path, args, message):
     rc, out, cap = _export(capsys, ckpts, tmp_path, *args)
-    assert rc == 1 and message in cap.err and not out.exists()
+    # --json: the API's error body on stdout (issue 22), nothing on stderr.
+    error = json.loads(cap.out)["error"]
+    assert rc == 1 and message in error["message"] and not out.exists()
+    assert error["type"] == "invalid_request" and cap.err == ""
 
 
 def test_from_checkpoint_without_head_or_bad_inputs(capsys, ckpts, tmp_path):

@@ -125,10 +125,10 @@ def test_json_logits_equal_the_model_and_transformers(capsys, ckpt_dirs, wavs, k
 
         all_scores = torch.sigmoid(got) if kind == "multi" else torch.softmax(got, dim=0)
         other = torch.softmax(got, dim=0) if kind == "multi" else torch.sigmoid(got)
-        scores = [x["score"] for x in r["labels"]]
+        scores = [x["score"] for x in r["predictions"]]
         assert len(scores) == 4 and scores == sorted(scores, reverse=True)
         top = torch.topk(all_scores, 4)
-        assert [x["label"] for x in r["labels"]] == [f"word{i}" for i in top.indices.tolist()]
+        assert [x["label"] for x in r["predictions"]] == [f"word{i}" for i in top.indices.tolist()]
         torch.testing.assert_close(torch.tensor(scores), top.values, rtol=0, atol=1e-7)
         assert not torch.allclose(torch.tensor(scores), torch.topk(other, 4).values, atol=1e-3)
         if kind == "single":
@@ -148,7 +148,7 @@ def test_text_output_and_top_k_bounds(capsys, ckpt_dirs, wavs):
     assert label.startswith("word") and 0 < float(score) < 1
 
     code, results, _ = predict_json(capsys, wavs["tone"], "--checkpoint", ckpt, "--top-k", "99")
-    assert code == 0 and len(results[0]["labels"]) == NUM_CLASSES
+    assert code == 0 and len(results[0]["predictions"]) == NUM_CLASSES
     assert main(["predict", wavs["tone"], "--checkpoint", ckpt, "--top-k", "0"]) == 1
     assert "--top-k must be at least 1, got 0" in capsys.readouterr().err
 
@@ -161,8 +161,8 @@ def test_labels_csv_renames_the_classes(capsys, ckpt_dirs, wavs):
     assert code == 0, err
     words = read_label_csv(SC_CSV)
     assert len(words) == NUM_CLASSES and words[0] == "backward"
-    idx = [int(x["label"].removeprefix("word")) for x in plain[0]["labels"]]
-    assert [x["label"] for x in named[0]["labels"]] == [words[i] for i in idx]
+    idx = [int(x["label"].removeprefix("word")) for x in plain[0]["predictions"]]
+    assert [x["label"] for x in named[0]["predictions"]] == [words[i] for i in idx]
     assert named[0]["logits"] == plain[0]["logits"]
 
     assert main(["predict", wavs["tone"], "--checkpoint", ckpt, "--labels", str(ESC_CSV)]) == 1
@@ -198,7 +198,7 @@ def test_bundle_with_another_class_count_and_its_own_features(capsys, ckpt_dirs,
         assert got.shape == (50,) and torch.equal(got, want)
         assert (got - with_ckpt_features).abs().max() > 1e-3
         top = torch.topk(torch.softmax(want, 0), 5)
-        assert [x["label"] for x in r["labels"]] == [labels[i] for i in top.indices.tolist()]
+        assert [x["label"] for x in r["predictions"]] == [labels[i] for i in top.indices.tolist()]
 
     # A bundle trained on another backbone is refused with the fingerprint error.
     other = AudioClassifier(AST(ckpt.backbone.cfg), "head", 3)
@@ -219,7 +219,7 @@ def test_multi_label_bundle_uses_sigmoid(capsys, ckpt_dirs, wavs, tmp_path):
                                       "--top-k", "6")
     assert code == 0, err
     logits = torch.tensor(results[0]["logits"])
-    scores = sorted((x["score"] for x in results[0]["labels"]), reverse=True)
+    scores = sorted((x["score"] for x in results[0]["predictions"]), reverse=True)
     torch.testing.assert_close(torch.tensor(scores),
                                torch.sigmoid(logits).sort(descending=True).values)
     assert abs(sum(scores) - 1.0) > 1e-3  # not a softmax
@@ -267,7 +267,7 @@ def test_checkpoint_without_head_needs_a_bundle(capsys, tmp_path, wavs):
     with torch.no_grad():
         want = model(features_from_audio(wavs["tone"], feats)[None])[0]
     assert torch.equal(torch.tensor(results[0]["logits"]), want)
-    assert results[0]["labels"][0]["label"] in read_label_csv(SC_CSV)
+    assert results[0]["predictions"][0]["label"] in read_label_csv(SC_CSV)
 
 
 def test_bad_checkpoint_and_bundle_paths_are_clear_errors(capsys, ckpt_dirs, wavs, tmp_path):

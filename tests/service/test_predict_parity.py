@@ -29,7 +29,7 @@ def _aat_predict(capsys, ckpt_dir, bundle_path, files, k) -> dict[str, list[dict
     out = capsys.readouterr().out
     assert code == 0, out
     rows = [json.loads(line) for line in out.splitlines() if line.strip()]
-    return {row["file"]: row["labels"] for row in rows}
+    return {row["file"]: row["predictions"] for row in rows}
 
 
 def test_mixed_concurrent_stream_matches_aat_predict(make_app, store, ckpt_dir, four, tmp_path,

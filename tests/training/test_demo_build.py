@@ -353,7 +353,7 @@ def test_aat_predict_on_the_committed_demo(tmp_path, capsys):
     assert aat(["predict", *files, "--checkpoint", str(BACKBONE_DIR), "--bundle",
                 str(TASKS_DIR / "digits.safetensors"), "--json", "--top-k", "10"]) == 0
     results = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert results[0]["labels"][0]["label"] == "seven"
+    assert results[0]["predictions"][0]["label"] == "seven"
     bundle = TaskBundle.load(TASKS_DIR / "digits.safetensors")
     model = bundle.build_model(load_checkpoint(BACKBONE_DIR).backbone).eval()
     for path, r in zip(files, results, strict=True):
@@ -361,6 +361,6 @@ def test_aat_predict_on_the_committed_demo(tmp_path, capsys):
             probs = model(features_from_audio(path, bundle.manifest.feature_config)[None])
             probs = probs.softmax(-1)[0]
         order = [bundle.manifest.labels[i] for i in probs.argsort(descending=True).tolist()]
-        assert [x["label"] for x in r["labels"]] == order
-        torch.testing.assert_close(torch.tensor([x["score"] for x in r["labels"]]),
+        assert [x["label"] for x in r["predictions"]] == order
+        torch.testing.assert_close(torch.tensor([x["score"] for x in r["predictions"]]),
                                    probs.sort(descending=True).values)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from aat_serve.adapters.backbone import AST
 from aat_serve.adapters.bundle import TaskBundle
@@ -32,9 +32,16 @@ def test_whole_model_checkpoint_reads_back_through_both_loaders(tmp_path):
         want = model(x)
         ours, manifest = load_model_checkpoint(path)
         torch.testing.assert_close(ours(x), want)
-        public = load_checkpoint(path, num_heads=2)  # the original AST layout
-        assert public.source_format == "ast" and public.backbone.cfg.freq_stride == 10
+        public = load_checkpoint(path, num_heads=2)  # a backbone with its own labels (issue 22)
+        assert public.source_format == "aat-model" and public.backbone.cfg.freq_stride == 10
+        assert public.labels == ["a", "b", "c"] and public.features.target_length == 128
         torch.testing.assert_close(public.logits(x), want, rtol=1e-5, atol=1e-6)
+        # The same tensors without the manifest: the original AST layout, labels unknown.
+        bare = tmp_path / "bare.safetensors"
+        save_file(load_file(str(path)), str(bare))
+        plain = load_checkpoint(bare, num_heads=2)
+        assert plain.source_format == "ast" and plain.labels is None
+        torch.testing.assert_close(plain.logits(x), want, rtol=1e-5, atol=1e-6)
         assert not torch.allclose(AudioClassifier(AST(cfg), "partial", 3)(x), want)
     assert manifest["labels"] == ["a", "b", "c"] and manifest["method"] == "partial"
     assert manifest["metrics"] == {"acc": 0.5} and manifest["recipe"] == {"lr": 1e-5}

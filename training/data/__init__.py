@@ -8,12 +8,14 @@ from functools import partial
 
 from aat_serve.adapters.errors import ConfigError
 from aat_serve.training.data.base import (
+    BadAudioError,
     BadAudioRule,
     DatasetError,
     DataSource,
     Example,
     Skipped,
     hash_split,
+    keep_present_labels,
     summarize,
 )
 from aat_serve.training.data.esc50 import ESC50_LABELS, load_esc50
@@ -37,18 +39,23 @@ DATASETS = tuple(LOADERS)
 
 
 def load_source(name: str, root: str | os.PathLike, *, on_bad_audio: BadAudioRule = "error",
-                allow_pickle: bool = False) -> DataSource:
-    """Read data set ``name`` from ``root`` (see ``DATASETS``)."""
+                allow_pickle: bool = False, all_labels: bool = False) -> DataSource:
+    """Read data set ``name`` from ``root`` (see ``DATASETS``).
+
+    The label set is what the data holds (classes with no clip are left out, by name, in a
+    warning) unless ``all_labels`` keeps every class of the official layout.
+    """
     if name not in LOADERS:
         raise ConfigError(f"unknown data set {name!r}; expected one of {', '.join(DATASETS)}")
     kwargs = {"on_bad_audio": on_bad_audio}
     if name == "openmic":
         kwargs["allow_pickle"] = allow_pickle
-    return LOADERS[name](root, **kwargs)
+    return keep_present_labels(LOADERS[name](root, **kwargs), all_labels)
 
 
 __all__ = [
     "DATASETS", "ESC50_LABELS", "GTZAN_LABELS", "LOADERS", "SC1_WORDS", "SC2_WORDS",
-    "US8K_LABELS", "DataSource", "DatasetError", "Example", "Skipped", "hash_split",
+    "US8K_LABELS", "BadAudioError", "DataSource", "DatasetError", "Example", "Skipped",
+    "hash_split",
     "load_source", "summarize",
 ]

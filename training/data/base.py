@@ -9,6 +9,7 @@ explicit ``on_bad_audio="skip"`` rule, which logs and counts every file it drops
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import logging
 import os
@@ -177,28 +178,80 @@ def audio_problem(path: Path) -> str | None:
     return None
 
 
+SHOWN_BAD_FILES = 20
+"""How many undecodable files one error names before it says "and N more"."""
+
+
+class BadAudioError(DatasetError):
+    """Files of a data set cannot be decoded; names every one (up to ``SHOWN_BAD_FILES``).
+
+    ``hint`` is how the caller leaves such files out: the Python argument by default; the CLI
+    sets its flag (``--skip-bad-audio``) before it prints the error.
+    """
+
+    def __init__(self, dataset: str, bad: list[Skipped], hint: str = "on_bad_audio='skip'"):
+        self.dataset, self.bad, self.hint = dataset, list(bad), hint
+        super().__init__(dataset)
+
+    def __str__(self) -> str:
+        shown = [f"  {b.path}: {b.reason}" for b in self.bad[:SHOWN_BAD_FILES]]
+        more = len(self.bad) - len(shown)
+        if more:
+            shown.append(f"  and {more} more")
+        return (f"{self.dataset}: {len(self.bad)} file(s) are not readable audio:\n"
+                + "\n".join(shown) + f"\n(pass {self.hint} to leave such files out)")
+
+
 def check_audio(examples: list[Example], on_bad_audio: BadAudioRule, dataset: str,
                 skipped: list[Skipped]) -> list[Example]:
-    """Read every file's header; bad files raise, or are skipped under the explicit rule."""
+    """Read every file's header; bad files raise (all named at once), or are skipped under
+    the explicit rule."""
     if on_bad_audio not in ("error", "skip"):
         raise ConfigError(f"on_bad_audio must be 'error' or 'skip', got {on_bad_audio!r}")
     kept: list[Example] = []
-    bad = 0
+    bad: list[Skipped] = []
     for ex in examples:
         problem = audio_problem(ex.path)
         if problem is None:
             kept.append(ex)
-            continue
-        if on_bad_audio == "error":
-            raise DatasetError(
-                f"{dataset}: {ex.path}: {problem}; expected a readable audio file "
-                "(pass on_bad_audio='skip' / --skip-bad-audio to leave such files out)")
-        bad += 1
-        skipped.append(Skipped(ex.path, problem))
-        log.warning("%s: skipping %s: %s", dataset, ex.path, problem)
+        else:
+            bad.append(Skipped(ex.path, problem))
+    if bad and on_bad_audio == "error":
+        raise BadAudioError(dataset, bad)
+    for b in bad:
+        skipped.append(b)
+        log.warning("%s: skipping %s: %s", dataset, b.path, b.reason)
     if bad:
-        log.warning("%s: skipped %d undecodable file(s) by the --skip-bad-audio rule", dataset, bad)
+        log.warning("%s: skipped %d undecodable file(s) by the --skip-bad-audio rule", dataset,
+                    len(bad))
     return kept
+
+
+def keep_present_labels(source: DataSource, all_labels: bool = False) -> DataSource:
+    """The label set the data holds: classes without a single clip are left out (a warning
+    names them), unless ``all_labels`` keeps every class of the layout (still warned about).
+
+    A subset of Speech Commands or ESC-50 otherwise trains a head with empty classes.
+    Masked (OpenMIC) sources keep their classes: absence there is an annotation.
+    """
+    if source.masked:
+        return source
+    present = sorted({i for e in source.examples for i in e.labels})
+    empty = [name for i, name in enumerate(source.labels) if i not in set(present)]
+    if not empty:
+        return source
+    names = ", ".join(empty)
+    if all_labels:
+        log.warning("%s: %d of %d classes have no clips (kept by --all-labels): %s",
+                    source.name, len(empty), source.num_classes, names)
+        return source
+    log.warning("%s: %d of %d classes have no clips and are left out (pass --all-labels to "
+                "keep them): %s", source.name, len(empty), source.num_classes, names)
+    index = {old: new for new, old in enumerate(present)}
+    examples = [dataclasses.replace(e, labels=tuple(index[i] for i in e.labels))
+                for e in source.examples]
+    return dataclasses.replace(source, labels=[source.labels[i] for i in present],
+                               examples=examples)
 
 
 _NOHASH = re.compile(r"_nohash_.*$")
