@@ -12,7 +12,7 @@ from typing import Any
 
 from aat_serve.adapters.bundle import TaskBundle, head_bundle
 from aat_serve.adapters.checkpoints.aat_model import MODEL_FORMAT, read_model_manifest
-from aat_serve.adapters.errors import AATError, ConfigError
+from aat_serve.adapters.errors import AATError
 
 _SHOWN_LABELS = 10
 
