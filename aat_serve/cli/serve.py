@@ -14,6 +14,7 @@ def run(args: argparse.Namespace) -> int:
 
     from aat_serve.service.app import create_app
     from aat_serve.service.logs import configure_logging
+    from aat_serve.service.one_write import one_write_protocol
     from aat_serve.service.runtime import load_backbone, tune_process, with_embedded_defaults
     from aat_serve.service.settings import load_settings
 
@@ -31,8 +32,11 @@ def run(args: argparse.Namespace) -> int:
                                "management": settings.management_enabled,
                                "keep_freed_memory": malloc_tuned,
                                "api_token": settings.api_token is not None})
+    # http=: each response leaves in one socket write, so a replica killed mid-response never
+    # leaves a head without its body that nginx could not retry (service/one_write.py).
     uvicorn.run(app, host=settings.host, port=settings.port, log_config=None,
-                log_level=settings.log_level, access_log=False, timeout_graceful_shutdown=30)
+                log_level=settings.log_level, access_log=False, timeout_graceful_shutdown=30,
+                http=one_write_protocol())
     return 0
 
 
