@@ -15,6 +15,7 @@ def run(args: argparse.Namespace) -> int:
     from aat_serve.service.app import create_app
     from aat_serve.service.http_protocol import http_protocol
     from aat_serve.service.logs import configure_logging
+    from aat_serve.service.one_write import one_write_protocol
     from aat_serve.service.runtime import load_backbone, tune_process, with_embedded_defaults
     from aat_serve.service.settings import load_settings
 
@@ -32,10 +33,12 @@ def run(args: argparse.Namespace) -> int:
                                "management": settings.management_enabled,
                                "keep_freed_memory": malloc_tuned,
                                "api_token": settings.api_token is not None})
-    # The guarded protocol adds the request-head timeout and JSON bodies for parser errors.
+    # The guarded protocol adds the request-head timeout and JSON bodies for parser errors
+    # (service/http_protocol.py); one write per response means a replica killed mid-response
+    # never leaves a head without its body that nginx could not retry (service/one_write.py).
     uvicorn.run(app, host=settings.host, port=settings.port, log_config=None,
                 log_level=settings.log_level, access_log=False, timeout_graceful_shutdown=30,
-                http=http_protocol(settings.header_timeout_s))
+                http=one_write_protocol(http_protocol(settings.header_timeout_s)))
     return 0
 
 

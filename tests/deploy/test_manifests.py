@@ -295,6 +295,48 @@ def test_nginx_limits_equal_the_service_defaults():
     assert re.search(r"proxy_next_upstream_tries 2;", conf)
 
 
+def _uvicorn_run_kwargs(monkeypatch, tmp_path) -> dict:
+    """What ``aat serve`` passes to ``uvicorn.run`` (backbone, app and server stubbed)."""
+    import argparse
+    import inspect
+
+    import uvicorn
+
+    from aat_serve.cli import serve
+    from aat_serve.service import app as app_module
+    from aat_serve.service import logs, runtime
+
+    captured: dict = {}
+    monkeypatch.setattr(logs, "configure_logging", lambda level: None)
+    monkeypatch.setattr(runtime, "tune_process", lambda settings: False)
+    monkeypatch.setattr(runtime, "load_backbone", lambda settings: None)
+    monkeypatch.setattr(app_module, "create_app", lambda settings, checkpoint=None: "app")
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: captured.update(kw))
+    args = argparse.Namespace(host=None, port=None, checkpoint=tmp_path / "ckpt",
+                              bundle_dir=tmp_path / "store", log_level=None)
+    assert serve.run(args) == 0
+    defaults = {k: p.default for k, p in inspect.signature(uvicorn.Config).parameters.items()}
+    return defaults | captured
+
+
+def test_replicas_write_responses_whole_and_nginx_closes_idle_connections_first(
+        monkeypatch, tmp_path):
+    """Both keep nginx's retry working when a replica dies: a response is on the wire whole or
+    not at all (service/one_write.py), and nginx never reuses a connection the replica is
+    closing for being idle (which nginx would count as the replica failing)."""
+    from uvicorn.protocols.http.auto import AutoHTTPProtocol
+
+    from aat_serve.service.http_protocol import GuardedConnection
+    from aat_serve.service.one_write import OneWriteResponses
+
+    kw = _uvicorn_run_kwargs(monkeypatch, tmp_path)
+    assert issubclass(kw["http"], OneWriteResponses) and issubclass(kw["http"], AutoHTTPProtocol)
+    assert issubclass(kw["http"], GuardedConnection)  # and the head timeout, parser errors
+    (upstream,) = re.findall(r"upstream aat \{(.*?)\n    \}", NGINX_CONF.read_text(), re.S)
+    (idle,) = re.findall(r"^\s*keepalive_timeout (\d+)s;", upstream, re.M)
+    assert 0 < int(idle) < kw["timeout_keep_alive"], (idle, kw["timeout_keep_alive"])
+
+
 # ---- Prometheus and Grafana ------------------------------------------------------------------
 
 def test_prometheus_scrapes_every_replica_of_the_compose_service(compose, routes):
