@@ -295,7 +295,7 @@ def test_openapi_documents_every_route_body_and_error(client):
         ("/tasks/{task}", "delete"): {"200", "400", "401", "403", "404", "500"},
         ("/healthz", "get"): {"200", "503"},
         ("/readyz", "get"): {"200", "503"},
-        ("/metrics", "get"): {"200"},
+        ("/metrics", "get"): {"200"}, ("/metrics", "head"): {"200"},
     }
     found = {(p, m) for p, ops in paths.items() for m in ops}
     assert found == set(expected)
