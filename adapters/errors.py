@@ -1,7 +1,9 @@
 """One small exception hierarchy for the model package.
 
-Every error names the offending thing and what was expected. The service maps each class to
-one HTTP status (see ``service``); nothing here knows about HTTP.
+Every error names the offending thing and what was expected. ``ERROR_TYPES`` gives each class
+its stable type name, the ``type`` of the API's error body; the service maps names to HTTP
+statuses (``service/errors.py``) and the CLI prints the same names with ``--json``. Nothing
+here knows about HTTP.
 """
 
 from __future__ import annotations
@@ -75,3 +77,21 @@ class UnknownTaskError(AATError, KeyError):
 
     def __str__(self) -> str:  # KeyError quotes its message; keep it readable
         return str(self.args[0]) if self.args else "unknown task"
+
+
+ERROR_TYPES: tuple[tuple[type[AATError], str], ...] = (
+    (AudioTooLongError, "audio_too_long"),
+    (AudioError, "invalid_audio"),
+    (UnknownTaskError, "unknown_task"),
+    (BackboneMismatchError, "backbone_mismatch"),
+    (BundleError, "invalid_bundle"),
+    (CheckpointError, "invalid_checkpoint"),
+    (SlotsFullError, "slots_full"),
+    (ConfigError, "invalid_request"),
+)
+"""Each error class's type name, most specific first: the first match names an error."""
+
+
+def error_type(e: BaseException) -> str | None:
+    """The type name of ``e`` by its class (never its message); None for any other error."""
+    return next((name for cls, name in ERROR_TYPES if isinstance(e, cls)), None)

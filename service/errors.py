@@ -2,8 +2,9 @@
 
 ``ErrorType`` is the one table of the service's errors: each member is a stable ``type``
 string, its HTTP status and what it means (shown in the OpenAPI description). ``ServiceError``
-carries a member and a message; the model package's own errors (``aat_serve.adapters.errors``)
-are mapped to a member by their class in ``AAT_ERROR_TYPES``, never by their message text.
+carries a member and a message; the model package's own errors are named by their class in
+``aat_serve.adapters.errors.ERROR_TYPES`` (never by their message text) and mapped to the
+member of that name here (``from_aat_error``).
 """
 
 from __future__ import annotations
@@ -13,16 +14,7 @@ from enum import Enum
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
-from aat_serve.adapters.errors import (
-    AATError,
-    AudioError,
-    AudioTooLongError,
-    BackboneMismatchError,
-    BundleError,
-    ConfigError,
-    SlotsFullError,
-    UnknownTaskError,
-)
+from aat_serve.adapters.errors import AATError, error_type
 
 
 class ErrorType(str, Enum):
@@ -84,19 +76,6 @@ class ErrorType(str, Enum):
     SLOTS_FULL = ("slots_full", 507, "every task slot is in use (AAT_MAX_TASKS)")
     HTTP_ERROR = ("http_error", None,
                   "any other HTTP error of the web framework, with the framework's status")
-
-
-# The model package's errors by class, most specific first: the first match gives the type.
-# Any other AATError is an internal error (500).
-AAT_ERROR_TYPES: tuple[tuple[type[AATError], ErrorType], ...] = (
-    (AudioTooLongError, ErrorType.AUDIO_TOO_LONG),
-    (AudioError, ErrorType.INVALID_AUDIO),
-    (UnknownTaskError, ErrorType.UNKNOWN_TASK),
-    (BackboneMismatchError, ErrorType.BACKBONE_MISMATCH),
-    (BundleError, ErrorType.INVALID_BUNDLE),
-    (SlotsFullError, ErrorType.SLOTS_FULL),
-    (ConfigError, ErrorType.INVALID_REQUEST),
-)
 
 
 class ErrorInfo(BaseModel):
@@ -188,11 +167,19 @@ def task_failed(task: str, why: str) -> ServiceError:
     return ServiceError(ErrorType.TASK_FAILED, f"task {task!r} cannot answer: {why}")
 
 
+EXPOSED_MODEL_ERRORS = frozenset({"audio_too_long", "invalid_audio", "unknown_task",
+                                  "backbone_mismatch", "invalid_bundle", "slots_full",
+                                  "invalid_request"})
+"""The model package's error types (``adapters.errors.ERROR_TYPES``) a client is told; any other
+model error (a checkpoint's, or an untyped ``AATError``) is an internal error whose message,
+which may name server paths, stays in the log."""
+
+
 def from_aat_error(e: AATError) -> ServiceError:
-    """Map a model-package error to its ``ErrorType`` by its class (``AAT_ERROR_TYPES``)."""
-    for cls, kind in AAT_ERROR_TYPES:
-        if isinstance(e, cls):
-            return ServiceError(kind, str(e))
+    """Map a model-package error to its ``ErrorType`` by its class, never its message."""
+    name = error_type(e)
+    if name in EXPOSED_MODEL_ERRORS:
+        return ServiceError(ErrorType(name), str(e))
     return ServiceError(ErrorType.INTERNAL_ERROR, "internal error")
 
 

@@ -10,33 +10,19 @@ from __future__ import annotations
 import json
 import sys
 
-from aat_serve.adapters.errors import (
-    AATError,
-    AudioError,
-    AudioTooLongError,
-    BackboneMismatchError,
-    BundleError,
-    CheckpointError,
-    SlotsFullError,
-    UnknownTaskError,
-)
-
-ERROR_TYPES: tuple[tuple[type[BaseException], str], ...] = (
-    (AudioTooLongError, "audio_too_long"),
-    (AudioError, "invalid_audio"),
-    (UnknownTaskError, "unknown_task"),
-    (BackboneMismatchError, "backbone_mismatch"),
-    (BundleError, "invalid_bundle"),
-    (CheckpointError, "invalid_checkpoint"),
-    (SlotsFullError, "slots_full"),
-    (AATError, "invalid_request"),
-    (OSError, "io_error"),
-)
-"""First match wins: subclasses before their bases."""
+from aat_serve.adapters.errors import AATError
+from aat_serve.adapters.errors import error_type as library_error_type
 
 
 def error_type(e: BaseException) -> str:
-    return next((name for cls, name in ERROR_TYPES if isinstance(e, cls)), "internal_error")
+    """The library's type name (``adapters.errors.ERROR_TYPES``), else ``invalid_request`` for
+    another library error, ``io_error`` for a file system error, ``internal_error`` otherwise."""
+    name = library_error_type(e)
+    if name is not None:
+        return name
+    if isinstance(e, AATError):
+        return "invalid_request"
+    return "io_error" if isinstance(e, OSError) else "internal_error"
 
 
 def error_body(e: BaseException) -> dict:
