@@ -22,16 +22,28 @@ def _batch(value: str) -> int | str:
     return n
 
 
-def run(args: argparse.Namespace) -> int:
+def _backbone_and_task(args: argparse.Namespace):
+    """The ``--checkpoint``'s backbone and the ``--bundle`` (default: the checkpoint's head)."""
     from aat_serve.adapters.checkpoints import load_checkpoint
-    from aat_serve.adapters.onnx_export import OPSET, export_onnx
 
     ckpt = load_checkpoint(args.checkpoint)
-    if args.bundle:
-        bundle = TaskBundle.load(args.bundle)
-    else:
-        bundle = head_bundle(ckpt, task=args.task)
-    model = bundle.build_model(ckpt.backbone).eval()
+    bundle = TaskBundle.load(args.bundle) if args.bundle else head_bundle(ckpt, task=args.task)
+    return ckpt.backbone, bundle
+
+
+def _task_arguments(p: argparse.ArgumentParser, out_help: str) -> None:
+    p.add_argument("--checkpoint", required=True, help="backbone checkpoint (file or directory)")
+    p.add_argument("--bundle", help="task bundle (.safetensors); default: the checkpoint's head")
+    p.add_argument("--task", default="checkpoint-head",
+                   help="task name when exporting the checkpoint's own head")
+    p.add_argument("--out", required=True, help=out_help)
+
+
+def run(args: argparse.Namespace) -> int:
+    from aat_serve.adapters.onnx_export import OPSET, export_onnx
+
+    backbone, bundle = _backbone_and_task(args)
+    model = bundle.build_model(backbone).eval()
     m = bundle.manifest
     features = m.feature_config
     metadata = {"aat.input": args.input, "aat.task": m.task, "aat.method": m.method,
@@ -59,13 +71,11 @@ def run(args: argparse.Namespace) -> int:
 def run_hf(args: argparse.Namespace) -> int:
     import torch
 
-    from aat_serve.adapters.checkpoints import load_checkpoint
     from aat_serve.adapters.hf_export import task_as_hf, write_hf_directory
 
-    ckpt = load_checkpoint(args.checkpoint)
-    bundle = TaskBundle.load(args.bundle) if args.bundle else head_bundle(ckpt, task=args.task)
+    backbone, bundle = _backbone_and_task(args)
     dtype = {"float32": torch.float32, "float16": torch.float16}[args.dtype]
-    hf = task_as_hf(ckpt.backbone, bundle, dtype=dtype)
+    hf = task_as_hf(backbone, bundle, dtype=dtype)
     out = write_hf_directory(hf, args.out)
     m = bundle.manifest
     info = {"out": str(out), "task": m.task, "method": m.method, "classes": len(m.labels),
@@ -92,11 +102,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "samples) at the task's sample rate; output 'logits' (batch, classes). "
                     "The MLP adapter is folded into a widened MLP; labels and feature "
                     "settings are stored in the model metadata (keys aat.*). Opset 17.")
-    o.add_argument("--checkpoint", required=True, help="backbone checkpoint (file or directory)")
-    o.add_argument("--bundle", help="task bundle (.safetensors); default: the checkpoint's head")
-    o.add_argument("--task", default="checkpoint-head",
-                   help="task name when exporting the checkpoint's own head")
-    o.add_argument("--out", required=True, help="output .onnx file")
+    _task_arguments(o, "output .onnx file")
     o.add_argument("--input", choices=("features", "waveform"), default="features",
                    help="'features' (default, fastest): normalised log-mel in; 'waveform': "
                         "mono float samples at the task's sample rate in, the Kaldi fbank and "
@@ -114,11 +120,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "tasks: the MLP adapter becomes r more hidden units of each block's MLP "
                     "(intermediate_size = 3072 + r for ViT-B). Other methods are refused with "
                     "the reason.")
-    h.add_argument("--checkpoint", required=True, help="backbone checkpoint (file or directory)")
-    h.add_argument("--bundle", help="task bundle (.safetensors); default: the checkpoint's head")
-    h.add_argument("--task", default="checkpoint-head",
-                   help="task name when exporting the checkpoint's own head")
-    h.add_argument("--out", required=True, help="output directory (replaced if it exists)")
+    _task_arguments(h, "output directory (replaced if it exists)")
     h.add_argument("--dtype", choices=("float32", "float16"), default="float32")
     h.add_argument("--json", action="store_true", help="print JSON")
     h.set_defaults(func=run_hf)
