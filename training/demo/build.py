@@ -24,15 +24,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 from aat_serve.adapters.backbone import AST
 from aat_serve.adapters.bundle import TaskBundle
 from aat_serve.adapters.checkpoints import load_checkpoint, to_hf_state_dict
 from aat_serve.adapters.config import FeatureConfig
 from aat_serve.adapters.device import resolve_device
-from aat_serve.adapters.errors import ConfigError
 from aat_serve.adapters.features import load_audio, log_mel
+from aat_serve.adapters.hf_export import (
+    HFModel,
+    hf_config,
+    hf_preprocessor_config,
+    write_hf_directory,
+)
 from aat_serve.training.api import train
 from aat_serve.training.data.base import DataSource
 from aat_serve.training.data.generic import load_folder
@@ -80,42 +84,14 @@ def feature_stats(root: Path, cfg: BuildConfig, limit: int = 1000) -> tuple[floa
 def export_backbone(path: Path, out: Path, *, fp16: bool = True) -> Path:
     """A whole-model checkpoint -> Hugging Face AST directory (its head and labels included)."""
     model, manifest = load_model_checkpoint(path)
-    b = model.backbone.cfg
     feats = FeatureConfig.from_dict(manifest["features"])
-    labels = list(manifest["labels"])
     canon = dict(model.backbone.frozen_state_dict())
     canon.update({f"head.{k}": v for k, v in model.head.state_dict().items()})
     dtype = torch.float16 if fp16 else torch.float32
     tensors = {k: v.detach().to(dtype).contiguous() for k, v in to_hf_state_dict(canon).items()}
-    config = {
-        "architectures": ["ASTForAudioClassification"],
-        "model_type": "audio-spectrogram-transformer",
-        "hidden_size": b.embed_dim, "num_hidden_layers": b.depth,
-        "num_attention_heads": b.num_heads, "intermediate_size": b.mlp_hidden,
-        "hidden_act": "gelu", "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0,
-        "initializer_range": 0.02, "layer_norm_eps": b.norm_eps, "qkv_bias": b.qkv_bias,
-        "patch_size": b.patch_freq, "frequency_stride": b.freq_stride,
-        "time_stride": b.time_stride, "max_length": b.target_length,
-        "num_mel_bins": b.num_mel_bins, "torch_dtype": "float16" if fp16 else "float32",
-        "id2label": {str(i): name for i, name in enumerate(labels)},
-        "label2id": {name: i for i, name in enumerate(labels)},
-    }
-    pre = {"feature_extractor_type": "ASTFeatureExtractor", "feature_size": 1,
-           "sampling_rate": feats.sample_rate, "num_mel_bins": feats.num_mel_bins,
-           "max_length": feats.target_length, "mean": feats.mean, "std": feats.std,
-           "do_normalize": True, "padding_value": 0.0, "return_attention_mask": False}
-    if b.patch_freq != b.patch_time:
-        raise ConfigError("the Hugging Face AST format needs square patches")
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    (tmp / "preprocessor_config.json").write_text(json.dumps(pre, indent=2, sort_keys=True)
-                                                  + "\n")
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.replace(out)
-    return out
+    config = hf_config(model.backbone.cfg, list(manifest["labels"]),
+                       dtype="float16" if fp16 else "float32")
+    return write_hf_directory(HFModel(tensors, config, hf_preprocessor_config(feats)), out)
 
 
 def _sizes(root: Path) -> dict[str, int]:
