@@ -7,8 +7,9 @@ reach the name check and get 400 instead of slipping past it as some other route
 from __future__ import annotations
 
 import time
-from typing import Annotated
+from typing import Annotated, Any
 
+import orjson
 import torch
 from fastapi import APIRouter, Depends, Query, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -31,7 +32,6 @@ from aat_serve.service.schemas import (
     ClassifyResponse,
     DeleteResult,
     Health,
-    Prediction,
     PutResult,
     Readiness,
     TaskDetail,
@@ -59,7 +59,7 @@ BUNDLE_BODY = {"requestBody": {
     "content": {"application/octet-stream": _BINARY, "multipart/form-data": _MULTIPART}}}
 
 
-def get_service(request: Request) -> Service:
+async def get_service(request: Request) -> Service:
     return request.app.state.service
 
 
@@ -73,12 +73,21 @@ def valid_task(task: str) -> str:
         raise ServiceError(ErrorType.INVALID_TASK_NAME, str(e)) from None
 
 
-def top_predictions(logits: torch.Tensor, labels: list[str], multi_label: bool, k: int
-                    ) -> list[Prediction]:
-    """Softmax (or sigmoid for multi-label) scores, best first; ties keep label order."""
+def top_scores(logits: torch.Tensor, labels: list[str], multi_label: bool, k: int
+               ) -> list[dict[str, Any]]:
+    """Softmax (or sigmoid for multi-label) scores, best first; ties keep label order; as the
+    JSON objects of ``Prediction``."""
     scores = torch.sigmoid(logits) if multi_label else torch.softmax(logits, dim=-1)
-    order = torch.sort(scores, descending=True, stable=True).indices[:k]
-    return [Prediction(label=labels[i], score=float(scores[i])) for i in order.tolist()]
+    order = torch.sort(scores, descending=True, stable=True).indices[:k].tolist()
+    values = scores.tolist()
+    return [{"label": labels[i], "score": values[i]} for i in order]
+
+
+def json_response(body: dict[str, Any]) -> Response:
+    """A 200 JSON response serialised once with orjson: the hot path skips FastAPI's response
+    validation and encoder (the route's ``response_model`` still documents the schema, and
+    tests/service/test_lean_path.py checks that the bytes equal the model's own JSON)."""
+    return Response(orjson.dumps(body), media_type="application/json")
 
 
 # -- classification ----------------------------------------------------------------------------
@@ -91,7 +100,7 @@ def top_predictions(logits: torch.Tensor, labels: list[str], multi_label: bool, 
 async def classify(
     task: str, request: Request, svc: ServiceDep,
     top_k: Annotated[int, Query(ge=1, le=10_000, description="How many labels to return.")] = 5,
-) -> ClassifyResponse:
+) -> Response:
     """Decode the audio, batch it with other requests (of any task) and return the top-k."""
     started = time.monotonic()
     known = (task in svc.engine.tasks or task in svc.registry.catalogue
@@ -103,12 +112,13 @@ async def classify(
         kind = (e if isinstance(e, ServiceError) else from_aat_error(e)).type
         svc.metrics.requests.labels(label, kind).inc()
         raise
-    svc.metrics.requests.labels(out.task, "ok").inc()
-    svc.metrics.request_seconds.labels(out.task).observe(time.monotonic() - started)
-    return out
+    svc.metrics.requests.labels(out["task"], "ok").inc()
+    svc.metrics.request_seconds.labels(out["task"]).observe(time.monotonic() - started)
+    return json_response(out)
 
 
-async def _classify(task: str, request: Request, svc: Service, top_k: int) -> ClassifyResponse:
+async def _classify(task: str, request: Request, svc: Service, top_k: int) -> dict[str, Any]:
+    """The ``ClassifyResponse`` body as a dict (serialised once, by ``json_response``)."""
     fields = request.state.log
     task = valid_task(task)
     fields["task"] = task
@@ -133,9 +143,9 @@ async def _classify(task: str, request: Request, svc: Service, top_k: int) -> Cl
     fields.update(version=m.version, queue_ms=round(result.queue_s * 1000, 3),
                   inference_ms=round(result.inference_s * 1000, 3),
                   batch_size=result.batch_size)
-    return ClassifyResponse(
+    return dict(
         task=task, version=m.version, multi_label=m.multi_label,
-        predictions=top_predictions(result.logits, m.labels, m.multi_label, top_k),
+        predictions=top_scores(result.logits, m.labels, m.multi_label, top_k),
         duration_s=round(duration, 6), queue_ms=round(result.queue_s * 1000, 3),
         inference_ms=round(result.inference_s * 1000, 3), batch_size=result.batch_size,
         batch_tasks=result.batch_tasks)

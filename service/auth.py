@@ -44,8 +44,10 @@ def _invalid() -> ServiceError:
                         {"WWW-Authenticate": 'Bearer error="invalid_token"'})
 
 
-def require_api_token(request: Request) -> None:
-    """Guard classification and listing when AAT_API_TOKEN is set (the admin token works too)."""
+async def require_api_token(request: Request) -> None:
+    """Guard classification and listing when AAT_API_TOKEN is set (the admin token works too).
+    A coroutine, so FastAPI runs it on the event loop instead of handing every request to a
+    worker thread and back."""
     settings = request.app.state.settings
     if settings.api_token is None:
         return
@@ -57,7 +59,7 @@ def require_api_token(request: Request) -> None:
         raise _invalid()
 
 
-def require_admin_token(request: Request) -> None:
+async def require_admin_token(request: Request) -> None:
     """Guard PUT/DELETE /tasks/{task}: 403 when management is off, 401/403 on bad tokens."""
     settings = request.app.state.settings
     if settings.admin_token is None:

@@ -13,7 +13,6 @@ import contextlib
 import dataclasses
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -31,6 +30,7 @@ from aat_serve.service.metrics import Metrics
 from aat_serve.service.registry import Registry
 from aat_serve.service.settings import Settings
 from aat_serve.service.store import BundleStore
+from aat_serve.service.threads import decode_pool
 
 log = logging.getLogger(__name__)
 
@@ -124,9 +124,8 @@ class Service:
         self.store = BundleStore(settings.bundle_dir) if settings.bundle_dir else None
         self.engine: Engine | None = None
         self.registry: Registry | None = None
-        self.decode_pool = ThreadPoolExecutor(settings.decode_workers,
-                                              thread_name_prefix="aat-decode")
-        self.large_decode_pool = ThreadPoolExecutor(1, thread_name_prefix="aat-decode-large")
+        self.decode_pool = decode_pool(settings.decode_workers)
+        self.large_decode_pool = decode_pool(1, "aat-decode-large")
         self.ready = False
         self.startup_error: str | None = None
         self.started_at = time.time()

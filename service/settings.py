@@ -73,8 +73,9 @@ class Settings(BaseSettings):
     """eager: load every bundle of the store at start-up; lazy: on a task's first request."""
     refresh_s: float = Field(5.0, gt=0, le=3600)
     """Interval of the store rescan that makes replicas converge."""
-    decode_workers: int = Field(2, ge=1, le=64)
-    """Threads that decode audio and compute features, off the event loop."""
+    decode_workers: int | None = Field(None, ge=1, le=64)
+    """Threads that decode audio and compute features, off the event loop; unset: one per CPU
+    core this process may run on. Each runs torch single-threaded (service/threads.py)."""
     keep_freed_memory: bool = True
     """glibc keeps freed blocks for reuse: each op's output no longer costs fresh page faults
     (CPU serving, see docs/benchmarks.md); the resident set stays at its high-water mark."""

@@ -156,6 +156,12 @@ def register_serve_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-wait-ms", type=float, default=5.0, help="batching wait (default 5)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--driver", choices=["threads", "hey"], default="threads",
+                   help="threads: closed-loop client threads in this process, batching on vs "
+                        "off (default); hey: a real `aat serve` process (or --url) under `hey` "
+                        "processes, classify vs /healthz and vs the engine alone (with no "
+                        "--backbone or --checkpoint: the embedded demo)")
+    p.add_argument("--bundle-dir", help="with --driver hey and --checkpoint: the task store")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=run_serve_bench)
 
@@ -175,6 +181,21 @@ def run_serve_bench(args: argparse.Namespace) -> int:
         if not args.json:
             print(msg, file=sys.stderr, flush=True)
 
+    if args.driver == "hey":
+        from aat_serve.bench.serve_process import (
+            ProcessBenchConfig,
+            bench_serve_process,
+            format_process_report,
+        )
+
+        report = bench_serve_process(ProcessBenchConfig(
+            preset=args.backbone, checkpoint=args.checkpoint, bundle_dir=args.bundle_dir,
+            url=args.url, tasks=args.tasks, clients=args.clients, requests=args.requests,
+            max_seconds=args.max_seconds, clip_s=args.clip_s, max_batch=args.max_batch,
+            max_wait_ms=args.max_wait_ms, device=args.device, dtype=args.dtype,
+            rounds=args.rounds))
+        print(to_json(report) if args.json else format_process_report(report))
+        return 0
     if args.url:
         report = bench_running_server(args.url, tasks=args.tasks, clients=args.clients,
                                       requests=args.requests, max_seconds=args.max_seconds,

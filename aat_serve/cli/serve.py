@@ -36,10 +36,23 @@ def run(args: argparse.Namespace) -> int:
     # The guarded protocol adds the request-head timeout and JSON bodies for parser errors
     # (service/http_protocol.py); one write per response means a replica killed mid-response
     # never leaves a head without its body that nginx could not retry (service/one_write.py).
+    # uvloop (a dependency) makes the event loop's share of each request cheaper; the parser
+    # stays h11, whose reasons and 16-KiB head limit the JSON 400/431 answers rely on (httptools
+    # has neither yet; docs/benchmarks.md, "Request path").
     uvicorn.run(app, host=settings.host, port=settings.port, log_config=None,
                 log_level=settings.log_level, access_log=False, timeout_graceful_shutdown=30,
-                http=one_write_protocol(http_protocol(settings.header_timeout_s)))
+                http=one_write_protocol(http_protocol(settings.header_timeout_s, "h11")),
+                loop=event_loop())
     return 0
+
+
+def event_loop() -> str:
+    """uvicorn's ``loop``: uvloop when installed (a dependency except on Windows), else asyncio."""
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return "asyncio"
+    return "uvloop"
 
 
 def register(sub: argparse._SubParsersAction) -> None:

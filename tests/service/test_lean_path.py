@@ -1,0 +1,76 @@
+"""The lean request path: the classify body as the model documents it, decode threads
+single-threaded in torch, and ``aat serve`` on uvloop."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import orjson
+import pytest
+import torch
+
+from aat_serve.service.api import json_response, top_scores
+from aat_serve.service.schemas import ClassifyResponse
+from aat_serve.service.threads import decode_pool, single_threaded_torch, usable_cores
+
+BODY = dict(task="digits", version="1b27c4ba1d5cd063", multi_label=False,
+            predictions=[{"label": "seven", "score": 0.9999816417694092},
+                         {"label": "zero", "score": 1.5091905879671685e-05},
+                         {"label": "four", "score": 1.678343892308476e-06}],
+            duration_s=1.0, queue_ms=5.56, inference_ms=29.248, batch_size=3, batch_tasks=2)
+
+
+def test_the_body_is_byte_for_byte_the_models_json():
+    """The orjson bytes equal pydantic's serialisation of the documented model (the bytes
+    FastAPI wrote before), small exponents included."""
+    raw = json_response(BODY).body
+    assert raw == ClassifyResponse.model_validate(BODY).model_dump_json().encode()
+    assert set(json.loads(raw)) == set(ClassifyResponse.model_fields)
+    changed = dict(BODY, batch_size=4)
+    assert json_response(changed).body != raw
+
+
+def test_top_scores_best_first_ties_in_label_order():
+    logits = torch.tensor([0.0, 2.0, 2.0, -1.0])
+    top = top_scores(logits, ["a", "b", "c", "d"], False, 3)
+    assert [p["label"] for p in top] == ["b", "c", "a"]
+    assert top[0]["score"] == pytest.approx(float(torch.softmax(logits, -1)[1]))
+    multi = top_scores(logits, ["a", "b", "c", "d"], True, 1)
+    assert multi == [{"label": "b", "score": float(torch.sigmoid(torch.tensor(2.0)))}]
+    assert orjson.loads(orjson.dumps(top)) == top
+
+
+def test_decode_threads_run_torch_on_one_thread_and_others_keep_the_default():
+    default = torch.get_num_threads()
+    seen: list[int] = []
+    with decode_pool(2) as pool:
+        seen += [pool.submit(torch.get_num_threads).result() for _ in range(4)]
+    later: list[int] = []
+    t = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
+    t.start()
+    t.join()
+    assert seen == [1, 1, 1, 1]
+    assert later == [default] and torch.get_num_threads() == default
+    assert usable_cores() >= 1
+
+
+def test_single_threaded_torch_changes_only_the_calling_thread():
+    out: list[int] = []
+
+    def body() -> None:
+        before = torch.get_num_threads()
+        single_threaded_torch()
+        out.extend([before, torch.get_num_threads()])
+
+    t = threading.Thread(target=body)
+    t.start()
+    t.join()
+    assert out == [torch.get_num_threads(), 1]
+
+
+def test_aat_serve_runs_uvloop_when_installed():
+    pytest.importorskip("uvloop")
+    from aat_serve.cli.serve import event_loop
+
+    assert event_loop() == "uvloop"
