@@ -345,7 +345,7 @@ class Engine:
             self.metrics.batch_size.observe(len(done))
             self.metrics.batch_tasks.observe(n_tasks)
         for j, o in zip(batch, outcome, strict=True):
-            if j.future.done():
+            if j.future.done() or j.cancelled:  # given up: nobody waits for it
                 continue
             if isinstance(o, BaseException):
                 j.future.set_exception(o)
