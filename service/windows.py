@@ -69,18 +69,16 @@ def plan_windows(samples: int, window: int, hop: int, aggregate: Aggregate, max_
 
 def hop_samples(hop_s: float | None, default_s: float | None, window: int,
                 sample_rate: int) -> int:
-    """The hop in samples: ``hop_s`` (the request's), else ``default_s`` (``AAT_WINDOW_HOP_S``),
-    else one window (no overlap). 400 when it is not within (0, window]: a longer hop would
-    leave audio unscored."""
-    chosen = hop_s if hop_s is not None else default_s
-    if chosen is None:
-        return window
-    hop = round(chosen * sample_rate)
-    window_s = window / sample_rate
-    if not (chosen > 0 and 1 <= hop <= window):
-        where = "hop_s" if hop_s is not None else "AAT_WINDOW_HOP_S"
-        raise bad_request(f"{where} is {chosen:g}; allowed: above 0 up to the task's window of "
-                          f"{window_s:g} s (a longer hop would leave audio unscored)")
+    """The hop in samples: ``hop_s`` (the request's), else ``default_s`` (``AAT_WINDOW_HOP_S``,
+    capped at the task's window, as tasks' windows differ), else one window (no overlap). 400
+    when the request's is not within (0, window]: a longer hop would leave audio unscored."""
+    if hop_s is None:
+        return window if default_s is None else max(1, min(window, round(default_s * sample_rate)))
+    hop = round(hop_s * sample_rate)
+    if not (hop_s > 0 and 1 <= hop <= window):
+        raise bad_request(f"hop_s is {hop_s:g}; allowed: above 0 up to the task's window of "
+                          f"{window / sample_rate:g} s (a longer hop would leave audio "
+                          "unscored)")
     return hop
 
 

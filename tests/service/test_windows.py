@@ -155,7 +155,7 @@ def test_multi_label_takes_the_max_and_hops_overlap(make_app, store, ckpt, bundl
 def test_more_windows_than_the_limit_is_413_and_a_long_hop_400(make_app, store, bundles):
     _save(store, bundles, "birds")
     audio = wav_bytes(3.0)
-    with served(make_app(max_windows=4)) as c:
+    with served(make_app(max_windows=4, window_hop_s=60.0)) as c:  # capped at the window
         r = _post(c, "birds", audio)
         assert (r.status_code, r.json()) == error(
             413, "audio_too_long", "audio of 3 s makes 5 windows of 0.655 s every 0.655 s; the "
