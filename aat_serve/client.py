@@ -120,6 +120,10 @@ class Classification:
     predictions: list[Prediction]
     duration_s: float
     raw: dict[str, Any] = field(repr=False)
+    scored_s: float | None = None
+    """Seconds of the audio that were scored (None from a service without windows)."""
+    windows: int | None = None
+    """Windows the audio was scored in."""
 
     @property
     def top(self) -> Prediction:
@@ -129,7 +133,8 @@ class Classification:
     def of(cls, body: dict[str, Any]) -> Classification:
         return cls(task=body["task"], version=body["version"], multi_label=body["multi_label"],
                    predictions=[Prediction(p["label"], p["score"]) for p in body["predictions"]],
-                   duration_s=body["duration_s"], raw=body)
+                   duration_s=body["duration_s"], raw=body, scored_s=body.get("scored_s"),
+                   windows=body.get("windows"))
 
 
 @dataclass(frozen=True)

@@ -7,10 +7,9 @@ reach the name check and get 400 instead of slipping past it as some other route
 from __future__ import annotations
 
 import time
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import orjson
-import torch
 from fastapi import APIRouter, Depends, Query, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
@@ -18,7 +17,7 @@ from aat_serve.adapters.bundle import check_task_name
 from aat_serve.adapters.errors import AATError, ConfigError
 from aat_serve.service.auth import require_admin_token, require_api_token
 from aat_serve.service.bodies import check_media_type, read_payload
-from aat_serve.service.engine import Job
+from aat_serve.service.classify import Options, classify_audio
 from aat_serve.service.errors import (
     ErrorType,
     ServiceError,
@@ -73,16 +72,6 @@ def valid_task(task: str) -> str:
         raise ServiceError(ErrorType.INVALID_TASK_NAME, str(e)) from None
 
 
-def top_scores(logits: torch.Tensor, labels: list[str], multi_label: bool, k: int
-               ) -> list[dict[str, Any]]:
-    """Softmax (or sigmoid for multi-label) scores, best first; ties keep label order; as the
-    JSON objects of ``Prediction``."""
-    scores = torch.sigmoid(logits) if multi_label else torch.softmax(logits, dim=-1)
-    order = torch.sort(scores, descending=True, stable=True).indices[:k].tolist()
-    values = scores.tolist()
-    return [{"label": labels[i], "score": values[i]} for i in order]
-
-
 def json_response(body: dict[str, Any]) -> Response:
     """A 200 JSON response serialised once with orjson: the hot path skips FastAPI's response
     validation and encoder (the route's ``response_model`` still documents the schema, and
@@ -100,14 +89,27 @@ def json_response(body: dict[str, Any]) -> Response:
 async def classify(
     task: str, request: Request, svc: ServiceDep,
     top_k: Annotated[int, Query(ge=1, le=10_000, description="How many labels to return.")] = 5,
+    hop_s: Annotated[float | None, Query(
+        gt=0, le=3600, description="Seconds between the starts of the windows that long audio "
+        "is scored in, up to the task's window (default AAT_WINDOW_HOP_S, else one window: no "
+        "overlap).")] = None,
+    aggregate: Annotated[Literal["mean", "max", "first"] | None, Query(
+        description="How the windows' probabilities combine: mean (default for single-label), "
+        "max (default for multi-label) or first (score only the first window).")] = None,
+    windows: Annotated[bool, Query(description="Add each window's top-k (window_results).")
+                       ] = False,
 ) -> Response:
-    """Decode the audio, batch it with other requests (of any task) and return the top-k."""
+    """Decode the audio, cut it into the task's windows (audio longer than the task's clip
+    length is scored in several; the answer says how many and how much audio), batch them with
+    other requests (of any task) and return the top-k of the aggregated scores. More windows
+    than AAT_MAX_WINDOWS: 413 audio_too_long."""
     started = time.monotonic()
     known = (task in svc.engine.tasks or task in svc.registry.catalogue
              or svc.registry.tasks.record(task).reason is not None)
     label = task if known else UNKNOWN_TASK  # bounded label values
+    opts = Options(top_k=top_k, hop_s=hop_s, aggregate=aggregate, windows=windows)
     try:
-        out = await _classify(task, request, svc, top_k)
+        out = await _classify(task, request, svc, opts)
     except (ServiceError, AATError) as e:
         kind = (e if isinstance(e, ServiceError) else from_aat_error(e)).type
         svc.metrics.requests.labels(label, kind).inc()
@@ -117,7 +119,8 @@ async def classify(
     return json_response(out)
 
 
-async def _classify(task: str, request: Request, svc: Service, top_k: int) -> dict[str, Any]:
+async def _classify(task: str, request: Request, svc: Service, opts: Options
+                    ) -> dict[str, Any]:
     """The ``ClassifyResponse`` body as a dict (serialised once, by ``json_response``)."""
     fields = request.state.log
     task = valid_task(task)
@@ -131,24 +134,13 @@ async def _classify(task: str, request: Request, svc: Service, top_k: int) -> di
     deadline = time.monotonic() + s.request_timeout_s
     admission = svc.engine.admit()
     try:
-        feats, duration = await svc.features(audio, svc.feature_config(info.manifest.features),
-                                             deadline)
-        job = Job(task=task, features=feats, version=info.version,
-                  feature_settings=info.manifest.features, deadline=deadline,
-                  timeout_s=s.request_timeout_s, future=svc.engine.new_future())
-        result = await svc.engine.submit(job, admission)
+        out = await classify_audio(svc, task, info, audio, deadline, admission, opts)
     finally:
         admission.release()
-    m = result.task.manifest
-    fields.update(version=m.version, queue_ms=round(result.queue_s * 1000, 3),
-                  inference_ms=round(result.inference_s * 1000, 3),
-                  batch_size=result.batch_size)
-    return dict(
-        task=task, version=m.version, multi_label=m.multi_label,
-        predictions=top_scores(result.logits, m.labels, m.multi_label, top_k),
-        duration_s=round(duration, 6), queue_ms=round(result.queue_s * 1000, 3),
-        inference_ms=round(result.inference_s * 1000, 3), batch_size=result.batch_size,
-        batch_tasks=result.batch_tasks)
+    fields.update(version=out["version"], queue_ms=out["queue_ms"],
+                  inference_ms=out["inference_ms"], batch_size=out["batch_size"],
+                  windows=out["windows"])
+    return out
 
 
 # -- tasks ---------------------------------------------------------------------------------------

@@ -3,7 +3,9 @@
 Requests are admitted into a bounded queue (``max_queue``; beyond it 503). The batcher takes the
 oldest clip, waits at most ``max_wait_ms`` after that clip arrived for others of the same
 feature shape, of any task, up to ``max_batch`` clips, orders them by task and runs them as one
-``ServingModel.classify`` call (``aat_serve.adapters.multitask``) on the worker thread.
+``ServingModel.classify`` call (``aat_serve.adapters.multitask``) on the worker thread. Clips
+arrive as waveforms (PCM at their task's rate); the worker computes the whole batch's log-mel
+features at once on the model's device (``service.batch_features``) right before the forward.
 
 Model changes (load, replace, unload a task) travel through the same queue as clips and run on
 the same thread between batches. A clip queued before a change is computed before it, a clip
@@ -34,9 +36,11 @@ from typing import Any
 import torch
 
 from aat_serve.adapters.bundle import TaskBundle
+from aat_serve.adapters.config import FeatureConfig
 from aat_serve.adapters.errors import UnknownTaskError
 from aat_serve.adapters.multitask import ServingModel
 from aat_serve.adapters.slots import TaskInfo
+from aat_serve.service.batch_features import BatchFeatures
 from aat_serve.service.errors import (
     ErrorType,
     ServiceError,
@@ -72,10 +76,12 @@ class Job:
     """One clip waiting for its batch."""
 
     task: str
-    features: torch.Tensor
-    """(frames, mel bins), the model's input for this clip."""
+    wave: torch.Tensor
+    """1-D float32 PCM at ``config.sample_rate``: this clip (one window of a request)."""
+    config: FeatureConfig
+    """How ``wave`` becomes model input (the task's settings, the service's limits applied)."""
     version: str
-    """The version whose feature settings produced ``features``."""
+    """The version whose feature settings ``config`` comes from."""
     feature_settings: dict[str, Any]
     """Those settings (``Manifest.features``)."""
     deadline: float
@@ -87,7 +93,8 @@ class Job:
 
     @property
     def key(self) -> tuple[int, ...]:
-        return tuple(self.features.shape)
+        """The feature shape (frames, mel bins): clips of one key share a batch."""
+        return (self.config.target_length, self.config.num_mel_bins)
 
 
 @dataclass(eq=False)
@@ -116,8 +123,11 @@ class Engine:
     """Dynamic batching over a ``ServingModel``; all methods are called on the event loop."""
 
     def __init__(self, model: ServingModel, metrics: Metrics, *, max_batch: int, max_wait_s: float,
-                 max_queue: int, max_batch_frames: int | None = None) -> None:
+                 max_queue: int, max_batch_frames: int | None = None,
+                 features: BatchFeatures | None = None) -> None:
         self.model = model
+        self.features = features or BatchFeatures(getattr(model, "device", "cpu"))
+        """The batched filterbanks, on the model's device; used on the worker thread only."""
         self.metrics = metrics
         self.max_batch = max_batch
         self.max_batch_frames = max_batch_frames
@@ -171,17 +181,27 @@ class Engine:
 
     async def submit(self, job: Job, admission: Admission) -> Result:
         """Queue an admitted clip and wait for its result (or 504 at its deadline)."""
-        self._admissions[job] = admission
-        self._pending.append(job)
+        return (await self.submit_many([job], admission))[0]
+
+    async def submit_many(self, jobs: list[Job], admission: Admission) -> list[Result]:
+        """Queue the clips of one admitted request (its windows; one deadline) and wait for
+        all their results. The request's queue place is freed when its last clip is batched;
+        the first error (or 504 at the deadline) answers the request and its other clips are
+        given up (not computed if not yet batched)."""
+        self._admissions[jobs[-1]] = admission  # batched in order: the last one goes last
+        self._pending.extend(jobs)
         self._wakeup.set()
         try:
-            remaining = job.deadline - time.monotonic()
-            return await asyncio.wait_for(asyncio.shield(job.future), max(remaining, 0.0))
+            remaining = jobs[0].deadline - time.monotonic()
+            waits = asyncio.gather(*(asyncio.shield(j.future) for j in jobs))
+            return await asyncio.wait_for(waits, max(remaining, 0.0))
         except (asyncio.TimeoutError, TimeoutError):
-            job.cancelled = True
-            raise timed_out(job.timeout_s) from None
+            raise timed_out(jobs[0].timeout_s) from None
         finally:
-            self._forget(job)
+            for j in jobs:
+                if not j.future.done():
+                    j.cancelled = True
+                self._forget(j)
 
     def new_future(self) -> asyncio.Future:
         return asyncio.get_running_loop().create_future()
@@ -325,7 +345,7 @@ class Engine:
             self.metrics.batch_size.observe(len(done))
             self.metrics.batch_tasks.observe(n_tasks)
         for j, o in zip(batch, outcome, strict=True):
-            if j.future.done():
+            if j.future.done() or j.cancelled:  # given up: nobody waits for it
                 continue
             if isinstance(o, BaseException):
                 j.future.set_exception(o)
@@ -335,8 +355,9 @@ class Engine:
                                            len(done), n_tasks))
 
     def _forward(self, batch: list[Job]) -> list[Outcome]:
-        """On the worker thread: one classify call for every clip still due whose task is
-        resident; a clip past its deadline (or given up) is answered 504, not computed."""
+        """On the worker thread: the batch's features, then one classify call for every clip
+        still due whose task is resident; a clip past its deadline (or given up) is answered
+        504 and neither featurised nor computed."""
         out: list[Outcome] = [None] * len(batch)
         rows: list[int] = []
         tasks = self.tasks
@@ -354,24 +375,47 @@ class Engine:
             else:
                 rows.append(i)
         if rows:
-            self._classify_rows(batch, rows, out, tasks)
+            feats = self._featurise(batch, rows, out)
+            if feats is not None:
+                self._classify_rows(batch, rows, feats, out, tasks)
         return out
 
-    def _classify_rows(self, batch: list[Job], rows: list[int], out: list[Outcome],
-                       tasks: dict[str, TaskInfo]) -> None:
+    def _featurise(self, batch: list[Job], rows: list[int], out: list[Outcome]
+                   ) -> dict[int, torch.Tensor] | None:
+        """Features of ``rows`` (by row); a clip whose samples are too large for finite
+        features gets its 400 in ``out`` and leaves ``rows``."""
+        try:
+            with torch.inference_mode():
+                feats, errors = self.features([batch[i].wave for i in rows],
+                                              [batch[i].config for i in rows])
+        except Exception as e:  # cannot happen on valid waveforms; every clip gets the error
+            for i in rows:
+                out[i] = e
+            return None
+        by_row: dict[int, torch.Tensor] = {}
+        for k, (i, err) in enumerate(zip(list(rows), errors, strict=True)):
+            if err is not None:
+                out[i] = err
+                rows.remove(i)
+            else:
+                by_row[i] = feats[k]
+        return by_row if rows else None
+
+    def _classify_rows(self, batch: list[Job], rows: list[int], feats: dict[int, torch.Tensor],
+                       out: list[Outcome], tasks: dict[str, TaskInfo]) -> None:
         """Classify ``rows`` of ``batch`` into ``out``; if the forward raises and the rows span
         several tasks, each task runs again alone so that only the failing one gets the
         error."""
         names = [batch[i].task for i in rows]
         try:
-            feats = torch.stack([batch[i].features for i in rows])
+            x = feats[rows[0]][None] if len(rows) == 1 else torch.stack([feats[i] for i in rows])
             with torch.inference_mode():
-                logits = self.model.classify(feats, names)
+                logits = self.model.classify(x, names)
         except Exception as e:
             if len(set(names)) > 1:
                 for task in sorted(set(names)):
-                    self._classify_rows(batch, [i for i in rows if batch[i].task == task], out,
-                                        tasks)
+                    self._classify_rows(batch, [i for i in rows if batch[i].task == task],
+                                        feats, out, tasks)
                 return
             for i in rows:  # one task's own failure: 500, logged with each request's id
                 out[i] = e

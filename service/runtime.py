@@ -22,8 +22,9 @@ from aat_serve.adapters.checkpoints import LoadedCheckpoint, load_checkpoint
 from aat_serve.adapters.config import FeatureConfig
 from aat_serve.adapters.device import onnx_providers, resolve_device
 from aat_serve.adapters.errors import ConfigError
-from aat_serve.adapters.features import fbank, load_audio
+from aat_serve.adapters.features import load_audio
 from aat_serve.adapters.multitask import MultiTaskModel, ServingModel
+from aat_serve.service.batch_features import BatchFeatures
 from aat_serve.service.engine import Engine
 from aat_serve.service.errors import overloaded, timed_out
 from aat_serve.service.metrics import Metrics
@@ -79,14 +80,14 @@ LARGE_AUDIO_BYTES = 1 << 20
 thread: a few long clips never keep short ones from the decode pool."""
 
 
-def _featurise(audio: bytes, cfg: FeatureConfig, deadline: float = float("inf"),
-               timeout_s: float = 0.0) -> tuple[torch.Tensor, float]:
-    """``features_from_audio`` in its two steps, keeping the decoded duration; a request whose
-    deadline passed while it waited for a decode thread is not decoded (504)."""
+def _decode_pcm(audio: bytes, cfg: FeatureConfig, deadline: float = float("inf"),
+                timeout_s: float = 0.0) -> torch.Tensor:
+    """Mono float32 PCM at the task's rate (resampled only if the audio's rate differs); the
+    features are computed later, for the whole batch at once, on the inference thread. A
+    request whose deadline passed while it waited for a decode thread is not decoded (504)."""
     if time.monotonic() >= deadline:
         raise timed_out(timeout_s)
-    wave = load_audio(audio, sample_rate=cfg.sample_rate, max_duration_s=cfg.max_duration_s)
-    return fbank(wave, cfg), wave.numel() / cfg.sample_rate
+    return load_audio(audio, sample_rate=cfg.sample_rate, max_duration_s=cfg.max_duration_s)
 
 
 def build_model(settings: Settings, backbone: AST, device: torch.device, dtype: torch.dtype,
@@ -138,7 +139,8 @@ class Service:
         s = self.settings
         self.engine = Engine(self.model, self.metrics, max_batch=s.max_batch,
                              max_wait_s=s.max_wait_ms / 1000.0, max_queue=s.max_queue,
-                             max_batch_frames=self.max_batch_frames)
+                             max_batch_frames=self.max_batch_frames,
+                             features=BatchFeatures(self.model.device))
         self.engine.start()
         self.registry = Registry(self.engine, self.store, self.backbone, self.fingerprint,
                                  self.metrics, lazy=s.preload == "lazy", max_tasks=s.max_tasks)
@@ -214,15 +216,15 @@ class Service:
         limit = min(cfg.max_duration_s, self.settings.max_audio_seconds)
         return dataclasses.replace(cfg, max_duration_s=limit)
 
-    async def features(self, audio: bytes, cfg: FeatureConfig, deadline: float = float("inf"),
-                       ) -> tuple[torch.Tensor, float]:
-        """Model input and duration (s), decoded off the event loop: in the decode pool, or in
-        the large-audio pool for bodies over ``LARGE_AUDIO_BYTES``. 504 at ``deadline``, even
+    async def decode(self, audio: bytes, cfg: FeatureConfig, deadline: float = float("inf"),
+                     ) -> torch.Tensor:
+        """Mono PCM at ``cfg.sample_rate``, decoded off the event loop: in the decode pool, or
+        in the large-audio pool for bodies over ``LARGE_AUDIO_BYTES``. 504 at ``deadline``, even
         while the decode still waits for a thread (it then never runs) or still runs."""
         loop = asyncio.get_running_loop()
         pool = self.large_decode_pool if len(audio) > LARGE_AUDIO_BYTES else self.decode_pool
         timeout_s = self.settings.request_timeout_s
-        work = loop.run_in_executor(pool, _featurise, audio, cfg, deadline, timeout_s)
+        work = loop.run_in_executor(pool, _decode_pcm, audio, cfg, deadline, timeout_s)
         try:
             return await asyncio.wait_for(work, max(0.0, deadline - time.monotonic()))
         except TimeoutError:

@@ -14,15 +14,35 @@ class Prediction(BaseModel):
     score: float = Field(description="Softmax probability, or sigmoid for multi-label tasks.")
 
 
+class WindowResult(BaseModel):
+    start_s: float = Field(description="Where the window starts in the audio, in seconds.")
+    end_s: float = Field(description="Where it ends (clipped at the audio's end; a last "
+                                     "window running past it is padded).")
+    predictions: list[Prediction] = Field(description="This window's top-k labels.")
+
+
 class ClassifyResponse(BaseModel):
     task: str
     version: str = Field(description="Content hash of the bundle version that computed this.")
     multi_label: bool
-    predictions: list[Prediction] = Field(description="The top-k labels, best first.")
+    predictions: list[Prediction] = Field(description="The top-k labels, best first, of the "
+                                                      "windows' aggregated scores.")
     duration_s: float = Field(description="Decoded audio duration in seconds.")
-    queue_ms: float = Field(description="Time waiting for the batch.")
-    inference_ms: float = Field(description="Forward time of the batch.")
-    batch_size: int = Field(description="Clips in the batch that computed this one.")
+    scored_s: float = Field(description="Seconds of the audio that were scored: all of it, "
+                                        "or the first window's with aggregate=first.")
+    windows: int = Field(description="Windows scored (1 for audio up to the task's window).")
+    window_s: float = Field(description="The task's window: the audio that makes its "
+                                        "target_length frames.")
+    hop_s: float = Field(description="Seconds between window starts.")
+    aggregate: str = Field(description="How the windows' scores were combined: mean, max or "
+                                       "first.")
+    window_results: list[WindowResult] | None = Field(
+        None, description="Per-window top-k, with ?windows=true; else null.")
+    queue_ms: float = Field(description="Time waiting for the batch (the longest over the "
+                                        "windows).")
+    inference_ms: float = Field(description="Forward time of the batch (the longest over the "
+                                            "windows' batches).")
+    batch_size: int = Field(description="Clips in the batch that computed the first window.")
     batch_tasks: int = Field(description="Distinct tasks in that batch.")
 
 

@@ -64,6 +64,11 @@ class Settings(BaseSettings):
     """A request body still incomplete this long after the server began reading it gets 408."""
     max_audio_mb: float = Field(25.0, gt=0)
     max_audio_seconds: float = Field(600.0, gt=0)
+    max_windows: int = Field(128, ge=1, le=100_000)
+    """Most windows one request's audio is scored in (longer audio with its hop: 413)."""
+    window_hop_s: float | None = Field(None, gt=0, le=3600)
+    """Default hop between the windows of long audio, capped at each task's window (``?hop_s=``
+    overrides); unset: one window, i.e. no overlap."""
     max_bundle_mb: float = Field(200.0, gt=0)
     max_uploads: int = Field(2, ge=1, le=64)
     """Bundle uploads processed at the same time; more get 503."""

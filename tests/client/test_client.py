@@ -55,7 +55,7 @@ def test_upload_classify_list_read_delete(live, tmp_path, monkeypatch):
     with Client(server.url) as aat:
         up = aat.upload("birds", path)
         assert (up.task, up.version, up.created) == ("birds", bundle.manifest.version, True)
-        audio = wav_bytes(0.7, seed=4)
+        audio = wav_bytes(0.6, seed=4)  # one window of the tiny backbone (0.655 s)
         expected = reference_scores(ckpt, bundle, audio)
         samples, rate = soundfile.read(io.BytesIO(audio), dtype="float32")
         for given in (str(path.with_name("a.wav")), audio, io.BytesIO(audio), samples):

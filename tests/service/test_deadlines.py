@@ -152,8 +152,8 @@ def test_a_clip_past_its_deadline_at_the_forward_is_not_computed(bundles):
     now = time.monotonic()
 
     def job(deadline):
-        return Job("birds", torch.zeros(FRAMES, 32), m.version, m.features, deadline, 1.0,
-                   future=None)
+        return Job("birds", torch.zeros(16000), m.feature_config, m.version, m.features,
+                   deadline, 1.0, future=None)
 
     out = engine._forward([job(now - 0.001), job(now - 1)])
     assert model.calls == 0

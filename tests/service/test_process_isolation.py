@@ -46,7 +46,7 @@ def test_a_poisoned_store_and_long_clips_in_a_real_process(tmp_path, ckpt_dir, b
             assert (r.status_code, r.json()["error"]["type"]) == (500, "task_failed")
             assert 'aat_bundles_failed{task="words"} 1.0' in c.get("/metrics").text
         # three 600-s clips (about 2 s of decoding each here) and short clips at the same time
-        url = server.url + "/classify/birds"
+        url = server.url + "/classify/birds?aggregate=first"  # 600 s: one window, all decoded
         long_clip, short_clip = wav_bytes(600.0), wav_bytes(0.5, seed=2)
         with ThreadPoolExecutor(4) as pool:
             longs = [pool.submit(_timed_post, url, long_clip) for _ in range(3)]
