@@ -233,16 +233,21 @@ async def readyz(svc: ServiceDep) -> Readiness:
                      dtype=svc.settings.dtype, runtime=runtime, provider=provider)
 
 
-@router.api_route("/metrics", methods=["GET", "HEAD"], tags=["operations"],
-                  response_class=Response,
-                  responses={200: {"content": {CONTENT_TYPE_LATEST: {}},
-                                   "description": "Prometheus text format."}},
-                  summary="Prometheus metrics")
-async def metrics(request: Request, svc: ServiceDep) -> Response:
+_METRICS_DOC = {200: {"content": {CONTENT_TYPE_LATEST: {}},
+                     "description": "Prometheus text format."}}
+
+
+@router.get("/metrics", tags=["operations"], response_class=Response, responses=_METRICS_DOC,
+            summary="Prometheus metrics")
+async def metrics(svc: ServiceDep) -> Response:
     """Ours (prefix ``aat_``) and the standard process and Python series (``process_*``,
-    ``python_*``); bind privately, no auth. ``HEAD`` answers the headers alone."""
+    ``python_*``); bind privately, no auth."""
+    return Response(svc.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.head("/metrics", tags=["operations"], response_class=Response, responses=_METRICS_DOC,
+             summary="Prometheus metrics, headers only (for probes)")
+async def metrics_head(svc: ServiceDep) -> Response:
+    """What ``GET /metrics`` would answer, without the body."""
     body = svc.metrics.render()
-    if request.method == "HEAD":
-        return Response(media_type=CONTENT_TYPE_LATEST,
-                        headers={"Content-Length": str(len(body))})
-    return Response(body, media_type=CONTENT_TYPE_LATEST)
+    return Response(media_type=CONTENT_TYPE_LATEST, headers={"Content-Length": str(len(body))})

@@ -311,7 +311,7 @@ def test_openapi_documents_every_route_body_and_error(client):
     body = paths["/tasks/{task}"]["put"]["requestBody"]["content"]
     assert set(body) == {"application/octet-stream", "multipart/form-data"}
     top_k = paths["/classify/{task}"]["post"]["parameters"]
-    assert {p["name"] for p in top_k} == {"task", "top_k"}
+    assert {p["name"] for p in top_k} == {"task", "top_k", "hop_s", "aggregate", "windows"}
     docs = client.get("/docs")
     assert docs.status_code == 200 and "swagger" in docs.text.lower()
 

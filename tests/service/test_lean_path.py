@@ -10,7 +10,8 @@ import orjson
 import pytest
 import torch
 
-from aat_serve.service.api import json_response, top_scores
+from aat_serve.service.api import json_response
+from aat_serve.service.classify import probabilities, top_predictions
 from aat_serve.service.schemas import ClassifyResponse
 from aat_serve.service.threads import decode_pool, single_threaded_torch, usable_cores
 
@@ -18,7 +19,9 @@ BODY = dict(task="digits", version="1b27c4ba1d5cd063", multi_label=False,
             predictions=[{"label": "seven", "score": 0.9999816417694092},
                          {"label": "zero", "score": 1.5091905879671685e-05},
                          {"label": "four", "score": 1.678343892308476e-06}],
-            duration_s=1.0, queue_ms=5.56, inference_ms=29.248, batch_size=3, batch_tasks=2)
+            duration_s=1.0, scored_s=1.0, windows=1, window_s=1.0, hop_s=1.0,
+            aggregate="mean", window_results=None, queue_ms=5.56, inference_ms=29.248,
+            batch_size=3, batch_tasks=2)
 
 
 def test_the_body_is_byte_for_byte_the_models_json():
@@ -33,10 +36,10 @@ def test_the_body_is_byte_for_byte_the_models_json():
 
 def test_top_scores_best_first_ties_in_label_order():
     logits = torch.tensor([0.0, 2.0, 2.0, -1.0])
-    top = top_scores(logits, ["a", "b", "c", "d"], False, 3)
+    top = top_predictions(probabilities(logits, False), ["a", "b", "c", "d"], 3)
     assert [p["label"] for p in top] == ["b", "c", "a"]
     assert top[0]["score"] == pytest.approx(float(torch.softmax(logits, -1)[1]))
-    multi = top_scores(logits, ["a", "b", "c", "d"], True, 1)
+    multi = top_predictions(probabilities(logits, True), ["a", "b", "c", "d"], 1)
     assert multi == [{"label": "b", "score": float(torch.sigmoid(torch.tensor(2.0)))}]
     assert orjson.loads(orjson.dumps(top)) == top
 

@@ -386,8 +386,11 @@ def test_the_store_scan_skips_a_poisoned_file(make_app, store, bundles):
     (store / "words.safetensors").write_bytes(data)
     bundles["birds"].save(store / "birds.safetensors")
     with served(make_app()) as c:
-        assert [t["task"] for t in c.get("/tasks").json()["tasks"]] == ["birds"]
-        assert c.post("/classify/words", content=AUDIO, headers=WAV).status_code == 404
+        listed = {t["task"]: t for t in c.get("/tasks").json()["tasks"]}
+        assert listed["birds"]["state"] == "active" and listed["words"]["state"] == "failed"
+        assert "features.target_length is 10000000" in listed["words"]["reason"]
+        refused = c.post("/classify/words", content=AUDIO, headers=WAV)
+        assert refused.status_code == 500 and refused.json()["error"]["type"] == "task_failed"
         assert c.post("/classify/birds", content=AUDIO, headers=WAV).status_code == 200
         assert 'aat_bundle_loads_total{outcome="refused",source="store"} 1.0' in \
             c.get("/metrics").text
