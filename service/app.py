@@ -19,6 +19,7 @@ from aat_serve.adapters.checkpoints import LoadedCheckpoint
 from aat_serve.adapters.errors import AATError
 from aat_serve.service.api import router
 from aat_serve.service.body_timeout import BodyTimeoutMiddleware
+from aat_serve.service.docs_ui import install_docs
 from aat_serve.service.errors import (
     ErrorType,
     ServiceError,
@@ -132,10 +133,11 @@ def create_app(settings: Settings | None = None, *,
             await svc.stop()
 
     app = FastAPI(title="aat-serve", version="0.1.0", description=DESCRIPTION,
-                  lifespan=lifespan)
+                  lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.settings = settings
     install_error_handlers(app)
     app.include_router(router)
+    install_docs(app)  # /docs and /redoc with their assets served here, not from a CDN
     _openapi_without_default_422(app)
     app.add_middleware(BodyTimeoutMiddleware, idle_s=settings.body_timeout_s,
                        total_s=settings.body_total_timeout_s)

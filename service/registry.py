@@ -29,7 +29,7 @@ from aat_serve.adapters.bundle import Manifest, TaskBundle, content_version, rea
 from aat_serve.adapters.errors import AATError, BundleError, SlotsFullError, UnknownTaskError
 from aat_serve.adapters.slots import TaskInfo
 from aat_serve.service.engine import Engine
-from aat_serve.service.errors import task_failed
+from aat_serve.service.errors import ErrorType, ServiceError, task_failed
 from aat_serve.service.metrics import Metrics
 from aat_serve.service.store import BundleStore, StoreEntry
 from aat_serve.service.tasks import TaskTable
@@ -142,6 +142,10 @@ class Registry:
             info = self.engine.tasks.get(task)
             if entry is None and info is None:
                 raise UnknownTaskError(f"unknown task {task!r}")
+            if entry is not None and entry.read_only:
+                raise ServiceError(ErrorType.FORBIDDEN, f"task {task!r} is a read-only demo "
+                                   "task (AAT_DEMO); upload a bundle of that name to replace "
+                                   "it, or serve without the demo tasks (--no-demo)")
             stored = self.tasks.record(task).stored
             if info is not None:
                 version = info.version

@@ -43,19 +43,49 @@ NO_CHECKPOINT = (
 
 def with_embedded_defaults(settings: Settings) -> Settings:
     """Without AAT_CHECKPOINT, the embedded demo backbone (``aat demo build``) when it ships,
-    and, without AAT_BUNDLE_DIR too, its task bundles as a read-only store."""
-    if settings.checkpoint is not None:
-        return settings
+    and, without AAT_BUNDLE_DIR too, its task bundles as a read-only store. ``AAT_DEMO``
+    resolved: unset means on exactly when the backbone is the demo's; on with another
+    backbone is a ``ConfigError`` (the demo tasks would all fail its fingerprint check)."""
     from aat_serve.adapters import demo_assets
 
-    if not demo_assets.available():
-        return settings  # load_backbone says what to configure
-    update: dict[str, Any] = {"checkpoint": demo_assets.BACKBONE_DIR}
-    if settings.bundle_dir is None:
-        update["bundle_dir"] = demo_assets.TASKS_DIR
-    log.info("no AAT_CHECKPOINT: serving the embedded demo backbone",
-             extra={k: str(v) for k, v in update.items()})
-    return settings.model_copy(update=update)
+    update: dict[str, Any] = {}
+    if settings.checkpoint is None and demo_assets.available():
+        update["checkpoint"] = demo_assets.BACKBONE_DIR
+        if settings.bundle_dir is None:
+            update["bundle_dir"] = demo_assets.TASKS_DIR
+        log.info("no AAT_CHECKPOINT: serving the embedded demo backbone",
+                 extra={k: str(v) for k, v in update.items()})
+    checkpoint = update.get("checkpoint", settings.checkpoint)
+    on_demo = checkpoint is not None and _is_demo_backbone(checkpoint)
+    if settings.demo is None:
+        update["demo"] = on_demo
+    elif settings.demo and not on_demo:
+        raise ConfigError(f"AAT_DEMO (--demo) serves the demo tasks, which need the demo "
+                          f"backbone, but the checkpoint is {str(checkpoint)!r}; drop --demo "
+                          "or pass --checkpoint demo")
+    return settings.model_copy(update=update) if update else settings
+
+
+def _is_demo_backbone(checkpoint: Any) -> bool:
+    from aat_serve.adapters import demo_assets
+    from aat_serve.adapters.checkpoints.load import checkpoint_path
+
+    try:
+        return checkpoint_path(checkpoint).resolve() == demo_assets.BACKBONE_DIR.resolve()
+    except OSError:
+        return False
+
+
+def demo_tasks_dir(settings: Settings) -> Any:
+    """The read-only layer beneath the store: the demo's tasks when ``AAT_DEMO`` is on and the
+    store is not already that folder; else None."""
+    from aat_serve.adapters import demo_assets
+
+    if not settings.demo or not demo_assets.available() or settings.bundle_dir is None:
+        return None
+    if settings.bundle_dir.resolve() == demo_assets.TASKS_DIR.resolve():
+        return None
+    return demo_assets.TASKS_DIR
 
 
 def tune_process(settings: Settings) -> bool:
@@ -122,7 +152,8 @@ class Service:
         self.fingerprint = self.backbone.fingerprint()
         self.model = build_model(settings, self.backbone, self.device, self.dtype,
                                  self.fingerprint)
-        self.store = BundleStore(settings.bundle_dir) if settings.bundle_dir else None
+        self.store = (BundleStore(settings.bundle_dir, read_only=demo_tasks_dir(settings))
+                      if settings.bundle_dir else None)
         self.engine: Engine | None = None
         self.registry: Registry | None = None
         self.decode_pool = decode_pool(settings.decode_workers)

@@ -32,6 +32,10 @@ class Settings(BaseSettings):
     """Backbone checkpoint: original AST/SSAST ``.pth`` or a Hugging Face directory."""
     bundle_dir: Path | None = None
     """The bundle store (a directory, shareable between replicas); None serves no uploads."""
+    demo: bool | None = None
+    """Serve the demo's tasks (``digits``, ...) read-only beside the store's own; a store task
+    of the same name wins. Unset: on with the demo backbone (no checkpoint, or ``demo``), off
+    with any other (the demo tasks only fit the demo backbone)."""
     admin_token: str | None = None
     """Bearer token for PUT/DELETE /tasks/{task}; unset disables management (403)."""
     api_token: str | None = None

@@ -11,8 +11,10 @@ is atomic (temporary file in the same directory, fsync, rename, fsync of the dir
 reader sees the old or the new state and never a partial file. The previous version is kept
 until a newer one is active; older ones are pruned. Other files (dotfiles, temporaries) are
 ignored; temporary files that a killed write left behind are removed at start-up
-(``remove_orphans``). Nothing here loads tensors (``aat_serve.adapters.bundle.read_manifest``
-parses only the header).
+(``remove_orphans``). A store may have a read-only layer of hand-placed bundles beneath it (the
+demo's tasks, ``AAT_DEMO``): a task of the store's own shadows a read-only one of the same name,
+writes go to the store, and a read-only task cannot be deleted. Nothing here loads tensors
+(``aat_serve.adapters.bundle.read_manifest`` parses only the header).
 """
 
 from __future__ import annotations
@@ -52,22 +54,36 @@ class StoreEntry:
     """From ``ACTIVE`` for uploaded bundles; None for hand-placed files (read the manifest)."""
     stamp: tuple[int, int]
     """(mtime_ns, size) of the file: a cheap change detector."""
+    read_only: bool = False
+    """From the read-only layer (the demo's tasks), not the store's own directory."""
 
 
 class BundleStore:
     """File operations on the store directory; no model, no HTTP."""
 
-    def __init__(self, root: str | os.PathLike) -> None:
+    def __init__(self, root: str | os.PathLike,
+                 read_only: str | os.PathLike | None = None) -> None:
         self.root = Path(root)
+        self.read_only = Path(read_only) if read_only is not None else None
+        """Hand-placed ``<task>.safetensors`` served beneath the store's own tasks."""
         self.root.mkdir(parents=True, exist_ok=True)
         if not os.access(self.root, os.R_OK | os.X_OK):
             raise BundleError(f"bundle store {str(self.root)!r} is not readable")
 
     # -- reading --------------------------------------------------------------------------
     def entry(self, task: str) -> StoreEntry | None:
-        """The active bundle of ``task``, or None if the store has none."""
+        """The active bundle of ``task`` (the store's own before the read-only layer's), or
+        None if neither has one."""
         if not TASK_NAME_RE.fullmatch(task):
             return None
+        own = self._own_entry(task)
+        if own is not None or self.read_only is None:
+            return own
+        path = self.read_only / f"{task}{SUFFIX}"
+        stamp = self._stamp(path)
+        return StoreEntry(task, path, None, stamp, read_only=True) if stamp else None
+
+    def _own_entry(self, task: str) -> StoreEntry | None:
         managed = self.root / task
         try:
             version = (managed / ACTIVE).read_text(encoding="utf-8").strip()
@@ -87,11 +103,15 @@ class BundleStore:
     def scan(self) -> dict[str, StoreEntry]:
         """Every task with an active bundle."""
         names: set[str] = set()
-        try:
-            children = list(os.scandir(self.root))
-        except OSError as e:
-            raise BundleError(f"cannot list bundle store {str(self.root)!r}: {e.strerror}"
-                              ) from None
+        children = []
+        for folder in (self.root, self.read_only):
+            if folder is None:
+                continue
+            try:
+                children += list(os.scandir(folder))
+            except OSError as e:
+                raise BundleError(f"cannot list bundle store {str(folder)!r}: {e.strerror}"
+                                  ) from None
         for child in children:
             name = child.name
             if name.endswith(SUFFIX):

@@ -31,7 +31,7 @@ from aat_serve.training.data.base import BadAudioRule, DataSource
 from aat_serve.training.evaluate import evaluate_examples
 from aat_serve.training.export import load_trained
 from aat_serve.training.feature_defaults import resolve_features
-from aat_serve.training.recipes import Recipe, default_recipe, get_recipe
+from aat_serve.training.recipes import Recipe, default_recipe, get_recipe, with_method_rate
 from aat_serve.training.trainer import RunOptions, Trainer, TrainResult
 
 FEATURE_SOURCE_FIELDS = ("sample_rate", "num_mel_bins", "target_length", "mean", "std")
@@ -50,7 +50,8 @@ def default_task_name(dataset: str, root: str | os.PathLike) -> str:
 def resolve_recipe(dataset: str, method: str, multi_label: bool, name: str | None = None,
                    overrides: dict[str, Any] | None = None) -> Recipe:
     """A named (or the data set's default) recipe with command-line overrides applied."""
-    base = get_recipe(name) if name else default_recipe(dataset, method, multi_label)
+    base = (with_method_rate(get_recipe(name), method) if name
+            else default_recipe(dataset, method, multi_label))
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     return base.replace(**overrides) if overrides else base
 

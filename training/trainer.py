@@ -63,6 +63,15 @@ log = logging.getLogger(__name__)
 _EVAL_CACHE_BYTES = 512 * 1024 * 1024
 
 
+def is_better(valid: dict[str, Any], best: dict[str, Any], metric: str) -> bool:
+    """Whether an epoch's validation beats the best so far: a higher ``metric``, or the same
+    with a lower loss. On a small validation set the accuracy saturates within an epoch or two;
+    without the tie-break the first such epoch would be kept however far the loss still fell."""
+    if valid[metric] != best["metric"]:
+        return valid[metric] > best["metric"]
+    return valid["loss"] < best["valid"]["loss"]
+
+
 @dataclass
 class RunOptions:
     """How to run (not what to learn): device, workers, progress, checkpoint frequency."""
@@ -375,7 +384,7 @@ class Trainer:
         log.info("epoch %d/%d: train loss %.4f, valid loss %.4f, %s %.4f (%.1f s)",
                  epoch + 1, r.epochs, row["train_loss"], row["valid_loss"], r.metric,
                  valid[r.metric], seconds)
-        if valid[r.metric] > p.best["metric"] or p.best["epoch"] == 0:
+        if p.best["epoch"] == 0 or is_better(valid, p.best, r.metric):
             p.best = {"epoch": epoch + 1, "metric": valid[r.metric], "valid": valid}
             self.save_trained(self.run_dir / BEST_FILE,
                               {"valid": valid, "best_epoch": epoch + 1})

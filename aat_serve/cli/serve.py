@@ -20,7 +20,8 @@ def run(args: argparse.Namespace) -> int:
     from aat_serve.service.settings import load_settings
 
     settings = load_settings(host=args.host, port=args.port, checkpoint=args.checkpoint,
-                             bundle_dir=args.bundle_dir, log_level=args.log_level)
+                             bundle_dir=args.bundle_dir, log_level=args.log_level,
+                             demo=args.demo)
     configure_logging(settings.log_level)
     settings = with_embedded_defaults(settings)
     malloc_tuned = tune_process(settings)
@@ -73,6 +74,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "default: the embedded demo backbone, when built)")
     p.add_argument("--bundle-dir", type=Path,
                    help="bundle store directory, shared by replicas (AAT_BUNDLE_DIR)")
+    p.add_argument("--demo", action=argparse.BooleanOptionalAction, default=None,
+                   help="serve the demo tasks (digits, ...) read-only beside the store's own; "
+                        "a store task of the same name wins (AAT_DEMO; default: on with the "
+                        "demo backbone, off with another)")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
                    help="log level (AAT_LOG_LEVEL, default info)")
     p.set_defaults(func=run)

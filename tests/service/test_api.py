@@ -368,6 +368,9 @@ def test_no_configuration_serves_the_embedded_demo(monkeypatch, ckpt_dir, bundle
     own.mkdir()
     bundles["words"].save(own / "words.safetensors")
     monkeypatch.setenv("AAT_BUNDLE_DIR", str(own))  # a store of one's own on the demo backbone
+    with served(create_app(load_settings())) as c:  # AAT_DEMO defaults on: the demo's beside
+        assert [t["task"] for t in c.get("/tasks").json()["tasks"]] == ["tags", "words"]
+    monkeypatch.setenv("AAT_DEMO", "false")
     with served(create_app(load_settings())) as c:
         assert [t["task"] for t in c.get("/tasks").json()["tasks"]] == ["words"]
     assert sorted(p.name for p in tasks.iterdir()) == ["tags.safetensors"]  # left untouched

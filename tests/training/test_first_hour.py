@@ -19,7 +19,7 @@ from aat_serve.cli.main import main
 from aat_serve.training.compare import parse_rates
 from aat_serve.training.data import SC2_WORDS, load_source
 from aat_serve.training.feature_defaults import resolve_features
-from aat_serve.training.recipes import get_recipe
+from aat_serve.training.recipes import default_recipe, get_recipe
 from tests.training import synth
 
 pytestmark = pytest.mark.skipif(not available(), reason="demo assets not built")
@@ -160,7 +160,8 @@ def test_compare_uses_each_methods_rate_and_shows_progress(capfd, tmp_path, pets
     assert "epoch 1/1" in err  # the child's progress bar
     lr = {m: json.loads((tmp_path / "c" / f"{m}.run" / "config.json").read_text())["recipe"]["lr"]
           for m in ("head", "full")}
-    assert lr == {"head": get_recipe("generic").lr, "full": 0.001}
+    assert lr == {"head": default_recipe("folder", "head").lr, "full": 0.001}
+    assert lr["head"] == 1e-2 != get_recipe("generic").lr  # the generic recipe's head rate
 
 
 def test_corrupt_folder_names_every_bad_file_and_the_cli_flag(capsys, tmp_path):

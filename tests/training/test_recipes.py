@@ -98,3 +98,23 @@ def test_ce_refuses_multi_label_data():
     check_fits(get_recipe("openmic"), multi_label=True, masked=True)
     with pytest.raises(ConfigError, match="multi-label: use --loss bce"):
         check_fits(get_recipe("esc50"), multi_label=True, masked=False)
+
+
+def test_the_generic_recipe_has_a_rate_per_method_and_the_papers_keep_theirs():
+    from aat_serve.training.api import resolve_recipe
+    from aat_serve.training.recipes import GENERIC_METHOD_LR
+
+    for method in ("head", "prompt", "aat_m", "aat_ms", "joint"):
+        for ds in ("folder", "csv"):
+            assert default_recipe(ds, method).lr == GENERIC_METHOD_LR[method] > 1e-4
+        assert default_recipe("csv", method, multi_label=True).lr == GENERIC_METHOD_LR[method]
+        # an explicit --recipe generic gets the method's rate too; --lr still wins
+        assert resolve_recipe("folder", method, False, "generic").lr == GENERIC_METHOD_LR[method]
+        assert resolve_recipe("folder", method, False, None, {"lr": 3e-4}).lr == 3e-4
+    for method in ("full", "partial"):  # whole-model methods keep the low rate
+        assert default_recipe("folder", method).lr == 1e-4
+    # differs: the paper's named recipes keep their published rates for every method
+    assert default_recipe("esc50", "aat_ms").lr == 1e-4
+    assert default_recipe("sc2", "head").lr == 5e-4
+    assert resolve_recipe("folder", "aat_ms", False, "us8k").lr == 1e-5
+    assert get_recipe("generic").lr == 1e-4  # the shipped recipe itself is unchanged

@@ -276,3 +276,13 @@ def test_cross_validation_over_esc50_folds(tmp_path):
     m = TaskBundle.load(tmp_path / "esc.safetensors").manifest
     assert m.metrics["cv"]["best_epoch"] == res.summary["best_epoch"]
     assert m.metrics["held_out_fold"] == 1 and m.recipe["fold"] == 1
+
+
+def test_the_best_epoch_breaks_a_tie_in_the_metric_by_the_validation_loss():
+    from aat_serve.training.trainer import is_better
+
+    best = {"epoch": 1, "metric": 1.0, "valid": {"acc": 1.0, "loss": 0.9}}
+    assert is_better({"acc": 1.0, "loss": 0.1}, best, "acc")       # same accuracy, lower loss
+    assert not is_better({"acc": 1.0, "loss": 0.95}, best, "acc")  # same accuracy, higher loss
+    assert not is_better({"acc": 0.97, "loss": 0.01}, best, "acc")  # lower accuracy loses
+    assert is_better({"acc": 0.5, "loss": 3.0}, {**best, "metric": 0.4}, "acc")
