@@ -297,7 +297,6 @@ def test_nginx_limits_equal_the_service_defaults():
 
 def _uvicorn_run_kwargs(monkeypatch, tmp_path) -> dict:
     """What ``aat serve`` passes to ``uvicorn.run`` (backbone, app and server stubbed)."""
-    import argparse
     import inspect
 
     import uvicorn
@@ -312,8 +311,10 @@ def _uvicorn_run_kwargs(monkeypatch, tmp_path) -> dict:
     monkeypatch.setattr(runtime, "load_backbone", lambda settings: None)
     monkeypatch.setattr(app_module, "create_app", lambda settings, checkpoint=None: "app")
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: captured.update(kw))
-    args = argparse.Namespace(host=None, port=None, checkpoint=tmp_path / "ckpt",
-                              bundle_dir=tmp_path / "store", log_level=None)
+    from aat_serve.cli.main import build_parser
+
+    args = build_parser().parse_args(["serve", "--checkpoint", str(tmp_path / "ckpt"),
+                                      "--bundle-dir", str(tmp_path / "store")])
     assert serve.run(args) == 0
     defaults = {k: p.default for k, p in inspect.signature(uvicorn.Config).parameters.items()}
     return defaults | captured
