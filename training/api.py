@@ -8,6 +8,7 @@ bundle or a whole-model checkpoint on a data set's test split with a per-class r
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import re
 from collections.abc import Callable
@@ -35,6 +36,8 @@ from aat_serve.training.recipes import Recipe, default_recipe, get_recipe, with_
 from aat_serve.training.trainer import RunOptions, Trainer, TrainResult
 
 FEATURE_SOURCE_FIELDS = ("sample_rate", "num_mel_bins", "target_length", "mean", "std")
+
+log = logging.getLogger(__name__)
 
 
 def default_task_name(dataset: str, root: str | os.PathLike) -> str:
@@ -140,10 +143,26 @@ def train(dataset: str, root: str | os.PathLike, checkpoint: str | os.PathLike |
                       options=options, config=config, out_path=out)
     if src.folds and fold is None:
         src.splits(fold)  # raises the "choose a fold or --cv" error
-    trainer = Trainer(make(), src.splits(fold), src.labels, recipe=rec, features=features,
+    splits = src.splits(fold)
+    warn_empty_splits(src.name, splits)
+    trainer = Trainer(make(), splits, src.labels, recipe=rec, features=features,
                       run_dir=run_dir, task=task, multi_label=src.multi_label, options=options,
                       config={**config, "fold": fold})
     return trainer.train(out)
+
+
+def warn_empty_splits(name: str, splits: dict) -> list[str]:
+    """Log once, before any training, which of the valid and test splits hold no clip (a small
+    folder data set split 80/10/10 by file name can leave one empty; the run then reports no
+    figure for it); returns their names."""
+    empty = [s for s in ("valid", "test") if not splits.get(s)]
+    if empty:
+        log.warning("%s: the %s split%s empty (%d training clips): no %s figures for this run; "
+                    "give the split explicitly (train.txt/valid.txt/test.txt lists, or a CSV "
+                    "split column) or add clips", name, " and ".join(empty),
+                    " is" if len(empty) == 1 else "s are", len(splits.get("train", [])),
+                    "/".join(empty))
+    return empty
 
 
 def evaluate(dataset: str, root: str | os.PathLike, bundle: str | os.PathLike, *,

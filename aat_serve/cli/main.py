@@ -11,6 +11,7 @@ import importlib
 import importlib.metadata
 import importlib.util
 import logging
+import os
 import sys
 
 from aat_serve.adapters.errors import AATError
@@ -63,6 +64,12 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except AATError as e:
         return report_error(e, bool(getattr(args, "json", False)))
+    except BrokenPipeError:
+        # The reader went away (`aat bundle inspect FILE | head`): stop quietly, as Unix tools
+        # do, with the shell's SIGPIPE status; stdout goes to /dev/null so that Python's own
+        # flush at exit does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except OSError as e:  # e.g. an unwritable output: JSON too when --json was asked for
         if not getattr(args, "json", False):
             raise

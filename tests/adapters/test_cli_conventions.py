@@ -89,3 +89,19 @@ def test_every_device_default_is_auto():
         assert parser.parse_args(argv).device == "auto", argv
     assert parser.parse_args(["predict", "x.wav", "--checkpoint", "demo", "--device",
                               "cpu"]).device == "cpu"
+
+
+def test_a_closed_pipe_ends_quietly_with_the_sigpipe_status(tmp_path):
+    """`aat bundle inspect FILE | head` when head has gone: no traceback, exit 141 (128 + 13)."""
+    import subprocess
+    import sys
+
+    from aat_serve.adapters.demo_assets import TASKS_DIR
+
+    bundle = next(TASKS_DIR.glob("*.safetensors"))
+    child = subprocess.Popen([sys.executable, "-m", "aat_serve.cli.main", "bundle", "inspect",
+                              str(bundle)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    child.stdout.close()  # the reader is gone before the first line is written
+    _, err = child.communicate(timeout=120)
+    assert child.returncode == 141, err.decode()
+    assert b"Traceback" not in err and b"BrokenPipeError" not in err

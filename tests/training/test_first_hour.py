@@ -188,3 +188,18 @@ def test_training_with_progress_bars_raises_no_autograd_warning(tmp_path, pets):
                      "demo", "--method", "head", "--out", str(tmp_path / "h.safetensors"),
                      "--progress", *FAST]) == 0
     assert not [w for w in caught if "requires_grad" in str(w.message)]
+
+
+def test_an_empty_valid_or_test_split_is_said_before_training(caplog):
+    import logging
+
+    from aat_serve.training.api import warn_empty_splits
+
+    with caplog.at_level(logging.WARNING):
+        assert warn_empty_splits("folder", {"train": [1, 2, 3], "valid": [4], "test": []}) \
+            == ["test"]
+    assert "folder: the test split is empty (3 training clips): no test figures" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):  # the differs check: nothing to say
+        assert warn_empty_splits("folder", {"train": [1], "valid": [2], "test": [3]}) == []
+    assert caplog.text == ""
