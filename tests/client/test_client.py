@@ -23,6 +23,7 @@ from aat_serve.client import (
     NotFound,
     Unavailable,
 )
+from tests.server_process import Server
 from tests.service.helpers import (
     ADMIN,
     load_tiny,
@@ -31,7 +32,6 @@ from tests.service.helpers import (
     wav_bytes,
     write_tiny_checkpoint,
 )
-from tests.service.test_process import Server
 
 
 @pytest.fixture(scope="module")

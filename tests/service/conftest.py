@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from aat_serve.adapters.multitask import MultiTaskModel
 from aat_serve.service.app import create_app
 from aat_serve.service.settings import Settings
-from tests.service.helpers import load_tiny, make_bundle, write_tiny_checkpoint
+from tests.service.helpers import Gate, load_tiny, make_bundle, write_tiny_checkpoint
 
 
 @pytest.fixture(scope="session")
@@ -47,3 +48,12 @@ def make_app(ckpt_dir, store):
         return create_app(Settings(**base))
 
     return factory
+
+
+@pytest.fixture
+def gate(monkeypatch):
+    """Holds ``MultiTaskModel.classify`` while closed and records each call (``Gate``)."""
+    g = Gate()
+    monkeypatch.setattr(MultiTaskModel, "classify", g.wrap(MultiTaskModel.classify))
+    yield g
+    g.opened.set()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import io
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -102,3 +103,26 @@ def served(app):
     with TestClient(app) as client:
         wait_ready(client)
         yield client
+
+
+class Gate:
+    """Records (tasks, feature shape) of each classify call; holds calls while ``closed``."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[list[str], tuple[int, ...]]] = []
+        self.entered = threading.Event()
+        self.opened = threading.Event()
+        self.opened.set()
+
+    def close(self) -> None:
+        self.entered.clear()
+        self.opened.clear()
+
+    def wrap(self, real):
+        def classify(model, features, tasks):
+            self.calls.append((list(tasks), tuple(features.shape)))
+            self.entered.set()
+            assert self.opened.wait(20), "gate never opened"
+            return real(model, features, tasks)
+
+        return classify

@@ -2,7 +2,7 @@
 nor computed, batches are bounded in frames, a raising task does not fail the other tasks of
 its batch, and NaN/inf scores are never a 200.
 
-``Gate`` (from test_engine) holds the inference worker so queue states are exact.
+``Gate`` (the ``gate`` fixture) holds the inference worker so queue states are exact.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import pytest
 import torch
 
 from aat_serve.adapters.multitask import MultiTaskModel
@@ -20,18 +19,9 @@ from aat_serve.service import runtime
 from aat_serve.service.engine import Engine, Job
 from aat_serve.service.metrics import Metrics
 from tests.service.helpers import error, served, wait_until, wav_bytes
-from tests.service.test_engine import Gate
 
 WAV = {"content-type": "audio/wav"}
 FRAMES = 64  # the tiny backbone's target length
-
-
-@pytest.fixture
-def gate(monkeypatch):
-    g = Gate()
-    monkeypatch.setattr(MultiTaskModel, "classify", g.wrap(MultiTaskModel.classify))
-    yield g
-    g.opened.set()
 
 
 def _post(c, task, seed=0):

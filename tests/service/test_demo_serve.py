@@ -9,12 +9,9 @@ the running server over HTTP on 127.0.0.1. Polling is bounded; the server is alw
 from __future__ import annotations
 
 import json
-import os
 import re
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -24,53 +21,20 @@ from aat_serve.adapters.demo_assets import BUILD_JSON, TASKS_DIR, available
 from aat_serve.training.demo import corpus as C
 from aat_serve.training.demo import sounds as S
 from tests.helpers import require_tool
+from tests.server_process import Server
 
 pytestmark = pytest.mark.skipif(not available(), reason="demo assets not built")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _aat() -> list[str]:
-    exe = Path(sys.executable).parent / "aat"  # the README's `.venv/bin/aat`
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "aat_serve.cli.main"]
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("demo-serve")
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AAT_")}  # no configuration
-    log_path = tmp / "serve.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen([*_aat(), "serve", "--port", str(port)], env=env, cwd=tmp,
-                                stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+    s = Server(tmp, "serve", cwd=tmp)  # no configuration, as the README runs it
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"aat serve exited ({proc.returncode}): "
-                            f"{log_path.read_text()[-3000:]}")
-            try:
-                if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"aat serve not ready in 120 s: {log_path.read_text()[-3000:]}")
-            time.sleep(0.2)
-        yield url
+        s.wait_ready(120)
+        yield s.url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        s.stop()
 
 
 @pytest.fixture(scope="module")

@@ -7,11 +7,7 @@ always stopped.
 
 from __future__ import annotations
 
-import os
-import socket
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -19,6 +15,7 @@ import pytest
 
 from aat_serve.adapters.demo_assets import available
 from tests.helpers import require_tool
+from tests.server_process import Server
 
 pytestmark = pytest.mark.skipif(not available(), reason="demo assets not built")
 
@@ -26,46 +23,15 @@ OFFLINE = "MAP * ~NOTFOUND, EXCLUDE 127.0.0.1"
 """Chromium host rules: every name but 127.0.0.1 fails to resolve (no CDN can answer)."""
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("docs-serve")
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AAT_")}
-    exe = Path(sys.executable).parent / "aat"
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "aat_serve.cli.main"]
-    log_path = tmp / "serve.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen([*cmd, "serve", "--port", str(port)], env=env, cwd=tmp,
-                                stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+    s = Server(tmp, "serve", cwd=tmp)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"aat serve exited ({proc.returncode}): "
-                            f"{log_path.read_text()[-3000:]}")
-            try:
-                if httpx.get(url + "/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"aat serve not up in 120 s: {log_path.read_text()[-3000:]}")
-            time.sleep(0.2)
-        yield url
+        s.wait_ready(120, path="/healthz")  # /docs needs no warm-up
+        yield s.url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        s.stop()
 
 
 def _dump_dom(url: str, tmp_path: Path) -> str:

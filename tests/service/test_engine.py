@@ -9,14 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import threading
 from concurrent.futures import ThreadPoolExecutor
 
-import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from aat_serve.adapters.multitask import MultiTaskModel
 from tests.service.helpers import (
     ADMIN,
     auth,
@@ -29,37 +26,6 @@ from tests.service.helpers import (
 )
 
 WAV = {"content-type": "audio/wav"}
-
-
-class Gate:
-    """Records (tasks, feature shape) of each classify call; holds calls while ``closed``."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[list[str], tuple[int, ...]]] = []
-        self.entered = threading.Event()
-        self.opened = threading.Event()
-        self.opened.set()
-
-    def close(self) -> None:
-        self.entered.clear()
-        self.opened.clear()
-
-    def wrap(self, real):
-        def classify(model, features, tasks):
-            self.calls.append((list(tasks), tuple(features.shape)))
-            self.entered.set()
-            assert self.opened.wait(20), "gate never opened"
-            return real(model, features, tasks)
-
-        return classify
-
-
-@pytest.fixture
-def gate(monkeypatch):
-    g = Gate()
-    monkeypatch.setattr(MultiTaskModel, "classify", g.wrap(MultiTaskModel.classify))
-    yield g
-    g.opened.set()
 
 
 def _post(c, task, audio, **kw):

@@ -11,8 +11,7 @@ import pytest
 
 from aat_serve.adapters.multitask import MultiTaskModel
 from aat_serve.cli.main import main as aat
-from tests.service.helpers import make_bundle, served, wait_until, wav_bytes
-from tests.service.test_engine import Gate
+from tests.service.helpers import Gate, make_bundle, served, wait_until, wav_bytes
 
 TASKS = ("birds", "words", "tags", "vpt")
 

@@ -12,8 +12,6 @@ import json
 import os
 import socket
 import struct
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -24,55 +22,10 @@ import pytest
 import torch
 
 from aat_serve.cli.main import main as aat
+from tests.server_process import Server
 from tests.service.helpers import ADMIN, auth, reference_scores, wav_bytes
 
 WAV = {"content-type": "audio/wav"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _aat_command() -> list[str]:
-    exe = Path(sys.executable).parent / "aat"
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "aat_serve.cli.main"]
-
-
-class Server:
-    def __init__(self, tmp: Path, name: str, checkpoint: Path, store: Path, env: dict) -> None:
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = tmp / f"{name}.log"
-        clean = {k: v for k, v in os.environ.items() if not k.startswith("AAT_")}
-        clean.update(env)
-        cmd = [*_aat_command(), "serve", "--port", str(self.port), "--checkpoint",
-               str(checkpoint), "--bundle-dir", str(store)]
-        with open(self.log, "wb") as log:
-            self.proc = subprocess.Popen(cmd, env=clean, stdout=log, stderr=subprocess.STDOUT)
-
-    def wait_ready(self, timeout_s: float = 90.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"server exited: {self.log.read_text()[-3000:]}")
-            try:
-                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise AssertionError(f"not ready in {timeout_s} s: {self.log.read_text()[-3000:]}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 
+from tests.server_process import Server
 from tests.service.helpers import wav_bytes
-from tests.service.test_process import Server
 
 WAV = {"content-type": "audio/wav"}
 

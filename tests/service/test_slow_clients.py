@@ -20,8 +20,8 @@ import httpx
 import numpy as np
 import pytest
 
+from tests.server_process import Server
 from tests.service.helpers import wav_bytes
-from tests.service.test_process import Server
 
 HEADER_TIMEOUT_S = 2.0
 BODY_TIMEOUT_S = 1.0

@@ -273,3 +273,13 @@ def make_csv(base: Path, multi: bool = False, with_split: bool = True,
             w.writerow(["path", "label", "split"] if with_split else ["path", "label"])
         w.writerows(rows)
     return path
+
+
+def run_json(capsys, argv: list[str]):
+    """``aat ARGV`` in-process; asserts exit 0 (showing what it printed) and parses stdout."""
+    from aat_serve.cli.main import main
+
+    rc = main(argv)
+    out = capsys.readouterr()
+    assert rc == 0, out.err + out.out
+    return json.loads(out.out)

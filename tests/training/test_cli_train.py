@@ -11,6 +11,7 @@ from aat_serve.adapters.checkpoints import load_checkpoint
 from aat_serve.cli.main import main
 from aat_serve.training.compare import comparison_rows, markdown_table
 from tests.training import synth
+from tests.training.synth import run_json
 
 SMALL = ["--epochs", "1", "--batch-size", "2", "--target-length", "64", "--freqm", "4",
          "--timem", "8", "--cache-audio"]
@@ -19,18 +20,6 @@ SMALL = ["--epochs", "1", "--batch-size", "2", "--target-length", "64", "--freqm
 @pytest.fixture(scope="module")
 def hf(tmp_path_factory):
     return synth.write_hf_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-ast")
-
-
-@pytest.fixture(scope="module")
-def pets(tmp_path_factory):
-    return synth.make_folder(tmp_path_factory.mktemp("pets"), per_label=4, lists="all")
-
-
-def run_json(capsys, argv):
-    rc = main(argv)
-    out = capsys.readouterr()
-    assert rc == 0, out.err
-    return json.loads(out.out)
 
 
 def test_train_then_eval_round_trip(capsys, tmp_path, hf, pets):

@@ -21,23 +21,12 @@ from aat_serve.training.data import SC2_WORDS, load_source
 from aat_serve.training.feature_defaults import resolve_features
 from aat_serve.training.recipes import default_recipe, get_recipe
 from tests.training import synth
+from tests.training.synth import run_json
 
 pytestmark = pytest.mark.skipif(not available(), reason="demo assets not built")
 
 PRE = json.loads((BACKBONE_DIR / "preprocessor_config.json").read_text())
 FAST = ["--epochs", "1", "--batch-size", "4", "--cache-audio", "--json"]
-
-
-@pytest.fixture(scope="module")
-def pets(tmp_path_factory):
-    return synth.make_folder(tmp_path_factory.mktemp("pets"), per_label=4, lists="all")
-
-
-def run_json(capsys, argv):
-    rc = main(argv)
-    out = capsys.readouterr()
-    assert rc == 0, out.err + out.out
-    return json.loads(out.out)
 
 
 def test_defaults_follow_the_backbone_and_every_run_records_the_source(capsys, tmp_path, pets):
