@@ -66,6 +66,21 @@ def mel_filters(num_bins: int, padded: int, sample_rate: float) -> torch.Tensor:
     return torch.cat([tri, torch.zeros(num_bins, 1)], 1).T.contiguous()
 
 
+def frame_length_samples(cfg: FeatureConfig) -> int:
+    """Samples in one analysis window, computed exactly as Kaldi/torchaudio do."""
+    return int(cfg.sample_rate * cfg.frame_length_ms * 0.001)
+
+
+def frame_shift_samples(cfg: FeatureConfig) -> int:
+    """Samples between the starts of two frames, as Kaldi/torchaudio compute it."""
+    return int(cfg.sample_rate * cfg.frame_shift_ms * 0.001)
+
+
+def window_samples(cfg: FeatureConfig) -> int:
+    """Samples that make exactly ``target_length`` frames: one task's window of audio."""
+    return (cfg.target_length - 1) * frame_shift_samples(cfg) + frame_length_samples(cfg)
+
+
 def frame_count(num_samples: torch.Tensor, window: int, shift: int) -> torch.Tensor:
     """Whole frames in each clip (Kaldi's snip-edges rule; a clip shorter than one window is
     padded to one window by the caller, as ``features.log_mel`` does)."""
@@ -84,8 +99,8 @@ class KaldiFbank(nn.Module):
         if dft not in ("fft", "matmul"):
             raise ConfigError(f"dft must be 'fft' or 'matmul', got {dft!r}")
         self.cfg, self.dft = cfg, dft
-        self.window = int(cfg.sample_rate * cfg.frame_length_ms * 0.001)
-        self.shift = int(cfg.sample_rate * cfg.frame_shift_ms * 0.001)
+        self.window = frame_length_samples(cfg)
+        self.shift = frame_shift_samples(cfg)
         if self.window < 2 or self.shift < 1:
             raise ConfigError(f"frames of {self.window} samples every {self.shift} are too short")
         self.padded = 1 << math.ceil(math.log2(self.window))

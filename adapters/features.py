@@ -21,6 +21,7 @@ import torchaudio.functional as taf
 
 from aat_serve.adapters.config import FeatureConfig
 from aat_serve.adapters.errors import AudioError, AudioTooLongError, ConfigError
+from aat_serve.adapters.fbank import frame_length_samples
 
 AudioSource = bytes | bytearray | memoryview | str | os.PathLike | BinaryIO
 
@@ -299,11 +300,6 @@ def _check_waveform(waveform: torch.Tensor) -> torch.Tensor:
     if not torch.isfinite(waveform).all():
         raise AudioError("waveform contains NaN or infinite samples")
     return waveform
-
-
-def frame_length_samples(cfg: FeatureConfig) -> int:
-    """Samples in one analysis window, computed exactly as Kaldi/torchaudio do."""
-    return int(cfg.sample_rate * cfg.frame_length_ms * 0.001)
 
 
 def log_mel(waveform: torch.Tensor, cfg: FeatureConfig) -> torch.Tensor:

@@ -18,13 +18,6 @@ from aat_serve.adapters.errors import AudioError
 from aat_serve.adapters.fbank import KaldiFbank
 
 
-def window_samples(cfg: FeatureConfig) -> int:
-    """Samples that make exactly ``target_length`` frames: one task's window of audio."""
-    fb_window = int(cfg.sample_rate * cfg.frame_length_ms * 0.001)
-    shift = int(cfg.sample_rate * cfg.frame_shift_ms * 0.001)
-    return (cfg.target_length - 1) * shift + fb_window
-
-
 class BatchFeatures:
     """Cached batched filterbanks on one device; call from one thread (the inference worker)."""
 

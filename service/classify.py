@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
+from aat_serve.adapters.fbank import window_samples
 from aat_serve.adapters.slots import TaskInfo
-from aat_serve.service.batch_features import window_samples
 from aat_serve.service.engine import Admission, Job, Result
 from aat_serve.service.errors import ErrorType, ServiceError
 from aat_serve.service.runtime import Service

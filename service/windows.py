@@ -1,6 +1,6 @@
 """Long audio in windows: which stretches of a waveform are scored, and how they add up.
 
-A task scores ``target_length`` frames, i.e. ``window_samples(cfg)`` samples (its window).
+A task scores ``target_length`` frames, i.e. ``fbank.window_samples(cfg)`` samples (its window).
 Audio up to one window long is one window (a shorter clip is padded in the log-mel domain, as
 ``features.fbank`` pads it). Longer audio is cut into windows of that length every ``hop``
 samples, the last one padded where it runs past the end, so every sample is scored:

@@ -16,8 +16,8 @@ import pytest
 import soundfile as sf
 import torch
 
+from aat_serve.adapters.fbank import window_samples
 from aat_serve.adapters.features import fbank, load_audio
-from aat_serve.service.batch_features import window_samples
 from aat_serve.service.windows import window_count
 from tests.service.helpers import error, reference_scores, served, wav_bytes
 
