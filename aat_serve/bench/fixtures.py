@@ -20,6 +20,7 @@ from aat_serve.adapters.backbone import AST
 from aat_serve.adapters.bundle import Manifest, TaskBundle, expected_tensor_shapes
 from aat_serve.adapters.checkpoints import to_hf_state_dict
 from aat_serve.adapters.config import AdapterConfig, BackboneConfig, FeatureConfig
+from aat_serve.adapters.hf_export import hf_config
 from aat_serve.adapters.model import AudioClassifier
 
 FULL = BackboneConfig(norm_eps=1e-6, head_norm_eps=1e-6)  # AST ViT-B/16, stride 10
@@ -74,13 +75,7 @@ def write_random_checkpoint(directory: Path, preset: str, frames: int | None, se
     torch.manual_seed(seed)
     canonical = AST(cfg).frozen_state_dict()
     directory.mkdir(parents=True, exist_ok=True)
-    config = {"model_type": "audio-spectrogram-transformer", "hidden_size": cfg.embed_dim,
-              "num_hidden_layers": cfg.depth, "num_attention_heads": cfg.num_heads,
-              "intermediate_size": cfg.mlp_hidden, "patch_size": 16,
-              "frequency_stride": cfg.freq_stride, "time_stride": cfg.time_stride,
-              "num_mel_bins": cfg.num_mel_bins, "max_length": cfg.target_length,
-              "layer_norm_eps": 1e-12, "hidden_act": "gelu", "qkv_bias": True}
-    (directory / "config.json").write_text(json.dumps(config, indent=2))
+    (directory / "config.json").write_text(json.dumps(hf_config(cfg, []), indent=2))
     from safetensors.torch import save_file
 
     save_file({k: v.contiguous() for k, v in to_hf_state_dict(canonical).items()},
