@@ -92,18 +92,28 @@ def read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def _read_shards(directory: Path, index: Path) -> dict[str, torch.Tensor]:
-    """Every shard an index's ``weight_map`` names, merged; shards must sit beside the index."""
+def shard_names(index: Path) -> list[str]:
+    """The distinct shard files an index's ``weight_map`` names, sorted; each must be a plain
+    file name beside the index (no folder, no leading dot), so an index cannot point outside
+    its directory (a local folder and a hub download check the same way)."""
     weight_map = read_json(index).get("weight_map")
-    if not isinstance(weight_map, dict):
-        raise CheckpointError(f"{str(index)!r} has no 'weight_map' object")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{str(index)!r} is not a valid shard index: expected a non-empty "
+                              "'weight_map' object of tensor name -> shard file")
+    values = list(weight_map.values())
+    bad = sorted({repr(v) for v in values if not isinstance(v, str) or not v or "/" in v
+                  or "\\" in v or v.startswith(".")})
+    if bad:
+        raise CheckpointError(f"{str(index)!r} names a shard outside its directory: "
+                              f"{', '.join(bad[:3])}; expected file names beside the index")
+    return sorted(set(values))
+
+
+def _read_shards(directory: Path, index: Path) -> dict[str, torch.Tensor]:
+    """Every shard an index names (``shard_names``), merged."""
     out: dict[str, torch.Tensor] = {}
-    for shard in sorted(set(weight_map.values())):
-        shard_path = (directory / str(shard)).resolve()
-        if shard_path.parent != directory.resolve():
-            raise CheckpointError(f"{str(index)!r} names a shard outside its directory: "
-                                  f"{shard!r}")
-        out.update(read_tensor_file(shard_path))
+    for shard in shard_names(index):
+        out.update(read_tensor_file(directory / shard))
     return out
 
 

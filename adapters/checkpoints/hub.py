@@ -11,13 +11,12 @@ how to get it. Weights are then read by ``load_checkpoint`` like any local direc
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from aat_serve.adapters.checkpoints.files import HF_SHARD_INDEXES, HF_WEIGHT_FILES
+from aat_serve.adapters.checkpoints.files import HF_SHARD_INDEXES, HF_WEIGHT_FILES, shard_names
 from aat_serve.adapters.errors import CheckpointError
 
 MODEL_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
@@ -157,7 +156,7 @@ class _HubRepo:
         for index_name in HF_SHARD_INDEXES:
             index = self.fetch(index_name)
             if index is not None:
-                for shard in _shards(index):
+                for shard in shard_names(index):
                     if self.fetch(shard) is None:
                         raise CheckpointError(f"Hugging Face model {self.model_id!r}: shard "
                                               f"{shard!r} named by {index_name} is missing")
@@ -166,18 +165,6 @@ class _HubRepo:
                  else "in the repository")
         raise CheckpointError(f"Hugging Face model {self.model_id!r} has no weights {state}: "
                               f"expected {' or '.join(HF_WEIGHT_FILES)}")
-
-
-def _shards(index: Path) -> list[str]:
-    try:
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        shards = sorted(set(weight_map.values()))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        raise CheckpointError(f"{str(index)!r} is not a valid shard index") from None
-    bad = [s for s in shards if not isinstance(s, str) or "/" in s or s.startswith(".")]
-    if bad:
-        raise CheckpointError(f"{str(index)!r} names shards outside its directory: {bad[:3]}")
-    return shards
 
 
 def _default_cache() -> str:

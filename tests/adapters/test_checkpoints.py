@@ -553,3 +553,23 @@ def test_head_bundle_labels_and_multi_label(small, tmp_path):
     # Bundle of one backbone refused by another.
     with pytest.raises(BackboneMismatchError, match="was trained on backbone"):
         b.build_model(hf.backbone)
+
+
+@pytest.mark.parametrize("value", ["../outside.safetensors", "sub/model.safetensors", ".hidden",
+                                   "", 3, ["a.safetensors"], "..\\win.safetensors"])
+def test_shard_index_names_only_files_beside_it(tmp_path, value):
+    """One parser for local folders and hub downloads: a shard must be a plain file name."""
+    from aat_serve.adapters.checkpoints.files import shard_names
+
+    index = tmp_path / "model.safetensors.index.json"
+    good = {"a": "model-2.safetensors", "b": "model-1.safetensors", "c": "model-2.safetensors"}
+    index.write_text(json.dumps({"weight_map": good}))
+    assert shard_names(index) == ["model-1.safetensors", "model-2.safetensors"]
+    index.write_text(json.dumps({"weight_map": {**good, "d": value}}))
+    with pytest.raises(CheckpointError, match=r"names a shard outside its directory: .*expected "
+                                              r"file names beside the index"):
+        shard_names(index)
+    for bad in ({}, {"weight_map": {}}, {"weight_map": ["model-1.safetensors"]}):
+        index.write_text(json.dumps(bad))
+        with pytest.raises(CheckpointError, match="is not a valid shard index"):
+            shard_names(index)
