@@ -49,12 +49,23 @@ def count_segments(row_slot: torch.Tensor) -> int:
     return int((row_slot[1:] != row_slot[:-1]).sum()) + 1
 
 
+def _capturing(t: torch.Tensor) -> bool:
+    return t.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _segments_bound(row_slot: torch.Tensor) -> int:
+    """The exact count, or every row its own segment while a CUDA graph is captured (a sync
+    is not allowed then; the plan has more, empty, tiles)."""
+    return row_slot.numel() if _capturing(row_slot) else count_segments(row_slot)
+
+
 def tile_plan(row_slot: torch.Tensor, block_m: int, max_segments: int | None = None
               ) -> TilePlan:
     """Cut ``row_slot``'s rows into one-slot tiles of at most ``block_m`` rows.
 
     ``max_segments`` bounds the number of segments (e.g. the number of clips, since a task
-    owns whole clips); ``None`` counts them, which syncs with the device. Too small a bound
+    owns whole clips); ``None`` counts them, which syncs with the device (during CUDA-graph
+    capture, where it cannot, every row counts as a segment). Too small a bound
     raises ``ConfigError`` when it can be checked (not during CUDA-graph capture).
     """
     if block_m <= 0:
@@ -65,7 +76,7 @@ def tile_plan(row_slot: torch.Tensor, block_m: int, max_segments: int | None = N
         empty = torch.zeros(0, dtype=torch.int32, device=dev)
         return TilePlan(empty, empty, empty, block_m, 0)
     if max_segments is None:
-        max_segments = count_segments(row_slot)
+        max_segments = _segments_bound(row_slot)
     t = max_tiles(m, block_m, max_segments)
     slot = row_slot.to(torch.int32)
     idx = torch.arange(m, dtype=torch.int64, device=dev)
@@ -84,7 +95,7 @@ def tile_plan(row_slot: torch.Tensor, block_m: int, max_segments: int | None = N
     s = start.clamp(max=m - 1)
     end = torch.where(used, torch.minimum(s + block_m, seg_end[seg_id[s]]), m)
     tslot = torch.where(used, slot[s], -1)
-    if dev.type != "cuda" or not torch.cuda.is_current_stream_capturing():
+    if not _capturing(row_slot):
         needed = int(first.sum())
         if needed > t:
             raise ConfigError(f"the rows need {needed} tiles of {block_m} but max_segments="
@@ -120,13 +131,14 @@ class Plans:
         plan = self._by_block.get(block_m)
         if plan is None:
             if self.max_segments is None:  # count once, not once per tile height
-                self.max_segments = count_segments(self.row_slot)
+                self.max_segments = _segments_bound(self.row_slot)
             plan = tile_plan(self.row_slot, block_m, self.max_segments)
             self._by_block[block_m] = plan
         return plan
 
     @property
     def segments(self) -> int:
+        """The number of segments (or the bound the plans were given)."""
         if self.max_segments is None:
-            self.max_segments = count_segments(self.row_slot)
+            self.max_segments = _segments_bound(self.row_slot)
         return self.max_segments

@@ -3,6 +3,12 @@
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -65,3 +71,26 @@ def test_kernel_bench_says_the_figures_need_cuda(capsys):
     assert "aat bench kernel needs a CUDA GPU" in err and "make gpu-check" in err
     assert aat(["bench", "kernel", "--rank", "0"]) == 1
     assert "--rank needs positive integers, got '0'" in capsys.readouterr().err
+
+
+ROOT = Path(__file__).resolve().parents[2]
+GPU_CHECK = ROOT / "scripts" / "gpu_check.sh"
+
+
+def test_gpu_check_steps_are_bounded_under_eight_minutes():
+    text = GPU_CHECK.read_text()
+    limits = [int(n) for n in re.findall(r'^step "[^"]+" (\d+) ', text, flags=re.M)]
+    assert len(limits) == 3 and sum(limits) <= 8 * 60 - 15  # 15 s for start-up and printing
+    assert "BEGIN model section" in text and "END model section" in text
+    assert "make gpu-check" in (ROOT / "docs" / "benchmarks.md").read_text()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only refusal")
+def test_gpu_check_without_cuda_says_so(tmp_path):
+    proc = subprocess.run(["bash", str(GPU_CHECK)], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "OUT": str(tmp_path), "PY": sys.executable},
+                          timeout=300)
+    assert proc.returncode == 1
+    assert (tmp_path / "summary.txt").read_text() == "no CUDA device or no triton: nothing " \
+                                                     "to check\n"
+    assert "sees no CUDA device" in proc.stderr
