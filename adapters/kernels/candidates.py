@@ -36,19 +36,35 @@ from aat_serve.adapters.kernels.triton_spatial import SpatialConfig, spatial_ada
 ONE_CLIP_ROWS = 2048  # buckets up to here hold one clip of 1214 tokens
 
 
-def fused_configs(bucket: Bucket) -> list[FusedConfig]:
-    """Route (a) tile configurations worth timing for ``bucket`` (Hopper starting points)."""
+def tma_available() -> bool:
+    """Tensor descriptors (TMA) exist on Hopper and newer, with a Triton that has them."""
+    import triton.language as tl
+
+    return (hasattr(tl, "make_tensor_descriptor") and torch.cuda.is_available()
+            and torch.cuda.get_device_capability()[0] >= 9)
+
+
+def fused_configs(bucket: Bucket, tma: bool | None = None) -> list[FusedConfig]:
+    """Route (a) tile configurations worth timing for ``bucket`` (Hopper starting points);
+    ``tma`` (default: where available) adds tensor-descriptor variants."""
     bk = 32 if bucket.dtype == "float32" else 64
     if bucket.rows <= ONE_CLIP_ROWS:  # few row tiles: narrow tiles, split K2's K range
-        return [FusedConfig(64, 128, 64, bk, 8, 4, 4),
-                FusedConfig(64, 128, 64, bk, 8, 4, 4, split_k=2),
-                FusedConfig(64, 64, 64, bk, 8, 4, 4, split_k=4),
-                FusedConfig(128, 128, 64, bk, 8, 8, 3, split_k=4)]
-    return [FusedConfig(128, 128, 64, bk, 8, 8, 3),
-            FusedConfig(128, 256, 64, bk, 8, 8, 3),
-            FusedConfig(128, 128, 64, bk, 8, 8, 4, per_sm=1),
-            FusedConfig(128, 128, 64, bk, 8, 8, 3, per_sm=2),
-            FusedConfig(64, 128, 64, bk, 8, 4, 4)]
+        configs = [FusedConfig(64, 128, 64, bk, 8, 4, 4),
+                   FusedConfig(64, 128, 64, bk, 8, 4, 4, split_k=2),
+                   FusedConfig(64, 64, 64, bk, 8, 4, 4, split_k=4),
+                   FusedConfig(128, 128, 64, bk, 8, 8, 3, split_k=4)]
+        with_tma = [FusedConfig(64, 128, 64, bk, 8, 4, 4, split_k=2, tma=True)]
+    else:
+        configs = [FusedConfig(128, 128, 64, bk, 8, 8, 3),
+                   FusedConfig(128, 256, 64, bk, 8, 8, 3),
+                   FusedConfig(128, 128, 64, bk, 8, 8, 4, per_sm=1),
+                   FusedConfig(128, 128, 64, bk, 8, 8, 3, per_sm=2),
+                   FusedConfig(64, 128, 64, bk, 8, 4, 4)]
+        with_tma = [FusedConfig(128, 128, 64, bk, 8, 8, 3, tma=True),
+                    FusedConfig(128, 128, 64, bk, 8, 8, 4, per_sm=1, tma=True)]
+    if tma is None:
+        tma = tma_available()
+    return configs + (with_tma if tma else [])
 
 
 def sgmv_configs(bucket: Bucket) -> list[SgmvConfig]:

@@ -21,12 +21,14 @@ import torch
 import triton
 import triton.language as tl
 
+from aat_serve.adapters.errors import ConfigError
 from aat_serve.adapters.kernels.layout import AdapterPool, MlpWeights
 from aat_serve.adapters.kernels.plan import Plans
 from aat_serve.adapters.kernels.triton_common import (
     dot_options,
     gelu,
     grouped_tile,
+    is_interpreted,
     launch_options,
     persistent_programs,
 )
@@ -45,13 +47,14 @@ class FusedConfig:
     num_stages: int = 3
     split_k: int = 1
     per_sm: int = 0
+    tma: bool = False
 
     @property
     def name(self) -> str:
         c = self
         return (f"fused-m{c.block_m}n{c.block_n}r{c.block_r}k{c.block_k}w{c.num_warps}"
                 f"s{c.num_stages}" + (f"-split{c.split_k}" if c.split_k > 1 else "")
-                + (f"-persist{c.per_sm}" if c.per_sm else ""))
+                + (f"-persist{c.per_sm}" if c.per_sm else "") + ("-tma" if c.tma else ""))
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -60,16 +63,25 @@ class FusedConfig:
 @triton.jit
 def _k1_up(
     h_ptr, w1_ptr, b1_ptr, wd_ptr, bd_ptr, act_ptr,
-    t_start, t_end, t_slot, T, K, H, R, NUM_PROGS,
+    t_start, t_end, t_slot, T, M, K, H, R, S, NUM_PROGS,
     stride_hm, stride_w1n, stride_wds, stride_wdk, stride_bds, stride_am,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, USE_TMA: tl.constexpr,
     CAST_F32: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """act[:, :H] = GELU(h W1^T + b1); act[:, H:] = GELU(h W_down[s] + b_down[s]).
 
-    Contiguous last dimensions (h, W1 rows, W_down rows, act) are assumed by the launcher.
+    Contiguous last dimensions (h, W1 rows, W_down rows, act) are assumed by the launcher;
+    with USE_TMA the operand tiles come through tensor descriptors (TMA on Hopper), rows past
+    the tile and columns past K reading as zero or being discarded, and the pool is one
+    contiguous (S * K, R) matrix.
     """
+    if USE_TMA:
+        h_desc = tl.make_tensor_descriptor(h_ptr, [M, K], [stride_hm, 1], [BLOCK_M, BLOCK_K])
+        w1_desc = tl.make_tensor_descriptor(w1_ptr, [H, K], [stride_w1n, 1],
+                                            [BLOCK_N, BLOCK_K])
+        wd_desc = tl.make_tensor_descriptor(wd_ptr, [S * K, R], [stride_wdk, 1],
+                                            [BLOCK_K, BLOCK_R])
     n_h = tl.cdiv(H, BLOCK_N)
     n_cols = n_h + tl.cdiv(R, BLOCK_R)
     offs_k = tl.arange(0, BLOCK_K)
@@ -87,10 +99,14 @@ def _k1_up(
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             for k0 in range(0, K, BLOCK_K):
                 kk = k0 + offs_k
-                a = tl.load(h_ptr + rows[:, None] * stride_hm + kk[None, :],
-                            mask=m_mask[:, None] & (kk[None, :] < K), other=0.0)
-                b = tl.load(w1_ptr + kk[:, None] + offs_n[None, :] * stride_w1n,
-                            mask=(kk[:, None] < K) & n_mask[None, :], other=0.0)
+                if USE_TMA:
+                    a = h_desc.load([row0, k0])
+                    b = w1_desc.load([col * BLOCK_N, k0]).T
+                else:
+                    a = tl.load(h_ptr + rows[:, None] * stride_hm + kk[None, :],
+                                mask=m_mask[:, None] & (kk[None, :] < K), other=0.0)
+                    b = tl.load(w1_ptr + kk[:, None] + offs_n[None, :] * stride_w1n,
+                                mask=(kk[:, None] < K) & n_mask[None, :], other=0.0)
                 if CAST_F32:
                     a = a.to(tl.float32)
                     b = b.to(tl.float32)
@@ -106,10 +122,14 @@ def _k1_up(
             acc_r = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
             for k0 in range(0, K, BLOCK_K):
                 kk = k0 + offs_k
-                a = tl.load(h_ptr + rows[:, None] * stride_hm + kk[None, :],
-                            mask=m_mask[:, None] & (kk[None, :] < K), other=0.0)
-                bw = tl.load(w_base + kk[:, None] * stride_wdk + offs_r[None, :],
-                             mask=(kk[:, None] < K) & r_mask[None, :], other=0.0)
+                if USE_TMA:
+                    a = h_desc.load([row0, k0])
+                    bw = wd_desc.load([slot * K + k0, (col - n_h) * BLOCK_R])
+                else:
+                    a = tl.load(h_ptr + rows[:, None] * stride_hm + kk[None, :],
+                                mask=m_mask[:, None] & (kk[None, :] < K), other=0.0)
+                    bw = tl.load(w_base + kk[:, None] * stride_wdk + offs_r[None, :],
+                                 mask=(kk[:, None] < K) & r_mask[None, :], other=0.0)
                 if CAST_F32:
                     a = a.to(tl.float32)
                     bw = bw.to(tl.float32)
@@ -125,15 +145,25 @@ def _k1_up(
 @triton.jit
 def _k2_down(
     act_ptr, w2_ptr, b2_ptr, wu_ptr, bu_ptr, x_ptr, out_ptr, part_ptr,
-    t_start, t_end, t_slot, T, N, H, R, NUM_PROGS,
+    t_start, t_end, t_slot, T, M, N, H, R, S, NUM_PROGS,
     stride_am, stride_w2n, stride_wus, stride_wur, stride_bus, stride_xm, stride_om,
     stride_ps, stride_pm,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, HAS_B2: tl.constexpr,
-    CAST_F32: tl.constexpr, PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr, CAST_F32: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """out = x + act[:, :H] W2^T + b2 + act[:, H:] W_up[s] + b_up[s]; with SPLIT_K > 1 each
-    split writes its fp32 partial sum to ``part`` and ``_reduce`` adds the epilogue."""
+    split writes its fp32 partial sum to ``part`` and ``_reduce`` adds the epilogue.
+
+    With USE_TMA, K blocks past H read W2 as zero and past H + R read act as zero, so a block
+    that straddles into the adapter columns (or a pool block into the next slot) adds 0."""
+    if USE_TMA:
+        act_desc = tl.make_tensor_descriptor(act_ptr, [M, H + R], [stride_am, 1],
+                                             [BLOCK_M, BLOCK_K])
+        w2_desc = tl.make_tensor_descriptor(w2_ptr, [N, H], [stride_w2n, 1],
+                                            [BLOCK_N, BLOCK_K])
+        wu_desc = tl.make_tensor_descriptor(wu_ptr, [S * R, N], [stride_wur, 1],
+                                            [BLOCK_K, BLOCK_N])
     n_cols = tl.cdiv(N, BLOCK_N)
     k_blocks = tl.cdiv(H, BLOCK_K)
     per_split = tl.cdiv(k_blocks, SPLIT_K)
@@ -155,10 +185,14 @@ def _k2_down(
             k_hi = min(H, k_lo + per_split * BLOCK_K)
             for k0 in range(k_lo, k_hi, BLOCK_K):  # this split's part of the shared K range
                 kk = k0 + offs_k
-                a = tl.load(act_ptr + rows[:, None] * stride_am + kk[None, :],
-                            mask=m_mask[:, None] & (kk[None, :] < k_hi), other=0.0)
-                b = tl.load(w2_ptr + kk[:, None] + offs_n[None, :] * stride_w2n,
-                            mask=(kk[:, None] < k_hi) & n_mask[None, :], other=0.0)
+                if USE_TMA:
+                    a = act_desc.load([row0, k0])
+                    b = w2_desc.load([col * BLOCK_N, k0]).T
+                else:
+                    a = tl.load(act_ptr + rows[:, None] * stride_am + kk[None, :],
+                                mask=m_mask[:, None] & (kk[None, :] < k_hi), other=0.0)
+                    b = tl.load(w2_ptr + kk[:, None] + offs_n[None, :] * stride_w2n,
+                                mask=(kk[:, None] < k_hi) & n_mask[None, :], other=0.0)
                 if CAST_F32:
                     a = a.to(tl.float32)
                     b = b.to(tl.float32)
@@ -167,10 +201,14 @@ def _k2_down(
                 w_base = wu_ptr + slot.to(tl.int64) * stride_wus
                 for k0 in range(0, R, BLOCK_K):
                     kk = k0 + offs_k
-                    a = tl.load(act_ptr + rows[:, None] * stride_am + (H + kk)[None, :],
-                                mask=m_mask[:, None] & (kk[None, :] < R), other=0.0)
-                    b = tl.load(w_base + kk[:, None] * stride_wur + offs_n[None, :],
-                                mask=(kk[:, None] < R) & n_mask[None, :], other=0.0)
+                    if USE_TMA:
+                        a = act_desc.load([row0, H + k0])
+                        b = wu_desc.load([slot * R + k0, col * BLOCK_N])
+                    else:
+                        a = tl.load(act_ptr + rows[:, None] * stride_am + (H + kk)[None, :],
+                                    mask=m_mask[:, None] & (kk[None, :] < R), other=0.0)
+                        b = tl.load(w_base + kk[:, None] * stride_wur + offs_n[None, :],
+                                    mask=(kk[:, None] < R) & n_mask[None, :], other=0.0)
                     if CAST_F32:
                         a = a.to(tl.float32)
                         b = b.to(tl.float32)
@@ -224,6 +262,25 @@ def _contig(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+_ALLOCATOR_SET = False
+
+
+def _tma_operands(tensors: dict[str, torch.Tensor]) -> None:
+    """Raise ``ConfigError`` unless every tensor can back a tensor descriptor: 16-byte aligned
+    base, 16-byte multiple row stride (e.g. a rank whose rows are not 16 bytes wide cannot).
+    Installs Triton's allocator for device-side descriptors once (CUDA)."""
+    global _ALLOCATOR_SET
+    for name, t in tensors.items():
+        size = t.element_size()
+        if t.data_ptr() % 16 or (t.dim() > 1 and (t.stride(-2) * size) % 16):
+            raise ConfigError(f"the TMA kernels need 16-byte aligned rows; {name} of shape "
+                              f"{tuple(t.shape)} {t.dtype} has row stride {t.stride(-2)}")
+    if not _ALLOCATOR_SET and not is_interpreted():
+        triton.set_allocator(
+            lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
+        _ALLOCATOR_SET = True
+
+
 def fused_route(x: torch.Tensor, h: torch.Tensor, mlp: MlpWeights | None, pool: AdapterPool,
                 plans: Plans, config: FusedConfig, cast_f32: bool | None = None
                 ) -> torch.Tensor:
@@ -239,20 +296,27 @@ def fused_route(x: torch.Tensor, h: torch.Tensor, mlp: MlpWeights | None, pool: 
     rank = pool.rank
     w1, b1, w2, b2 = (mlp.w1, mlp.b1, mlp.w2, mlp.b2) if mlp is not None else (h, h, h, h)
     w1, w2 = _contig(w1), _contig(w2)
-    wd, wu = _contig(pool.w_down), _contig(pool.w_up)
+    tma = cfg.tma and mlp is not None  # (the bare adapter has no W1/W2 to describe)
+    wd, wu = pool.w_down, pool.w_up
+    wd, wu = (wd.contiguous(), wu.contiguous()) if tma else (_contig(wd), _contig(wu))
     bd, bu = _contig(pool.b_down), _contig(pool.b_up)
     dots = dot_options(h.dtype, cast_f32)
     launch = launch_options(cfg.num_warps, cfg.num_stages)
     act = torch.empty(m, hidden + rank, dtype=h.dtype, device=h.device)
+    if tma:
+        if hidden % cfg.block_k:  # K2's last shared block would read unwritten act columns
+            raise ConfigError(f"the TMA kernels need the MLP width {hidden} to be a multiple "
+                              f"of block_k {cfg.block_k}")
+        _tma_operands({"h": h, "fc1": w1, "fc2": w2, "W_down": wd, "W_up": wu, "act": act})
     n_cols = triton.cdiv(hidden, cfg.block_n) + triton.cdiv(rank, cfg.block_r)
     progs = persistent_programs(h.device, plan.tiles * n_cols, cfg.per_sm)
     _k1_up[(progs,)](
         h, w1, b1, wd, bd, act, plan.start, plan.end, plan.slot,
-        plan.tiles, d, hidden, rank, progs,
+        plan.tiles, m, d, hidden, rank, pool.slots, progs,
         h.stride(0), w1.stride(0), wd.stride(0), wd.stride(1), bd.stride(0),
         act.stride(0),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_R=cfg.block_r, BLOCK_K=cfg.block_k,
-        GROUP_M=cfg.group_m, **dots, **launch)
+        GROUP_M=cfg.group_m, USE_TMA=tma, **dots, **launch)
     out = torch.empty_like(x)
     split = cfg.split_k if hidden >= cfg.split_k * cfg.block_k else 1
     part = torch.empty(split, m, d, dtype=torch.float32, device=h.device) if split > 1 else out
@@ -260,12 +324,12 @@ def fused_route(x: torch.Tensor, h: torch.Tensor, mlp: MlpWeights | None, pool: 
     progs = persistent_programs(h.device, plan.tiles * n_cols * split, cfg.per_sm)
     _k2_down[(progs,)](
         act, w2, b2, wu, bu, x, out, part, plan.start, plan.end, plan.slot,
-        plan.tiles, d, hidden, rank, progs,
+        plan.tiles, m, d, hidden, rank, pool.slots, progs,
         act.stride(0), w2.stride(0), wu.stride(0), wu.stride(1), bu.stride(0),
         x.stride(0), out.stride(0),
         part.stride(0) if split > 1 else 0, part.stride(1) if split > 1 else 0,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-        SPLIT_K=split, HAS_B2=mlp is not None, **dots, **launch)
+        SPLIT_K=split, HAS_B2=mlp is not None, USE_TMA=tma, **dots, **launch)
     if split > 1:
         bm, bn = 64, 64
         _reduce[(triton.cdiv(m, bm), triton.cdiv(d, bn))](

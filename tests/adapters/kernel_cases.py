@@ -39,11 +39,14 @@ LAYOUTS: dict[str, tuple[list[int], int, bool, bool]] = {
 }
 # route -> (dtypes it runs in, its configuration as keyword arguments). BLOCK_R 16 and R 24:
 # the adapter's last column tile is ragged; SPLIT_K 3 does not divide H / BLOCK_K = 2 evenly
-# (one split has no shared K blocks); persistent grids have 3 programs (a loop over items).
+# (one split has no shared K blocks); persistent grids have 3 programs (a loop over items);
+# tensor-descriptor (TMA) loads read past a tile's rows and past R into the next slot's rows,
+# which must add nothing.
 ROUTES: dict[str, tuple[tuple[str, ...], dict]] = {
     "fused": (tuple(DTYPES), dict(TILES, block_r=16)),
     "fused-split3": (("fp32", "bf16"), dict(TILES, block_r=16, block_k=16, split_k=3)),
     "fused-persistent": (("fp32",), dict(TILES, block_r=32, per_sm=1, split_k=2)),
+    "fused-tma": (tuple(DTYPES), dict(TILES, block_r=16, per_sm=1, split_k=2, tma=True)),
     "sgmv": (tuple(DTYPES), dict(TILES, block_r=16)),
     "sgmv-persistent": (("fp32",), dict(TILES, block_r=16, per_sm=1)),
     "spatial": (tuple(DTYPES), dict(block_m=16, block_n=16, block_k=16)),

@@ -24,7 +24,7 @@ _NOT_DIVISIBLE = {"T", "NUM_PROGS", "M"}
 class Compiled:
     kernel: str
     shared: int
-    async_copies: int
+    async_copies: int  # cp.async or TMA copies: the K loop is software pipelined
 
 
 def compile_sm90(fn, constants: dict, num_warps: int, num_stages: int,
@@ -47,8 +47,9 @@ def compile_sm90(fn, constants: dict, num_warps: int, num_stages: int,
     src = ASTSource(fn, signature, constexprs=constexprs, attrs=attrs)
     k = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                        options={"num_warps": num_warps, "num_stages": num_stages})
+    ir = k.asm["ttgir"]
     return Compiled(fn.__name__, k.metadata.shared,
-                    k.asm["ttgir"].count("async_copy_global_to_local"))
+                    ir.count("async_copy_global_to_local") + ir.count("async_tma_copy"))
 
 
 def compile_config(config) -> list[Compiled]:
@@ -62,6 +63,7 @@ def compile_config(config) -> list[Compiled]:
     w, s = c.num_warps, c.num_stages
     if isinstance(c, FusedConfig):
         tiles = dict(BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, GROUP_M=c.group_m)
+        tiles["USE_TMA"] = c.tma
         out = [compile_sm90(triton_fused._k1_up, {**tiles, "BLOCK_R": c.block_r, **dots}, w, s),
                compile_sm90(triton_fused._k2_down, {**tiles, "SPLIT_K": c.split_k,
                                                     "HAS_B2": True, **dots}, w, s)]

@@ -23,7 +23,7 @@ def configs():
     found = {}
     for rows in (2048, 65536):  # one clip, 32 clips of 1214 tokens
         b = Bucket("mlp", 768, 3072, 192, "bfloat16", "bfloat16", rows, 4)
-        for c in [*fused_configs(b), *sgmv_configs(b), *spatial_configs(b)]:
+        for c in [*fused_configs(b, tma=True), *sgmv_configs(b), *spatial_configs(b)]:
             found[c.name] = c
     return list(found.values())
 
