@@ -215,20 +215,26 @@ def _k2_down(
                     acc = tl.dot(a, b, acc, input_precision=PRECISION)
             mask = m_mask[:, None] & n_mask[None, :]
             if SPLIT_K == 1:
-                if HAS_B2:
-                    acc += tl.load(b2_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-                if slot >= 0:
-                    bu = tl.load(bu_ptr + slot.to(tl.int64) * stride_bus + offs_n, mask=n_mask,
-                                 other=0.0)
-                    acc += bu.to(tl.float32)[None, :]
-                x = tl.load(x_ptr + rows[:, None] * stride_xm + offs_n[None, :], mask=mask,
-                            other=0.0)
-                acc += x.to(tl.float32)
-                tl.store(out_ptr + rows[:, None] * stride_om + offs_n[None, :],
-                         acc.to(out_ptr.dtype.element_ty), mask=mask)
+                _epilogue(acc, b2_ptr, bu_ptr, x_ptr, out_ptr, slot, rows, offs_n, n_mask, mask,
+                          stride_bus, stride_xm, stride_om, HAS_B2)
             else:
                 tl.store(part_ptr + split * stride_ps + rows[:, None] * stride_pm
                          + offs_n[None, :], acc, mask=mask)
+
+
+@triton.jit
+def _epilogue(acc, b2_ptr, bu_ptr, x_ptr, out_ptr, slot, rows, offs_n, n_mask, mask,
+              stride_bus, stride_xm, stride_om, HAS_B2: tl.constexpr):
+    """out = acc + b2 + b_up[slot] + x, rounded once to out's dtype."""
+    if HAS_B2:
+        acc += tl.load(b2_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    if slot >= 0:
+        bu = tl.load(bu_ptr + slot.to(tl.int64) * stride_bus + offs_n, mask=n_mask, other=0.0)
+        acc += bu.to(tl.float32)[None, :]
+    x = tl.load(x_ptr + rows[:, None] * stride_xm + offs_n[None, :], mask=mask, other=0.0)
+    acc += x.to(tl.float32)
+    tl.store(out_ptr + rows[:, None] * stride_om + offs_n[None, :],
+             acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
