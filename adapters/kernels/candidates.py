@@ -28,7 +28,7 @@ from aat_serve.adapters.kernels.autotune import (
 )
 from aat_serve.adapters.kernels.layout import AdapterPool, MlpWeights
 from aat_serve.adapters.kernels.plan import Plans
-from aat_serve.adapters.kernels.reference import mlp_adapter_reference
+from aat_serve.adapters.kernels.reference import mlp_adapter_eager
 from aat_serve.adapters.kernels.triton_fused import FusedConfig, fused_route
 from aat_serve.adapters.kernels.triton_sgmv import SgmvConfig, sgmv_route
 from aat_serve.adapters.kernels.triton_spatial import SpatialConfig, spatial_adapter
@@ -81,11 +81,11 @@ def spatial_configs(bucket: Bucket) -> list[SpatialConfig]:
 
 
 def _unfused_mlp(x, h, mlp: MlpWeights | None, pool: AdapterPool, plans: Plans):
-    return mlp_adapter_reference(x, h, mlp, pool, plans.row_slot)
+    return mlp_adapter_eager(x, h, mlp, pool, plans.row_slot)
 
 
 def _unfused_spatial(x, a, pool: AdapterPool, plans: Plans):
-    return mlp_adapter_reference(x + a, a, None, pool, plans.row_slot)
+    return mlp_adapter_eager(x + a, a, None, pool, plans.row_slot)
 
 
 def mlp_candidates(bucket: Bucket) -> list[Candidate]:

@@ -31,6 +31,7 @@ from aat_serve.adapters.kernels import (
     segments,
     sort_by_slot,
 )
+from aat_serve.adapters.kernels.reference import mlp_adapter_eager
 from aat_serve.adapters.modules import Adapter
 from tests.adapters import kernel_cases
 from tests.helpers import tiny_config
@@ -63,6 +64,18 @@ def test_widened_mlp_equals_two_branch_form():
     plain = mlp_adapter_reference(x, h, mlp, zero, rows)
     assert (two - plain)[3:33].abs().min(dim=1).values.gt(0).all()  # adapter rows moved
     torch.testing.assert_close(two[:3], plain[:3], atol=0, rtol=0)  # -1 rows did not
+
+
+def test_eager_path_equals_reference_on_unsorted_rows():
+    x, h, mlp, pool, rows = random_operands()
+    rows = torch.tensor([2, 2, -1, 0, 0, 2, -1, 1] * 5, dtype=torch.int32)  # runs recur
+    ref = mlp_adapter_reference(x, h, mlp, pool, rows)
+    torch.testing.assert_close(mlp_adapter_eager(x, h, mlp, pool, rows), ref, atol=1e-12,
+                               rtol=0)
+    torch.testing.assert_close(mlp_adapter_eager(x, h, None, pool, rows),
+                               mlp_adapter_reference(x, h, None, pool, rows), atol=1e-12, rtol=0)
+    plain = mlp_adapter_eager(x, h, mlp, pool, torch.full_like(rows, -1))
+    assert (plain - ref).abs().max() > 1e-3
 
 
 def test_reference_matches_the_models_block_formula():
