@@ -55,7 +55,7 @@ CASES = ([f"{route}/{layout}-{dt}" for route, (dts, _) in ROUTES.items() for lay
           for dt in dts]
          + ["fused/fp32-residual-four-tasks-mixed-boundaries-bf16",
             "spatial/fp32-residual-four-tasks-mixed-boundaries-bf16",
-            "model/multitask-model-fp32"])
+            "model/multitask-model-fp32", "dispatch/mlp-bf16", "dispatch/spatial-bf16"])
 
 
 def _operands(layout: str, dtype: torch.dtype, seed: int):
@@ -140,11 +140,43 @@ def run_model_case() -> dict[str, float]:
     return {"err": err, "max_abs": err, "vs_plain": 1.0, "dtype_ok": 1.0}
 
 
+def run_dispatch_case(case: str) -> dict[str, float]:
+    """Every candidate the dispatcher lists (TMA ones included) for a one-clip and a many-clip
+    bucket, run by ``Dispatcher.measure`` on real operands: none may be rejected (fail or
+    differ from the unfused path). Timings are fake (all equal), so unfused is chosen."""
+    from aat_serve.adapters.kernels import Plans, mlp_adapter_reference
+    from aat_serve.adapters.kernels import candidates as cands
+    from aat_serve.adapters.kernels.autotune import Bucket, Dispatcher, KernelTable
+
+    op = case.split("/")[1].rsplit("-", 1)[0]
+    x, h, mlp, pool, rows = _operands("four-tasks-mixed-boundaries", torch.bfloat16, seed=3)
+    cands.tma_available = lambda: True
+    d = Dispatcher(KernelTable("interpreter"), cands.all_candidates, lambda fn: (fn(), 1.0)[1])
+    operands = (x, h, mlp, pool, Plans(rows)) if op == "mlp" else (x, h, pool, Plans(rows))
+    rejected, timed = 0, 0
+    for bucket_rows in (2048, 65536):
+        b = Bucket(op, D, H if op == "mlp" else 0, R, "bfloat16", "bfloat16", bucket_rows, 4)
+        d.measure(b, {c.name: c for c in cands.all_candidates(b)}, operands)
+        entry = d.table.entries[b.key]
+        rejected += len(entry["rejected"])
+        timed += len(entry["timings_ms"])
+        if entry["rejected"]:
+            raise RuntimeError(f"rejected: {entry['rejected']}")
+    ref_x = x if op == "mlp" else x.double() + h.double()
+    ref = mlp_adapter_reference(ref_x, h, mlp if op == "mlp" else None, pool, rows,
+                                compute_dtype=torch.float64)
+    out = d.run(b, *operands)
+    err = _rel(out, ref)
+    return {"err": err, "max_abs": err, "vs_plain": 1.0, "timed": float(timed),
+            "dtype_ok": float(rejected == 0 and timed >= 10)}
+
+
 def main() -> int:
     results = {}
     for case in CASES:
         try:
             results[case] = run_model_case() if case.startswith("model/") else \
+                run_dispatch_case(case) if case.startswith("dispatch/") else \
                 run_kernel_case(case)
         except Exception as e:  # reported per case by the test
             results[case] = {"error": f"{type(e).__name__}: {e}"}

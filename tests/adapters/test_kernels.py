@@ -180,8 +180,8 @@ def test_interpreted_kernels_match_fp64_reference(interpreted, case):
     layout, dt = case.split("/")[1].rsplit("-", 1)
     assert res["err"] < TOL[dt], res
     assert res["dtype_ok"] == 1.0
-    if layout == "multitask-model":
-        return  # compared with single-task models, see kernel_cases.run_model_case
+    if layout in ("multitask-model", "mlp", "spatial"):
+        return  # vs single-task models / every dispatcher candidate run (see kernel_cases)
     if layout in ("zero-adapters-equal-plain-mlp", "all-rows-without-adapter"):
         assert res["vs_plain"] < TOL[dt]  # no adapter contributes: the plain MLP
     else:
