@@ -23,7 +23,7 @@ style:  ## ruff, fix what it can
 bench:  ## list the benchmarks (`aat bench kernel|model|memory|serve|training`, docs/benchmarks.md)
 	$(BIN)/aat bench --help
 
-gpu-check:  ## kernel tests at real sizes and the kernel benchmark (needs a CUDA GPU)
+gpu-check:  ## GPU kernel tests at ViT-B sizes, aat bench kernel + model, PASS/MISS (CUDA; < 8 min)
 	bash scripts/gpu_check.sh
 
 clean:

@@ -21,11 +21,14 @@ def register_kernel_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "kernel", help="fused MLP + adapter kernels against the unfused baselines (CUDA)",
         description="Time one block's MLP with per-task adapters for 1, 8 and 32 clips of 1214 "
-                    "tokens and 1, 4 and 8 tasks: the frozen MLP alone, eager MLP + adapters, "
-                    "widened single-task GEMMs, torch.compile of the eager path, and the fused "
-                    "Triton kernels. Needs a CUDA GPU.")
+                    "tokens, 1, 4 and 8 tasks and adapter ranks 64 and 192: the frozen MLP "
+                    "alone, eager MLP + adapters, cuBLAS on the widened GEMMs, torch.compile of "
+                    "the eager path, and the kernels the dispatcher picks (route a: fused "
+                    "Triton GEMMs; route b: cuBLAS + SGMV adapters), with PASS/MISS lines "
+                    "against issue 21's targets. Needs a CUDA GPU.")
     p.add_argument("--clips", default="1,8,32", help="clips per batch (default 1,8,32)")
     p.add_argument("--tasks", default="1,4,8", help="tasks per batch (default 1,4,8)")
+    p.add_argument("--rank", default="64,192", help="adapter ranks (default 64,192)")
     p.add_argument("--tokens", type=int, default=1214, help="tokens per clip (default 1214)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
@@ -36,16 +39,21 @@ def register_kernel_bench(sub: argparse._SubParsersAction) -> None:
 def run_kernel_bench(args: argparse.Namespace) -> int:
     import torch
 
-    if not torch.cuda.is_available():
-        print("aat bench kernel needs a CUDA GPU (the fused kernels are Triton GPU kernels); "
-              "none is available here", file=sys.stderr)
-        return 2
-    from aat_serve.bench import kernel
     from aat_serve.bench.common import to_json
 
+    ranks = positive_ints(args.rank, "--rank")
+    clips, tasks = positive_ints(args.clips, "--clips"), positive_ints(args.tasks, "--tasks")
+    if not torch.cuda.is_available():
+        print("aat bench kernel needs a CUDA GPU: its figures (fused / frozen MLP, unfused / "
+              "fused, TFLOP/s vs cuBLAS) are GPU timings of Triton kernels, and none is "
+              "available here. Run `make gpu-check` on a CUDA machine (docs/benchmarks.md).",
+              file=sys.stderr)
+        return 2
+    from aat_serve.bench import kernel
+
     report = kernel.run_kernel_bench(kernel.KernelBenchConfig(
-        clips=positive_ints(args.clips, "--clips"), tasks=positive_ints(args.tasks, "--tasks"),
-        tokens=args.tokens, dtype=args.dtype, compile=not args.no_compile))
+        clips=clips, tasks=tasks, ranks=ranks, tokens=args.tokens, dtype=args.dtype,
+        compile=not args.no_compile))
     print(to_json(report) if args.json else kernel.format_report(report))
     return 0
 

@@ -1,4 +1,9 @@
-"""Pick an implementation of the fused MLP + adapter op: Triton on CUDA, torch elsewhere.
+"""Pick an implementation of the fused ops: Triton on CUDA, torch elsewhere.
+
+Two ops: ``mlp_adapter`` (``x + MLP(h) + A_s(h)``, a block's MLP with its task's adapter) and
+``spatial_adapter`` (``x + a + A_s(a)``, the spatial adapter on the attention output ``a``).
+On CUDA the Triton layer's dispatcher (``candidates.py``, ``autotune.py``) measures the
+candidate kernels per shape bucket and runs the fastest, the unfused torch path included.
 
 ``backend``:
 - ``"auto"`` (default): the Triton kernels for CUDA tensors when Triton imports, else torch.
@@ -62,9 +67,19 @@ def mlp_adapter(x: torch.Tensor, h: torch.Tensor, mlp: MlpWeights | None, pool: 
                 row_slot: torch.Tensor, backend: Backend = "auto", **kernel_kw) -> torch.Tensor:
     """``x + MLP(h) + A_{row_slot}(h)`` (see ``reference`` for the exact semantics).
 
-    ``kernel_kw`` (``config``, ``cast_f32``) go to the Triton launcher.
+    ``kernel_kw`` (``config``, ``cast_f32``, ``plans``) go to the Triton launcher.
     """
     which = resolve_backend(backend, x.device)
     if which == "torch":
         return mlp_adapter_reference(x, h, mlp, pool, row_slot)
     return _kernels().fused_mlp_adapter(x, h, mlp, pool, row_slot, **kernel_kw)
+
+
+def spatial_adapter(x: torch.Tensor, a: torch.Tensor, pool: AdapterPool, row_slot: torch.Tensor,
+                    backend: Backend = "auto", **kernel_kw) -> torch.Tensor:
+    """``x + a + A_{row_slot}(a)``: ``mlp_adapter(x + a, a, None, pool, row_slot)`` as one op
+    (one kernel launch per layer on CUDA). ``kernel_kw`` as for ``mlp_adapter``."""
+    which = resolve_backend(backend, x.device)
+    if which == "torch":
+        return mlp_adapter_reference(x + a, a, None, pool, row_slot)
+    return _kernels().spatial(x, a, pool, row_slot, **kernel_kw)

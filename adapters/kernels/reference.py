@@ -12,7 +12,8 @@ spatial adapter ``x + a + A_s(a)`` runs (``x + a`` as residual, ``a`` as input).
 
 ``mlp_adapter_reference`` is the per-slot masked loop in the two-branch form; it doubles as the
 runtime path where Triton cannot run. ``mlp_adapter_widened`` builds the concatenated weights
-per slot and exists to pin the widening identity in tests.
+per slot and exists to pin the widening identity in tests. ``mlp_adapter_eager`` is the
+unfused eager path (MLP over all rows, adapters on slices of rows), the dispatcher's baseline.
 """
 
 from __future__ import annotations
@@ -79,4 +80,25 @@ def mlp_adapter_widened(x: torch.Tensor, h: torch.Tensor, mlp: MlpWeights, pool:
             w1, b1, w2, b2 = widened_weights(mlp, pool, s)
             y = F.linear(F.gelu(F.linear(hs, w1, b1)), w2, b2)
         out.index_add_(0, rows, y)
+    return out
+
+
+def mlp_adapter_eager(x: torch.Tensor, h: torch.Tensor, mlp: MlpWeights | None,
+                      pool: AdapterPool, row_slot: torch.Tensor) -> torch.Tensor:
+    """The unfused eager path, as a model without the kernels runs it: the MLP over all rows
+    in ``h``'s dtype (cuBLAS on CUDA), then each run of equal slots adds its task's adapter on
+    a slice of rows. Same result as ``mlp_adapter_reference`` up to rounding; one
+    device-to-host copy of ``row_slot`` (the runs), so not for CUDA-graph capture."""
+    out = x.clone() if mlp is None else x + F.linear(F.gelu(F.linear(h, mlp.w1, mlp.b1)),
+                                                     mlp.w2, mlp.b2)
+    slots = row_slot.cpu().tolist()
+    start = 0
+    for i in range(1, len(slots) + 1):
+        if i == len(slots) or slots[i] != slots[start]:
+            s = slots[start]
+            if s >= 0:
+                hs = h[start:i]
+                a = F.gelu(hs @ pool.w_down[s] + pool.b_down[s]) @ pool.w_up[s] + pool.b_up[s]
+                out[start:i] += a
+            start = i
     return out

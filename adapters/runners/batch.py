@@ -15,6 +15,7 @@ import torch
 
 from aat_serve.adapters.backbone import AST, drop_prompts, insert_prompts
 from aat_serve.adapters.kernels.layout import segments
+from aat_serve.adapters.kernels.plan import Plans
 from aat_serve.adapters.slots import TaskEntry
 
 Segment = tuple[int, int, int]
@@ -52,6 +53,19 @@ class Group:
                 clip[c0:c1] = r
             return clip.repeat_interleave(tokens).to(device)
         return (rows(self.spatial_segs) if self.spatial_segs else None), rows(self.mlp_segs)
+
+    def row_plans(self, tokens: int, device: torch.device) -> tuple[Plans | None, Plans]:
+        """``row_slots`` as kernel ``Plans``, bounded by the clip-level task runs (known here,
+        so building the tile plans never syncs with the device)."""
+        spatial, mlp = self.row_slots(tokens, device)
+
+        def runs(segs: list[Segment]) -> int:
+            clip = [-1] * len(self.clips)
+            for c0, c1, r in segs:
+                clip[c0:c1] = [r] * (c1 - c0)
+            return len(segments(clip))
+        return (None if spatial is None else Plans(spatial, runs(self.spatial_segs)),
+                Plans(mlp, runs(self.mlp_segs)))
 
 
 def group_batch(entries: Sequence[TaskEntry | None]) -> list[Group]:

@@ -2,9 +2,11 @@
 
 Each block's MLP and the MLP adapters of every clip run as one op of
 ``aat_serve.adapters.kernels`` (``mlp_adapter`` with a per-token pool row); the spatial adapter
-is the same op without a shared MLP, ``x + a + A_s(a)``. ``backend`` picks the kernels'
-implementation: ``triton`` (compiled, CUDA), ``interpret`` (Triton's interpreter on CPU, for
-tests; needs ``TRITON_INTERPRET=1`` before Python starts) or ``torch`` (the torch reference).
+and the attention residual, ``x + a + A_s(a)``, are the op ``spatial_adapter`` (one kernel per
+layer on CUDA). The row tile plans are built once per forward pass and shared by every layer.
+``backend`` picks the kernels' implementation: ``triton`` (compiled, CUDA), ``interpret``
+(Triton's interpreter on CPU, for tests; needs ``TRITON_INTERPRET=1`` before Python starts) or
+``torch`` (the torch reference).
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ from __future__ import annotations
 import torch
 
 from aat_serve.adapters.backbone import AST, Block
-from aat_serve.adapters.kernels.dispatch import Backend, mlp_adapter
+from aat_serve.adapters.kernels.dispatch import Backend, mlp_adapter, spatial_adapter
+from aat_serve.adapters.kernels.plan import Plans
 from aat_serve.adapters.runners.batch import Group, encode_group
 from aat_serve.adapters.runners.torch_segments import mlp_weights
 from aat_serve.adapters.slots import SlotPools
@@ -40,25 +43,27 @@ class FusedRunner:
 
     def pooled(self, x: torch.Tensor, group: Group, pools: SlotPools) -> torch.Tensor:
         blocks = self.backbone.blocks
-        rows: list[tuple[torch.Tensor | None, torch.Tensor]] = []
+        rows: list[tuple[Plans | None, Plans]] = []
 
         def block(i: int, h: torch.Tensor) -> torch.Tensor:
             if not rows:  # the sequence length (prompts included) is known once embedded
-                rows.append(group.row_slots(h.shape[1], self.device))
+                rows.append(group.row_plans(h.shape[1], self.device))
             return self._block(i, blocks[i], h, pools, *rows[0])
 
         return encode_group(self.backbone, x, group, block)
 
     def _block(self, i: int, blk: Block, x: torch.Tensor, pools: SlotPools,
-               spatial_rows: torch.Tensor | None, mlp_rows: torch.Tensor) -> torch.Tensor:
+               spatial: Plans | None, mlp: Plans) -> torch.Tensor:
         b, n, d = x.shape
         kb = self._kernel_backend
+        kw = {} if kb == "torch" else {"plans": mlp}
         a = blk.attn(blk.norm1(x).to(self.dtype)).reshape(-1, d)
         x = x.reshape(-1, d)
-        if spatial_rows is None:
+        if spatial is None:
             x = x + a
-        else:  # the spatial adapter is the same op with no shared MLP: x + a + A_s(a)
-            x = mlp_adapter(x + a, a, None, pools.spatial[i], spatial_rows, backend=kb)
+        else:  # x + a + A_s(a)
+            x = spatial_adapter(x, a, pools.spatial[i], spatial.row_slot, backend=kb,
+                                **({} if kb == "torch" else {"plans": spatial}))
         h = blk.norm2(x).to(self.dtype)
-        x = mlp_adapter(x, h, self._mlp[i], pools.mlp[i], mlp_rows, backend=kb)
+        x = mlp_adapter(x, h, self._mlp[i], pools.mlp[i], mlp.row_slot, backend=kb, **kw)
         return x.view(b, n, d)

@@ -1,7 +1,9 @@
 """The fused kernels compiled on a CUDA GPU at real ViT-B sizes (skipped without CUDA).
 
 Run by ``scripts/gpu_check.sh``. References: the fp64 torch reference for fp32, and for bf16
-the eager bf16 path (the same rounding points a bf16 model has without the kernels).
+the eager bf16 path (the same rounding points a bf16 model has without the kernels). Every
+candidate the dispatcher may pick (route a, route b, the spatial kernel; all configurations)
+is checked on its own, as is the dispatcher's choice and its table.
 """
 
 from __future__ import annotations
@@ -11,7 +13,14 @@ import copy
 import pytest
 import torch
 
-from aat_serve.adapters.kernels import AdapterPool, MlpWeights, mlp_adapter, mlp_adapter_reference
+from aat_serve.adapters.kernels import (
+    AdapterPool,
+    MlpWeights,
+    Plans,
+    mlp_adapter,
+    mlp_adapter_reference,
+    spatial_adapter,
+)
 
 pytestmark = [
     pytest.mark.gpu,
@@ -22,7 +31,7 @@ D, H, R, TOKENS = 768, 3072, 192, 1214
 
 
 def operands(clip_slots: list[int], dtype: torch.dtype, slots: int = 8, seed: int = 0,
-             with_mlp: bool = True):
+             with_mlp: bool = True, rank: int = R):
     g = torch.Generator(device="cuda").manual_seed(seed)
 
     def rnd(*shape, scale=0.02):
@@ -30,7 +39,7 @@ def operands(clip_slots: list[int], dtype: torch.dtype, slots: int = 8, seed: in
 
     m = len(clip_slots) * TOKENS
     mlp = MlpWeights(rnd(H, D), rnd(H), rnd(D, H), rnd(D)) if with_mlp else None
-    pool = AdapterPool(rnd(slots, D, R), rnd(slots, R), rnd(slots, R, D, scale=0.2),
+    pool = AdapterPool(rnd(slots, D, rank), rnd(slots, rank), rnd(slots, rank, D, scale=0.2),
                        rnd(slots, D))
     rows = torch.tensor(clip_slots, dtype=torch.int32).repeat_interleave(TOKENS).cuda()
     return rnd(m, D, scale=1.0), rnd(m, D, scale=1.0), mlp, pool, rows
@@ -120,3 +129,103 @@ def test_multitask_model_on_cuda_matches_cpu(monkeypatch):
     x = torch.randn(len(tasks), 64, 32)
     for a, b in zip(cpu.classify(x, tasks), gpu.classify(x, tasks), strict=True):
         torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
+
+
+def _bucket(op: str, x, h, mlp, pool, plans):
+    from aat_serve.adapters.kernels.autotune import bucket_of
+
+    return bucket_of(op, x, h, mlp.hidden if mlp is not None else 0, pool.rank, plans.segments)
+
+
+def _candidates(op: str, clips: int):
+    from aat_serve.adapters.kernels.autotune import Bucket
+    from aat_serve.adapters.kernels.candidates import all_candidates
+
+    rows = 1 << (clips * TOKENS - 1).bit_length()
+    b = Bucket(op, D, H if op == "mlp" else 0, R, "bfloat16", "bfloat16", rows, 4)
+    return {c.name: c for c in all_candidates(b) if c.name != "unfused"}
+
+
+ONE_CLIP = _candidates("mlp", 1) if torch.cuda.is_available() else {}
+MANY = _candidates("mlp", 8) if torch.cuda.is_available() else {}
+SPATIAL = _candidates("spatial", 8) if torch.cuda.is_available() else {}
+
+
+@pytest.mark.parametrize("name", sorted(ONE_CLIP.keys() | MANY.keys()))
+@pytest.mark.parametrize("rank", [64, 192])
+def test_every_mlp_candidate_bf16(name, rank):
+    layout = [0, 0, 1, -1, 2, 2] if name in MANY else [5]
+    x, h, mlp, pool, rows = operands(layout, torch.bfloat16, rank=rank)
+    cand = MANY.get(name) or ONE_CLIP[name]
+    out = cand.run(x, h, mlp, pool, Plans(rows))
+    eager = mlp_adapter_reference(x, h, mlp, pool, rows)
+    exact = mlp_adapter_reference(x, h, mlp, pool, rows, compute_dtype=torch.float64)
+    assert out.dtype == torch.bfloat16 and rel(out, eager) < 1e-2
+    assert rel(out, exact) <= 1.5 * rel(eager, exact) + 1e-3
+    zero = AdapterPool(*(torch.zeros_like(t) for t in pool.tensors()))
+    assert rel(out, mlp_adapter_reference(x, h, mlp, zero, rows)) > 1e-2
+
+
+@pytest.mark.parametrize("name", sorted(SPATIAL))
+def test_every_spatial_candidate_bf16(name):
+    x, a, _, pool, rows = operands([0, 0, -1, 3], torch.bfloat16, with_mlp=False)
+    x32 = x.float()
+    for xx in (x, x32):  # bf16 and fp32 residual streams
+        out = SPATIAL[name].run(xx, a, pool, Plans(rows))
+        exact = mlp_adapter_reference(xx.double() + a.double(), a, None, pool, rows,
+                                      compute_dtype=torch.float64)
+        assert out.dtype == xx.dtype and rel(out, exact) < 1e-2
+    assert rel(out, x32 + a.float()) > 1e-2  # the adapter contributes
+
+
+def test_spatial_op_dispatches_and_matches():
+    x, a, _, pool, rows = operands([1, 1, 2], torch.bfloat16, with_mlp=False)
+    out = spatial_adapter(x, a, pool, rows, backend="triton")
+    exact = mlp_adapter_reference(x.double() + a.double(), a, None, pool, rows,
+                                  compute_dtype=torch.float64)
+    assert rel(out, exact) < 1e-2
+
+
+def test_dispatcher_choice_is_never_slower_than_unfused():
+    from aat_serve.adapters.kernels.candidates import dispatcher
+
+    for layout in ([3], [0, 0, 1, 1, 2, 2, 3, 3]):
+        x, h, mlp, pool, rows = operands(layout, torch.bfloat16)
+        plans = Plans(rows)
+        mlp_adapter(x, h, mlp, pool, rows, backend="triton", plans=plans)
+        entry = dispatcher(x.device).table.entries[_bucket("mlp", x, h, mlp, pool, plans).key]
+        t = entry["timings_ms"]
+        assert t[entry["choice"]] <= t["unfused"] and len(t) >= 3, entry
+        assert not any("differs" in v for v in entry["rejected"].values()), entry["rejected"]
+
+
+def test_kernel_table_file_round_trip(tmp_path, monkeypatch):
+    from aat_serve.adapters.kernels import candidates
+    from aat_serve.adapters.kernels.autotune import KernelTable
+
+    path = tmp_path / "kernels.json"
+    monkeypatch.setenv("AAT_KERNEL_TABLE", str(path))
+    monkeypatch.setattr(candidates, "_DISPATCHERS", {})
+    x, h, mlp, pool, rows = operands([0, 1], torch.bfloat16)
+    plans = Plans(rows)
+    mlp_adapter(x, h, mlp, pool, rows, backend="triton", plans=plans)
+    env = candidates.environment(x.device)
+    assert torch.cuda.get_device_name() in env
+    key = _bucket("mlp", x, h, mlp, pool, plans).key
+    again = KernelTable(env, path)
+    assert again.choice(key) == candidates.dispatcher(x.device).table.choice(key) is not None
+    assert KernelTable("another GPU|torch 0|triton 0", path).choice(key) is None
+
+
+def test_cuda_graph_with_plans_bounded_by_clips():
+    x, h, mlp, pool, rows = operands([0, 1, 1], torch.bfloat16)
+    plans = Plans(rows, max_segments=3)
+    mlp_adapter(x, h, mlp, pool, rows, backend="triton", plans=plans)  # measure first
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static = mlp_adapter(x, h, mlp, pool, rows, backend="triton",
+                             plans=Plans(rows, max_segments=3))
+    rows.copy_(torch.tensor([2, -1, 6], dtype=torch.int32).repeat_interleave(TOKENS).cuda())
+    graph.replay()
+    expected = mlp_adapter_reference(x, h, mlp, pool, rows, compute_dtype=torch.float64)
+    assert rel(static, expected) < 1e-2
