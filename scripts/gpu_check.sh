@@ -54,4 +54,24 @@ print(format_report(json.load(open(sys.argv[1]))))
 PYEOF
   fi
 done
+# ---- model (issue 21, branch model21): CUDA graphs per batch bucket, bf16 residual stream, ----
+# ---- and aat bench model's serving rows with PASS/MISS lines. Bounded: about 3 minutes.   ----
+echo "== model tests: CUDA graph replay per bucket, hot swap, bf16 residual stream (ViT-B) =="
+if "$PY" -c "import pytest" 2>/dev/null; then
+  timeout 75 "$PY" -m pytest -q -p no:cacheprovider tests/adapters/test_model_gpu.py \
+    2>&1 | tee "$OUTDIR/model_tests.txt" || status=1
+fi
+echo "== aat bench model --serving-only (bf16 4-task mix 10-s batch 32 vs transformers bf16;" \
+     "1-s batch 1 wall vs GPU busy; bf16 vs fp32 residual agreement) =="
+timeout 120 "$PY" -m aat_serve.cli.bench model --serving-only --device cuda \
+  --agreement-clips 32 --json > "$OUTDIR/bench_model_serving.json" || status=1
+if [ -s "$OUTDIR/bench_model_serving.json" ]; then
+  "$PY" - "$OUTDIR/bench_model_serving.json" <<'PYEOF' | tee "$OUTDIR/bench_model_serving.txt"
+import json, sys
+from aat_serve.bench.model import format_report
+print(format_report(json.load(open(sys.argv[1]))))
+PYEOF
+fi
+# ---- end of the model section ----
+
 exit $status
