@@ -60,8 +60,8 @@ def top1_agreement(a: MultiTaskModel, b: MultiTaskModel, tasks: Sequence[str],
                    clips: dict[str, int], mel: int, seed: int,
                    progress: Callable[[], None] | None = None) -> dict[str, Any]:
     """Top-1 agreement of ``b`` with ``a`` on random clips (batches of 8 over ``tasks``), per
-    clip length and overall, with the number of distinct top-1 classes of ``a`` and the largest
-    relative logit error."""
+    clip length (and the clips that disagree, per task) and overall, with the number of
+    distinct top-1 classes of ``a`` and the largest relative logit error."""
     g = torch.Generator().manual_seed(seed)
     res: dict[str, Any] = {}
     total = agree = 0
@@ -70,17 +70,19 @@ def top1_agreement(a: MultiTaskModel, b: MultiTaskModel, tasks: Sequence[str],
             continue
         top_a: list[int] = []
         same, rel = 0, 0.0
+        differ = dict.fromkeys(tasks, 0)
         for start in range(0, n, 8):
             x = torch.randn(min(8, n - start), CLIPS[clip], mel, generator=g)
             names = [tasks[(start + i) % len(tasks)] for i in range(x.shape[0])]
-            for la, lb in zip(a.classify(x, names), b.classify(x, names), strict=True):
+            for la, lb, t in zip(a.classify(x, names), b.classify(x, names), names, strict=True):
                 top_a.append(int(la.argmax()))
                 same += int(la.argmax()) == int(lb.argmax())
+                differ[t] += int(la.argmax()) != int(lb.argmax())
                 rel = max(rel, float((la - lb).norm() / la.norm()))
             if progress:
                 progress()
         res[clip] = {"clips": n, "top1_agreement": same / n, "distinct_top1": len(set(top_a)),
-                     "max_logit_rel_err": rel}
+                     "max_logit_rel_err": rel, "disagreements_by_task": differ}
         total += n
         agree += same
     res["overall"] = agree / total if total else None
@@ -228,7 +230,8 @@ def format_serving(report: dict[str, Any]) -> str:
         if clip != "overall":
             lines.append(f"bf16 vs fp32 residual stream, {clip}: top-1 {r['top1_agreement']:.4f} "
                          f"over {r['clips']} clips ({r['distinct_top1']} distinct top-1 classes; "
-                         f"max logit relative error {r['max_logit_rel_err']:.2e})")
+                         f"max logit relative error {r['max_logit_rel_err']:.2e}; disagreeing "
+                         f"clips by task: {r['disagreements_by_task']})")
     for name, r in report["mix"].items():
         lines.append(f"{report['clip']} batch {report['batch']} {name}: "
                      f"{r['clips_per_s']:.2f} clips/s (best {r['best_s'] * 1e3:.1f} ms, median "

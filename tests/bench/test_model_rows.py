@@ -74,6 +74,8 @@ def test_quick_serving_only_run_on_cpu():
                                         / s["mix"]["hf-bf16"]["clips_per_s"], 3)
     a = s["agreement"]["1s"]
     assert a["clips"] == 8 and 0 < a["max_logit_rel_err"] < 0.1  # differs, but not by much
+    assert set(a["disagreements_by_task"]) == {"task0", "task1", "task2", "task3"}
+    assert sum(a["disagreements_by_task"].values()) == round(8 * (1 - a["top1_agreement"]))
     assert [v["status"] for v in s["verdicts"]][:2] == ["needs CUDA", "needs CUDA"]
     assert s["verdicts"][2]["status"] == ("PASS" if a["top1_agreement"] >= 0.99 else "MISS")
 
