@@ -8,9 +8,11 @@ shape:
 - a group of ``n`` clips runs in the smallest bucket ``>= n`` (``GraphConfig.buckets``); the
   padding clips get zero features and pool row -1 (no adapter) and their outputs are dropped.
   A group larger than the largest bucket runs eagerly (``pooled`` returns None).
-- inputs live in static buffers: one fp32 device buffer per graph holding the features and
-  the per-clip pool rows (int32 bits), filled from a host staging buffer of the same layout
-  (pinned on CUDA) with ONE host-to-device copy; deep prompts are copied on the device.
+- inputs live in static buffers: one fp32 device buffer per graph holding the features, the
+  per-clip pool rows and the group's clip indices (int32 bits), filled from a host staging
+  buffer of the same layout (pinned on CUDA) with ONE host-to-device copy (only the rows and
+  indices when the features are already on the device: they are gathered there); deep prompts
+  are copied on the device.
 - graphs read the adapter pools in place. Loading a task writes its pool row in place and
   unloading zeroes it, and the rows are inputs, so a hot swap needs no re-capture. Only when
   ``TaskSlots`` grows the pools (new tensors; geometric, so at most ~log2(max_tasks) times) is
@@ -170,7 +172,8 @@ class CudaCapture:
 @dataclass
 class _Graph:
     pools: SlotPools  # the pools it reads; a graph of other pools is captured again
-    dev: torch.Tensor  # features (B*T*F fp32) then mlp rows (B) and spatial rows (B), int32 bits
+    dev: torch.Tensor  # features (B*T*F fp32), then as int32 bits: mlp rows, spatial rows and
+    # the group's clip indices (B each)
     host: torch.Tensor  # the same layout, on the host (pinned on CUDA)
     prompts: torch.Tensor | None  # (B, L, P, D) on the device
     replay: Callable[[], torch.Tensor]
@@ -223,15 +226,15 @@ class GraphCache:
     def _capture(self, key: Key, mel: int, pools: SlotPools) -> _Graph:
         b, frames, p, spatial = key
         size = b * frames * mel
-        dev = torch.zeros(size + 2 * b, device=self.device)
-        dev[size:].view(torch.int32).fill_(-1)
-        host = self.backend.host_buffer(size + 2 * b)
+        dev = torch.zeros(size + 3 * b, device=self.device)
+        dev[size:size + 2 * b].view(torch.int32).fill_(-1)
+        host = self.backend.host_buffer(size + 3 * b)
         prompts = None
         if p:
             cfg = self.runner.backbone.cfg
             prompts = torch.zeros(b, cfg.depth, p, cfg.embed_dim, device=self.device)
         x_static = dev[:size].view(b, frames, mel)
-        rows = dev[size:].view(torch.int32)
+        rows = dev[size:size + 2 * b].view(torch.int32)
 
         def forward() -> torch.Tensor:
             return self.runner.encode(x_static, prompts, rows[b:] if spatial else None,
@@ -244,24 +247,26 @@ class GraphCache:
 
     def _fill(self, g: _Graph, key: Key, x: torch.Tensor, group: Group) -> None:
         b, frames, _, _ = key
-        n, size = len(group.clips), g.dev.numel() - 2 * b
+        n, size = len(group.clips), g.dev.numel() - 3 * b
         self.backend.wait_host()  # the previous upload has read the staging buffer
-        rows = g.host[size:].view(torch.int32)
-        rows.fill_(-1)
+        ints = g.host[size:].view(torch.int32)  # mlp rows, spatial rows, clip indices
+        ints[:2 * b].fill_(-1)
         for base, segs in ((0, group.mlp_segs), (b, group.spatial_segs)):
             for c0, c1, r in segs:
-                rows[base + c0:base + c1] = r
-        idx = torch.tensor(group.clips)
-        if x.device.type == "cpu":  # features and rows in one upload
+                ints[base + c0:base + c1] = r
+        idx = ints[2 * b:2 * b + n]
+        idx.copy_(torch.tensor(group.clips, dtype=torch.int32))
+        if x.device.type == "cpu":  # features, rows and indices in one upload
             xs = g.host[:size].view(b, frames, -1)
             torch.index_select(x, 0, idx, out=xs[:n])
             xs[n:].zero_()
             self.backend.upload(g.host, g.dev)
-        else:  # features already on the device: copied there, the rows uploaded
-            xs = g.dev[:size].view(b, frames, -1)
-            torch.index_select(x, 0, idx.to(x.device), out=xs[:n])
-            xs[n:].zero_()
+        else:  # features already on the device: rows and indices uploaded, features gathered
             self.backend.upload(g.host[size:], g.dev[size:])
+            xs = g.dev[:size].view(b, frames, -1)
+            dev_idx = g.dev[size + 2 * b:size + 2 * b + n].view(torch.int32)
+            torch.index_select(x, 0, dev_idx, out=xs[:n])
+            xs[n:].zero_()
         if g.prompts is not None:
             g.prompts[:n].copy_(group.prompts())  # type: ignore[arg-type]
             g.prompts[n:].zero_()

@@ -110,3 +110,20 @@ def test_bf16_stream_tracks_the_fp32_stream(setup):
     a, b = fp32.classify(x, tasks), bf16.classify(x, tasks)
     errs = [rel(lb, la) for la, lb in zip(a, b, strict=True)]
     assert max(errs) < 3e-2 and min(errs) > 0  # close, and really a different stream
+
+
+def test_one_upload_and_one_download_per_batch(setup):
+    from torch.profiler import ProfilerActivity, profile
+
+    graphed = model(setup, ["t0", "t1"], True)
+    x = clips(3, 5)
+    tasks = ["t0", "t1", "t0"]
+    for features in (x, x.cuda()):  # host features: one packed upload; device: rows only
+        graphed.classify(features, tasks)  # captured before profiling
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            graphed.classify(features, tasks)
+            torch.cuda.synchronize()
+        names = [e.name for e in prof.events()]
+        assert sum("HtoD" in n for n in names) == 1, names
+        assert sum("DtoH" in n for n in names) == 1, names
