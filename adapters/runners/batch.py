@@ -69,8 +69,6 @@ BlockFn = Callable[[int, torch.Tensor], torch.Tensor]
 """Runs block ``i`` of the backbone on the token sequence ``(B, N, D)`` (the residual stream,
 in the runner's residual dtype)."""
 
-RESIDUAL_DTYPES = (torch.float32, torch.bfloat16)
-
 
 def encode(backbone: AST, x: torch.Tensor, prompts: torch.Tensor | None, block: BlockFn,
            residual: torch.dtype = torch.float32) -> torch.Tensor:
