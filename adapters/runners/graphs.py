@@ -21,6 +21,10 @@ shape:
   one memory pool: replays are serialised under a lock and each output is cloned before the
   lock is released, so no graph's intermediates can overwrite another's live result.
 
+A capture that fails (an op that cannot be captured) makes that key run eagerly from then on,
+with a warning, when ``GraphConfig.fallback`` is set (``AAT_CUDA_GRAPHS=auto``); with
+``fallback`` off (``on``) the error propagates.
+
 The capture backend is a seam: ``CudaCapture`` (``torch.cuda.CUDAGraph``) on a GPU,
 ``EagerCapture`` (re-runs the function over the same static buffers) on CPU, so the bucketing,
 padding and buffer logic is tested without a GPU.
@@ -28,6 +32,7 @@ padding and buffer logic is tested without a GPU.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -40,6 +45,8 @@ from aat_serve.adapters.errors import ConfigError
 from aat_serve.adapters.runners.batch import Group
 from aat_serve.adapters.runners.fused import FusedRunner
 from aat_serve.adapters.slots import SlotPools
+
+log = logging.getLogger(__name__)
 
 GRAPH_MODES = ("auto", "on", "off")
 Key = tuple[int, int, int, bool]
@@ -56,6 +63,8 @@ class GraphConfig:
     """``cuda``: real CUDA graphs; ``eager``: the same buffers, the function re-run (tests)."""
     warmup: int = 2
     """Eager runs on a side stream before a capture (Triton compiles, cuBLAS picks algorithms)."""
+    fallback: bool = True
+    """A key whose capture fails runs eagerly (with a warning) instead of raising."""
 
     def __post_init__(self) -> None:
         if not self.buckets or min(self.buckets) < 1 or list(self.buckets) != sorted(
@@ -96,7 +105,7 @@ def graph_config(mode: str, device: torch.device, backend: str,
                           f"{device.type} and {backend}; use auto or off")
     if mode == "off" or not able:
         return None
-    return GraphConfig(buckets=default_buckets(max_batch))
+    return GraphConfig(buckets=default_buckets(max_batch), fallback=mode == "auto")
 
 
 class CaptureBackend(Protocol):
@@ -196,6 +205,8 @@ class GraphCache:
                                         else EagerCapture())
         self.captures = 0
         """Graphs captured so far (re-captures included)."""
+        self.failed: dict[Key, str] = {}
+        """Keys whose capture failed (they run eagerly), with the error."""
         self._graphs: OrderedDict[Key, _Graph] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -213,12 +224,22 @@ class GraphCache:
             return None
         key = (b, x.shape[1], group.num_prompts, bool(group.spatial_segs))
         with self._lock:
+            if key in self.failed:
+                return None
             g = self._graphs.pop(key, None)
             if g is None or g.pools is not pools:
                 del g  # its memory returns to the pool before the new capture
                 while len(self._graphs) >= self.cfg.max_graphs:
                     self._graphs.popitem(last=False)
-                g = self._capture(key, x.shape[2], pools)
+                try:
+                    g = self._capture(key, x.shape[2], pools)
+                except Exception as e:
+                    if not self.cfg.fallback:
+                        raise
+                    self.failed[key] = f"{type(e).__name__}: {e}"
+                    log.warning("graph capture failed for %s; that shape runs eagerly", key,
+                                exc_info=True)
+                    return None
             self._graphs[key] = g  # most recently used last
             self._fill(g, key, x, group)
             return g.replay()[:n].clone()

@@ -131,6 +131,26 @@ def test_free_slots_replay_the_plain_backbone(base, bundles):
     assert sorted(graphed.graphs.keys()) == [(4, 64, 0, False), (4, 64, 0, True)]
 
 
+@pytest.mark.parametrize("fallback", [True, False])
+def test_a_failed_capture_runs_eagerly_or_raises(base, bundles, monkeypatch, fallback):
+    def broken(self, fn):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr("aat_serve.adapters.runners.graphs.EagerCapture.capture", broken)
+    graphed = model(base, [bundles["m"]], graphs=GraphConfig(buckets=(1, 2, 4), capture="eager",
+                                                             fallback=fallback))
+    x = features(3, 7)
+    if not fallback:
+        with pytest.raises(RuntimeError, match="stream is capturing"):
+            graphed.classify(x, ["m"] * 3)
+        return
+    close(graphed.classify(x, ["m"] * 3), model(base, [bundles["m"]], graphs=None)
+          .classify(x, ["m"] * 3))
+    assert graphed.graphs.failed == {(4, 64, 0, False): "RuntimeError: operation not permitted "
+                                                        "when stream is capturing"}
+    assert graphed.graphs.captures == 0 and graphed.graphs.keys() == []
+
+
 def test_graph_settings():
     assert default_buckets(1) == (1,)
     assert default_buckets(8) == (1, 2, 4, 8)
@@ -141,7 +161,9 @@ def test_graph_settings():
     assert graph_config("auto", cpu, "segments", 8) is None
     assert graph_config("off", cuda, "triton", 8) is None
     cfg = graph_config("auto", cuda, "triton", 32)
-    assert cfg is not None and cfg.capture == "cuda" and cfg.buckets[-1] == 32
+    assert cfg is not None and cfg.capture == "cuda" and cfg.buckets[-1] == 32 and cfg.fallback
+    strict = graph_config("on", cuda, "triton", 32)
+    assert strict is not None and not strict.fallback  # on: a failed capture is an error
     with pytest.raises(ConfigError, match="CUDA graphs need a CUDA device and the triton "
                                           "backend, got cpu and segments; use auto or off"):
         graph_config("on", cpu, "segments", 8)
