@@ -38,7 +38,8 @@ def model(setup, names, graphs: bool, residual=torch.bfloat16) -> MultiTaskModel
     base, fp, bundles = setup
     m = MultiTaskModel(copy.deepcopy(base), max_tasks=8, dtype=torch.bfloat16, device="cuda",
                        fingerprint=fp, bottleneck=R, residual_dtype=residual,
-                       graphs=GraphConfig(buckets=(1, 2, 4, 8)) if graphs else None)
+                       graphs=GraphConfig(buckets=(1, 2, 4, 8), fallback=False)
+                       if graphs else None)  # a failed capture must fail the test
     assert m.backend == "triton"
     for n in names:
         m.load_task(bundles[n])
