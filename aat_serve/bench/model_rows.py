@@ -191,6 +191,8 @@ def run_serving_rows(cfg: ServingRowsConfig, backbone: AST, bundles: list[TaskBu
         "mix_fp32_stream_vs_hf_bf16": round(mix_rows["fp32-stream"]["clips_per_s"] / hf_rate, 3),
         "batch1": (_batch1(models["bf16-stream"], tasks[0], mel, device, cfg.batch1_calls)
                    if device.type == "cuda" else None)}
+    cache = models["bf16-stream"].graphs
+    report["graph_failures"] = {str(k): v for k, v in cache.failed.items()} if cache else {}
     report["verdicts"] = verdicts(report)
     return report
 
@@ -225,7 +227,8 @@ def verdicts(report: dict[str, Any]) -> list[dict[str, Any]]:
 def format_serving(report: dict[str, Any]) -> str:
     """The serving rows as text: agreement, the mix table, the batch-1 row, verdict lines."""
     a = report["agreement"]
-    lines = [f"serving rows on {report['device']} (CUDA graphs: {report['graphs']})"]
+    lines = [f"serving rows on {report['device']} (CUDA graphs: {report['graphs']}; shapes "
+             f"whose capture failed and ran eagerly: {report.get('graph_failures') or 'none'})"]
     for clip, r in a.items():
         if clip != "overall":
             lines.append(f"bf16 vs fp32 residual stream, {clip}: top-1 {r['top1_agreement']:.4f} "

@@ -70,6 +70,7 @@ def test_quick_serving_only_run_on_cpu():
     assert (s["device"], s["batch"], s["clip"], s["graphs"], s["batch1"]) == (
         "cpu", 4, "1s", False, None)
     assert set(s["mix"]) == {"hf-bf16", "bf16-stream", "fp32-stream"}
+    assert s["graph_failures"] == {}
     assert s["mix_vs_hf_bf16"] == round(s["mix"]["bf16-stream"]["clips_per_s"]
                                         / s["mix"]["hf-bf16"]["clips_per_s"], 3)
     a = s["agreement"]["1s"]
