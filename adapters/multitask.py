@@ -14,9 +14,14 @@ batch (``runners.group_batch``), has the runner pool each group and applies the 
 which differ in class count, per task after pooling. Results come back in the caller's order.
 
 Dtypes: ``float32``, or ``bfloat16`` for the GEMMs (block weights, adapter pools, GEMM and
-attention inputs) with fp32 accumulation. The residual stream, LayerNorms, embeddings, prompts
-and heads stay fp32 in both modes: bf16 rounding of the stream itself accounted for about a
-third of the bf16-vs-fp32 logit error for ~2 % of the time (docs/benchmarks.md).
+attention inputs) with fp32 accumulation. The residual stream is fp32 by default
+(``residual_dtype``); with bf16 GEMMs it may be bf16 too, as transformers' bf16 model keeps it,
+which saves a cast per block and half the stream's memory traffic on a GPU. LayerNorms always
+normalise in fp32; embeddings, prompts, pooling and heads stay fp32. The bf16 stream's top-1
+agreement with the fp32 stream is measured by ``aat bench model`` (docs/benchmarks.md).
+
+``graphs`` (a ``runners.graphs.GraphConfig``) replays the fused runner's forward from CUDA
+graphs per batch bucket. Each batch's results leave the device in one copy.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from aat_serve.adapters.bundle import Manifest, TaskBundle
 from aat_serve.adapters.errors import ConfigError
 from aat_serve.adapters.kernels.layout import segments
 from aat_serve.adapters.runners import RUNNERS, Runner, group_batch, make_runner, resolve_runner
+from aat_serve.adapters.runners.graphs import GraphCache, GraphConfig
 from aat_serve.adapters.slots import Snapshot, TaskInfo, TaskSlots
 
 BACKENDS = RUNNERS
@@ -85,12 +91,16 @@ class MultiTaskModel(torch.nn.Module):
         backend: the runner, one of ``BACKENDS`` (see ``aat_serve.adapters.runners``).
         providers, threads: ONNX Runtime execution providers and intra-op threads
             (``backend="onnxruntime"`` only).
+        residual_dtype: the residual stream's dtype, ``torch.float32`` (default) or ``dtype``.
+        graphs: replay the forward from graphs per batch bucket (fused runners only).
     """
 
     def __init__(self, backbone: AST, max_tasks: int = 64, dtype: torch.dtype = torch.float32,
                  device: str | torch.device = "cpu", fingerprint: str | None = None,
                  bottleneck: int = 192, backend: str = "auto",
-                 providers: list[str] | None = None, threads: int | None = None) -> None:
+                 providers: list[str] | None = None, threads: int | None = None,
+                 residual_dtype: torch.dtype = torch.float32,
+                 graphs: GraphConfig | None = None) -> None:
         super().__init__()
         if max_tasks < 1:
             raise ConfigError(f"max_tasks must be at least 1, got {max_tasks}")
@@ -108,9 +118,11 @@ class MultiTaskModel(torch.nn.Module):
         self.bottleneck = bottleneck
         self.slots = TaskSlots(self.backbone, self.fingerprint, max_tasks, dtype, device,
                                bottleneck)
+        self.residual_dtype = residual_dtype
         self.runner: Runner = make_runner(backend, self.backbone, dtype, device, bottleneck,
                                           self.slots.live_entries, providers=providers,
-                                          threads=threads)
+                                          threads=threads, residual=residual_dtype)
+        self.graphs = GraphCache(self.runner, graphs, device) if graphs else None  # type: ignore[arg-type]
 
     # -- what the runner is -------------------------------------------------------------------
     @property
@@ -190,21 +202,33 @@ class MultiTaskModel(torch.nn.Module):
 
     def _run_groups(self, features: torch.Tensor, snapshot: Snapshot) -> list[torch.Tensor]:
         entries = snapshot.entries
-        out: list[torch.Tensor | None] = [None] * len(entries)
         if not entries:
             return []
-        x = features.to(device=self.device, dtype=torch.float32)
+        x = features.to(dtype=torch.float32)
+        x_dev: torch.Tensor | None = None  # moved to the device for the first eager group
+        pieces: list[torch.Tensor] = []  # flattened results on the device
+        owners: list[tuple[list[int], int]] = []  # (clips, width) of each piece
         for g in group_batch(entries):
-            idx = torch.tensor(g.clips, device=self.device)
-            pooled = self.runner.pooled(x.index_select(0, idx), g, snapshot.pools).float()
+            pooled = self.graphs.pooled(x, g, snapshot.pools) if self.graphs else None
+            if pooled is None:
+                if x_dev is None:
+                    x_dev = x.to(self.device)
+                idx = torch.tensor(g.clips, device=self.device)
+                pooled = self.runner.pooled(x_dev.index_select(0, idx), g, snapshot.pools)
+            pooled = pooled.float()
             for c0, c1, _ in segments([e.info.slot if e else -1 for e in g.entries]):
                 e = g.entries[c0]
                 seg = pooled[c0:c1]
                 if e is not None:
                     lw, lb, fw, fb = e.head
                     seg = F.linear(F.layer_norm(seg, (seg.shape[-1],), lw, lb, e.head_eps), fw, fb)
-                seg = seg.cpu()
-                for j in range(c0, c1):
-                    out[g.clips[j]] = seg[j - c0]
+                pieces.append(seg.reshape(-1))
+                owners.append((g.clips[c0:c1], seg.shape[-1]))
+        flat = torch.cat(pieces).cpu()  # the batch's one device-to-host copy
+        out: list[torch.Tensor | None] = [None] * len(entries)
+        pos = 0
+        for clips, width in owners:
+            for c in clips:
+                out[c] = flat[pos:pos + width]
+                pos += width
         return out  # type: ignore[return-value]
-

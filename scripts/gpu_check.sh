@@ -4,7 +4,8 @@
 #      candidate of the dispatcher, the dispatcher's choice and table, CUDA graphs, the model
 #      (tests/adapters/test_kernels_gpu.py);
 #   2. `aat bench kernel` (issue 21's kernel rows with PASS/MISS lines);
-#   3. the model-level section (`aat bench model`; owned by the model work of issue 21).
+#   3. the model's GPU tests (CUDA graphs, bf16 residual stream) and
+#   4. `aat bench model --serving-only` (issue 21's model rows with PASS/MISS lines).
 # Needs a CUDA GPU with torch + triton; uses .venv/bin/python when present, else python3
 # (override with PY=...). Everything is also written to $OUT (default ./gpu-check/): the
 # JSON reports, their text tables, the dispatcher's kernel table and a summary.
@@ -59,12 +60,12 @@ if [ -n "$missing" ]; then
 fi
 
 echo "== 1. kernel tests: real sizes, bf16 (every candidate, dispatcher, CUDA graphs) =="
-step "kernel tests" 180 bash -c "\"$PY\" -m pytest -q -p no:cacheprovider \
+step "kernel tests" 150 bash -c "\"$PY\" -m pytest -q -p no:cacheprovider \
   tests/adapters/test_kernels_gpu.py 2>&1 | tee \"$OUTDIR/kernel_tests.txt\"; \
   exit \${PIPESTATUS[0]}"
 
 echo "== 2. aat bench kernel (ranks 64 and 192; without the torch.compile baseline) =="
-step "aat bench kernel" 150 bash -c "\"$PY\" -m aat_serve.cli.bench kernel --no-compile \
+step "aat bench kernel" 130 bash -c "\"$PY\" -m aat_serve.cli.bench kernel --no-compile \
   --json > \"$OUTDIR/bench_kernel.json\""
 if [ -s "$OUTDIR/bench_kernel.json" ]; then
   "$PY" - "$OUTDIR/bench_kernel.json" <<'PYEOF' | tee "$OUTDIR/bench_kernel.txt"
@@ -75,12 +76,17 @@ PYEOF
 fi
 
 # ---- BEGIN model section (issue 21, model part: bf16 residual stream, CUDA graphs) ----
-# The model work owns this block: its GPU tests and `aat bench model` with its PASS/MISS
-# table. Keep it bounded (about 120 s) and write into "$OUTDIR".
-echo "== 3. aat bench model (CUDA) =="
-step "aat bench model" 120 bash -c "\"$PY\" -m aat_serve.cli.bench model --device cuda \
-  --clips 10s --batches 1,8 --memory-tasks 1,10 --agreement-clips 16 --json \
-  > \"$OUTDIR/bench_model.json\""
+# The model's GPU tests (graph replay per batch bucket equals eager, hot swap without
+# re-capture, one upload and one download per batch, bf16 vs fp32 residual stream; ViT-B), then
+# `aat bench model --serving-only`: the bf16 4-task mix at 10 s, batch 32 vs transformers bf16
+# without adapters, one 1-s clip's wall time vs GPU busy time, and the stream agreement.
+echo "== 3. model tests: CUDA graphs per bucket, hot swap, bf16 residual stream (ViT-B) =="
+step "model tests" 60 bash -c "\"$PY\" -m pytest -q -p no:cacheprovider \
+  tests/adapters/test_model_gpu.py 2>&1 | tee \"$OUTDIR/model_tests.txt\"; \
+  exit \${PIPESTATUS[0]}"
+echo "== 4. aat bench model --serving-only (CUDA) =="
+step "aat bench model" 110 bash -c "\"$PY\" -m aat_serve.cli.bench model --serving-only \
+  --device cuda --agreement-clips 32 --json > \"$OUTDIR/bench_model.json\""
 if [ -s "$OUTDIR/bench_model.json" ]; then
   "$PY" - "$OUTDIR/bench_model.json" <<'PYEOF' | tee "$OUTDIR/bench_model.txt"
 import json, sys

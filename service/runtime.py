@@ -24,6 +24,8 @@ from aat_serve.adapters.device import onnx_providers, resolve_device
 from aat_serve.adapters.errors import ConfigError
 from aat_serve.adapters.features import load_audio
 from aat_serve.adapters.multitask import MultiTaskModel, ServingModel
+from aat_serve.adapters.runners import resolve_runner
+from aat_serve.adapters.runners.graphs import graph_config
 from aat_serve.service.batch_features import BatchFeatures
 from aat_serve.service.engine import Engine
 from aat_serve.service.errors import overloaded, timed_out
@@ -123,14 +125,19 @@ def _decode_pcm(audio: bytes, cfg: FeatureConfig, deadline: float = float("inf")
 def build_model(settings: Settings, backbone: AST, device: torch.device, dtype: torch.dtype,
                 fingerprint: str) -> MultiTaskModel:
     """The multi-task model for the configured runtime (``AAT_RUNTIME``): the ONNX Runtime
-    runner (fp32, CPU tensors; ``device`` picks its execution provider) or the torch default."""
+    runner (fp32, CPU tensors; ``device`` picks its execution provider) or the torch default,
+    with the residual stream of ``AAT_RESIDUAL_DTYPE`` and CUDA graphs per ``AAT_CUDA_GRAPHS``
+    (``ConfigError`` when ``on`` cannot be honoured)."""
     if settings.runtime == "onnxruntime":
         model = MultiTaskModel(backbone, max_tasks=settings.max_tasks, fingerprint=fingerprint,
                                backend="onnxruntime", providers=onnx_providers(device))
         log.info("runtime onnxruntime", extra={"provider": model.backend})
         return model
+    graphs = graph_config(settings.cuda_graphs, device, resolve_runner("auto", device),
+                          settings.max_batch)
+    residual = torch.bfloat16 if settings.residual_dtype == "bfloat16" else torch.float32
     return MultiTaskModel(backbone, max_tasks=settings.max_tasks, dtype=dtype, device=device,
-                          fingerprint=fingerprint)
+                          fingerprint=fingerprint, residual_dtype=residual, graphs=graphs)
 
 
 def runtime_info(model: ServingModel) -> tuple[str, str]:

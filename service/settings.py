@@ -44,6 +44,13 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=1, le=65535)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["float32", "bfloat16"] = "float32"
+    residual_dtype: Literal["float32", "bfloat16"] = "float32"
+    """The residual stream between blocks: float32, or bfloat16 with ``AAT_DTYPE=bfloat16``
+    (LayerNorms still normalise in fp32; agreement with float32 in docs/benchmarks.md)."""
+    cuda_graphs: Literal["auto", "on", "off"] = "auto"
+    """Replay the model's forward from CUDA graphs, one per batch-size bucket (1, 2, 4, ...,
+    ``AAT_MAX_BATCH``) and clip length, captured on first use: auto uses them on a GPU with the
+    Triton kernels, on refuses to start without them, off never."""
     runtime: Literal["torch", "onnxruntime"] = "torch"
     """Where the backbone runs: torch, or ONNX Runtime (CUDA provider on a GPU, else CPU;
     float32 only). Uploading or replacing a task never rebuilds the ONNX Runtime session."""
@@ -90,7 +97,8 @@ class Settings(BaseSettings):
     (CPU serving, see docs/benchmarks.md); the resident set stays at its high-water mark."""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
-    @field_validator("log_level", "device", "dtype", "preload", "runtime", mode="before")
+    @field_validator("log_level", "device", "dtype", "preload", "runtime", "residual_dtype",
+                     "cuda_graphs", mode="before")
     @classmethod
     def _lower(cls, v: Any) -> Any:
         return v.lower() if isinstance(v, str) else v
@@ -114,6 +122,9 @@ class Settings(BaseSettings):
         if self.runtime == "onnxruntime" and self.dtype != "float32":
             raise ValueError("AAT_RUNTIME=onnxruntime runs in float32; unset AAT_DTYPE or set it "
                              "to float32")
+        if self.residual_dtype == "bfloat16" and self.dtype != "bfloat16":
+            raise ValueError("AAT_RESIDUAL_DTYPE=bfloat16 needs AAT_DTYPE=bfloat16 (the stream "
+                             "is kept in the GEMMs' dtype or in float32)")
         return self
 
     @model_validator(mode="after")

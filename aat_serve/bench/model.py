@@ -13,7 +13,10 @@ One run, on one machine, measures (all with random weights; nothing is downloade
 - top-1 agreement of bf16 against fp32 on random inputs over the 4 tasks' heads;
 - memory of S resident ``aat_ms`` tasks (S = 1, 10, 100): tensor bytes, and the growth of the
   process (RSS, or the CUDA allocator) now and at its peak, each S in a fresh child process
-  (``aat_serve.bench.memory``).
+  (``aat_serve.bench.memory``);
+- the serving rows (``aat_serve.bench.model_rows``): a bf16 4-task mix against transformers in
+  bf16, one 1-s clip's wall time against the GPU's busy time, and the bf16 residual stream's
+  agreement, with PASS / MISS lines (``serving_only`` measures only these).
 """
 
 from __future__ import annotations
@@ -44,6 +47,12 @@ from aat_serve.bench.common import (
     table,
 )
 from aat_serve.bench.fixtures import CLIPS, FULL, QUICK, TASK_CLASSES, random_bundle
+from aat_serve.bench.model_rows import (
+    ServingRowsConfig,
+    format_serving,
+    run_serving_rows,
+    top1_agreement,
+)
 
 TARGETS = {"mixed4_vs_single": 0.95, "fp32_vs_hf": 1.0, "bf16_vs_hf": 1.8, "top1": 0.99,
            "ort_vs_torch_fp32": 1.3}
@@ -62,6 +71,10 @@ class ModelBenchConfig:
     memory_tasks: tuple[int, ...] = (1, 10, 100)
     runtimes: tuple[str, ...] = ("torch",)
     """``onnxruntime`` adds the ONNX Runtime backbone (fp32) beside torch, in the same run."""
+    serving: ServingRowsConfig | None = field(default_factory=ServingRowsConfig)
+    """The serving rows (None: skip them)."""
+    serving_only: bool = False
+    """Measure only the serving rows (no throughput table, bf16 agreement or memory)."""
     keep_freed_memory: bool = True
     """glibc keeps freed blocks for reuse (``aat_serve.adapters.kernels.cpu.keep_freed_memory``),
     for the whole process: the baseline and our model alike."""
@@ -184,32 +197,9 @@ def _ratios(rows: list[dict[str, Any]], n_tasks: int) -> dict[str, dict[str, flo
 
 def _agreement(cfg: ModelBenchConfig, models: dict[str, MultiTaskModel], tasks: list[str],
                bar: tqdm) -> dict[str, Any]:
-    g = torch.Generator().manual_seed(cfg.seed + 1)
-    res: dict[str, Any] = {}
-    total = agree = 0
-    for clip, n in cfg.agreement_clips.items():
-        if clip not in cfg.clips or n <= 0:
-            continue
-        top32: list[int] = []
-        top16: list[int] = []
-        rel = 0.0
-        for start in range(0, n, 8):
-            b = min(8, n - start)
-            x = torch.randn(b, CLIPS[clip], cfg.backbone.num_mel_bins, generator=g)
-            names = [tasks[(start + i) % len(tasks)] for i in range(b)]
-            a32, a16 = models["fp32"].classify(x, names), models["bf16"].classify(x, names)
-            for la, lb in zip(a32, a16, strict=True):
-                top32.append(int(la.argmax()))
-                top16.append(int(lb.argmax()))
-                rel = max(rel, float((la - lb).norm() / la.norm()))
-            bar.update(1)
-        same = sum(a == b for a, b in zip(top32, top16, strict=True))
-        res[clip] = {"clips": n, "top1_agreement": same / n, "distinct_top1": len(set(top32)),
-                     "max_logit_rel_err": rel}
-        total += n
-        agree += same
-    res["overall"] = agree / total if total else None
-    return res
+    clips = {c: n for c, n in cfg.agreement_clips.items() if c in cfg.clips}
+    return top1_agreement(models["fp32"], models["bf16"], tasks, clips,
+                          cfg.backbone.num_mel_bins, cfg.seed + 1, lambda: bar.update(1))
 
 
 def _memory(cfg: ModelBenchConfig, device: torch.device, bar: tqdm) -> list[dict[str, Any]]:
@@ -233,6 +223,28 @@ def run_model_bench(cfg: ModelBenchConfig) -> dict[str, Any]:
                              seed=i) for i, c in enumerate(TASK_CLASSES)]
     parity = random_bundle(backbone, fingerprint, "parity", "head", TASK_CLASSES[0],
                            cfg.bottleneck, seed=0)
+    load_before = machine(device)["load_average"]
+    measured = {} if cfg.serving_only else _comparison(cfg, backbone, fingerprint, bundles,
+                                                       parity, device)
+    if cfg.serving is not None:
+        measured["serving"] = run_serving_rows(cfg.serving, backbone, bundles, parity, device,
+                                               hf_baseline, fingerprint, cfg.bottleneck)
+    tasks = [b.manifest.task for b in bundles]
+    report = {"machine": {**machine(device), "load_average_before": load_before,
+                          "glibc_keeps_freed_memory": malloc_tuned},
+              "config": {**asdict(cfg), "backbone": cfg.backbone.to_dict(),
+                         "device": str(device), "tasks": dict(zip(tasks, TASK_CLASSES,
+                                                                  strict=True))},
+              **measured}
+    if not cfg.serving_only:
+        report["targets"] = check_targets(report)
+    return report
+
+
+def _comparison(cfg: ModelBenchConfig, backbone: AST, fingerprint: str,
+                bundles: list[TaskBundle], parity: TaskBundle,
+                device: torch.device) -> dict[str, Any]:
+    """Parity with transformers, the throughput table and its ratios, bf16 agreement, memory."""
     tasks = [b.manifest.task for b in bundles]
     hf = {clip: hf_baseline(backbone, parity, CLIPS[clip]).to(device) for clip in cfg.clips}
     models = {}
@@ -266,22 +278,13 @@ def run_model_bench(cfg: ModelBenchConfig) -> dict[str, Any]:
              + sum(-(-n // 8) for c, n in cfg.agreement_clips.items() if c in cfg.clips)
              + 2 * len(cfg.memory_tasks))
     with tqdm(total=steps, unit="step", dynamic_ncols=True, leave=False) as bar:
-        load_before = machine(device)["load_average"]
         rows = _throughput(cfg, models, hf, tasks, device, bar)
         bar.set_description("bf16 agreement")
         agreement = _agreement(cfg, models, tasks, bar)
         del models, hf
         memory = _memory(cfg, device, bar)
-    ratios = _ratios(rows, len(tasks))
-    report = {"machine": {**machine(device), "load_average_before": load_before,
-                          "glibc_keeps_freed_memory": malloc_tuned},
-              "config": {**asdict(cfg), "backbone": cfg.backbone.to_dict(),
-                         "device": str(device), "tasks": dict(zip(tasks, TASK_CLASSES,
-                                                                  strict=True))},
-              "parity_max_abs_diff": parity_diff, "throughput": rows, "ratios": ratios,
-              "agreement": agreement, "memory": memory}
-    report["targets"] = check_targets(report)
-    return report
+    return {"parity_max_abs_diff": parity_diff, "throughput": rows,
+            "ratios": _ratios(rows, len(tasks)), "agreement": agreement, "memory": memory}
 
 
 def check_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
@@ -302,9 +305,13 @@ def check_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
 
 def format_report(report: dict[str, Any]) -> str:
     m = report["machine"]
-    lines = [f"aat bench model on {machine_summary(m)}, load average "
-             f"{m['load_average_before']} -> {m['load_average']}, glibc keeps freed memory: "
-             f"{m.get('glibc_keeps_freed_memory')}",
+    head = (f"aat bench model on {machine_summary(m)}, load average "
+            f"{m['load_average_before']} -> {m['load_average']}, glibc keeps freed memory: "
+            f"{m.get('glibc_keeps_freed_memory')}")
+    serving = ["", format_serving(report["serving"])] if report.get("serving") else []
+    if "throughput" not in report:
+        return "\n".join([head, *serving])
+    lines = [head,
              "transformers parity (max |logit diff|, fp32): " + ", ".join(
                  f"{k} {v:.2e}" for k, v in report["parity_max_abs_diff"].items()), ""]
     rows = [[r["clip"], r["batch"], r["variant"], f"{r['clips_per_s']:.2f}",
@@ -332,4 +339,4 @@ def format_report(report: dict[str, Any]) -> str:
     for t in report["targets"]:
         lines.append(f"{'met ' if t['met'] else 'MISS'}  {t['what']}: {t['value']} "
                      f"(target >= {t['target']})")
-    return "\n".join(lines)
+    return "\n".join(lines + serving)

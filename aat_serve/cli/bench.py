@@ -83,6 +83,14 @@ def register_model_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--glibc-defaults", action="store_true",
                    help="keep glibc's malloc defaults (by default freed memory is kept for "
                         "reuse, for the baseline and our model alike)")
+    serving = p.add_mutually_exclusive_group()
+    serving.add_argument("--serving-only", action="store_true",
+                         help="only the serving rows: a bf16 4-task mix vs transformers bf16, "
+                              "1-s batch-1 wall vs GPU busy time, bf16 residual agreement "
+                              "(PASS/MISS)")
+    serving.add_argument("--no-serving", action="store_true", help="skip the serving rows")
+    p.add_argument("--serving-batch", type=int,
+                   help="batch of the serving rows' mix (default 32 on CUDA, 8 on CPU)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=run_model_bench)
 
@@ -92,6 +100,7 @@ def run_model_bench(args: argparse.Namespace) -> int:
 
     from aat_serve.bench import model
     from aat_serve.bench.common import to_json
+    from aat_serve.bench.model_rows import ServingRowsConfig
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -99,13 +108,23 @@ def run_model_bench(args: argparse.Namespace) -> int:
     agreement = ({c: args.agreement_clips for c in clips} if args.agreement_clips is not None
                  else {"1s": 8, "10s": 0} if args.quick else {"1s": 256, "10s": 32})
     memory = args.memory_tasks or ("1,3" if args.quick else "1,10,100")
+    if args.serving_batch is not None and args.serving_batch < 1:
+        raise ConfigError(f"--serving-batch must be at least 1, got {args.serving_batch}")
+    serving = None if args.no_serving else ServingRowsConfig(
+        batch=args.serving_batch, clip="10s" if "10s" in clips else clips[0],
+        rounds=args.rounds or (1 if args.quick else 3),
+        agreement_clips=({c: args.agreement_clips for c in clips}
+                         if args.agreement_clips is not None
+                         else {"1s": 8} if args.quick else {"1s": 128, "10s": 16}),
+        batch1_calls=3 if args.quick else 30)
     cfg = model.ModelBenchConfig(
         quick=args.quick, device=args.device, clips=clips,
         batches=positive_ints(args.batches, "--batches"),
         rounds=args.rounds or (1 if args.quick else 3), agreement_clips=agreement,
         memory_tasks=positive_ints(memory, "--memory-tasks"),
         runtimes=("torch", "onnxruntime") if args.runtime == "onnxruntime" else ("torch",),
-        keep_freed_memory=not args.glibc_defaults)
+        keep_freed_memory=not args.glibc_defaults, serving=serving,
+        serving_only=args.serving_only)
     report = model.run_model_bench(cfg)
     print(to_json(report) if args.json else model.format_report(report))
     return 0

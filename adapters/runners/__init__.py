@@ -71,15 +71,20 @@ def resolve_runner(name: str, device: torch.device) -> str:
 
 def make_runner(name: str, backbone: AST, dtype: torch.dtype, device: torch.device,
                 bottleneck: int, live: Callable[[], list[TaskEntry]], *,
-                providers: list[str] | None = None, threads: int | None = None) -> Runner:
+                providers: list[str] | None = None, threads: int | None = None,
+                residual: torch.dtype = torch.float32) -> Runner:
     """The runner ``name`` (already resolved) over ``backbone`` (prepared: on ``device``, its
-    GEMM weights in ``dtype``). ``live`` lists the published task entries (cache eviction)."""
+    GEMM weights in ``dtype``). ``live`` lists the published task entries (cache eviction).
+    ``residual`` is the dtype of the residual stream: float32, or ``dtype`` itself."""
+    if residual not in (torch.float32, dtype):
+        raise ConfigError(f"the residual stream must be float32 or the GEMM dtype {dtype}, got "
+                          f"{residual}")
     if name == "segments":
-        return SegmentsRunner(backbone, dtype, bottleneck)
+        return SegmentsRunner(backbone, dtype, bottleneck, residual)
     if name == "onnxruntime":
         if dtype != torch.float32:
             raise ConfigError("the onnxruntime runner computes in float32")
         from aat_serve.adapters.runners.onnx import OnnxRunner  # optional dependency
 
         return OnnxRunner(backbone, bottleneck, live, providers=providers, threads=threads)
-    return FusedRunner(backbone, dtype, device, name)
+    return FusedRunner(backbone, dtype, device, name, residual)

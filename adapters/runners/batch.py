@@ -15,7 +15,6 @@ import torch
 
 from aat_serve.adapters.backbone import AST, drop_prompts, insert_prompts
 from aat_serve.adapters.kernels.layout import segments
-from aat_serve.adapters.kernels.plan import Plans
 from aat_serve.adapters.slots import TaskEntry
 
 Segment = tuple[int, int, int]
@@ -44,29 +43,6 @@ class Group:
             return None
         return torch.stack([e.prompts for e in self.entries])  # type: ignore[misc]
 
-    def row_slots(self, tokens: int, device: torch.device
-                  ) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """Per-token pool rows (int32, -1 = none) for the spatial and the MLP adapters."""
-        def rows(segs: list[Segment]) -> torch.Tensor:
-            clip = torch.full((len(self.clips),), -1, dtype=torch.int32)
-            for c0, c1, r in segs:
-                clip[c0:c1] = r
-            return clip.repeat_interleave(tokens).to(device)
-        return (rows(self.spatial_segs) if self.spatial_segs else None), rows(self.mlp_segs)
-
-    def row_plans(self, tokens: int, device: torch.device) -> tuple[Plans | None, Plans]:
-        """``row_slots`` as kernel ``Plans``, bounded by the clip-level task runs (known here,
-        so building the tile plans never syncs with the device)."""
-        spatial, mlp = self.row_slots(tokens, device)
-
-        def runs(segs: list[Segment]) -> int:
-            clip = [-1] * len(self.clips)
-            for c0, c1, r in segs:
-                clip[c0:c1] = [r] * (c1 - c0)
-            return len(segments(clip))
-        return (None if spatial is None else Plans(spatial, runs(self.spatial_segs)),
-                Plans(mlp, runs(self.mlp_segs)))
-
 
 def group_batch(entries: Sequence[TaskEntry | None]) -> list[Group]:
     """The groups of a batch whose clip ``i`` runs with ``entries[i]`` (None: no task)."""
@@ -90,20 +66,33 @@ def group_batch(entries: Sequence[TaskEntry | None]) -> list[Group]:
 
 
 BlockFn = Callable[[int, torch.Tensor], torch.Tensor]
-"""Runs block ``i`` of the backbone on the token sequence ``(B, N, D)`` (fp32 stream)."""
+"""Runs block ``i`` of the backbone on the token sequence ``(B, N, D)`` (the residual stream,
+in the runner's residual dtype)."""
 
 
-def encode_group(backbone: AST, x: torch.Tensor, group: Group, block: BlockFn) -> torch.Tensor:
-    """Pooled embeddings ``(B, D)``: patch embedding, each block through ``block`` with the
-    group's deep prompts inserted before it and dropped after it, then the backbone's pooling."""
+def encode(backbone: AST, x: torch.Tensor, prompts: torch.Tensor | None, block: BlockFn,
+           residual: torch.dtype = torch.float32) -> torch.Tensor:
+    """Pooled embeddings ``(B, D)`` (fp32): patch embedding, the stream cast to ``residual``,
+    each block through ``block`` with the clips' deep prompts ``(B, L, P, D)`` (or None)
+    inserted before it and dropped after it, then the backbone's pooling in fp32.
+
+    The blocks' LayerNorms keep fp32 weights; given a bf16 stream they normalise in fp32 and
+    return bf16 (torch's mixed-dtype LayerNorm), so only the stream itself is rounded.
+    """
     n = backbone.num_prefix_tokens
-    h = backbone.embed(x)
-    p = group.num_prompts
-    prompts = group.prompts()
+    h = backbone.embed(x).to(residual)
+    if prompts is not None:
+        prompts = prompts.to(residual)
     for i in range(len(backbone.blocks)):
         if prompts is not None:
             h = insert_prompts(h, prompts[:, i], n)
         h = block(i, h)
         if prompts is not None:
-            h = drop_prompts(h, p, n)
-    return backbone.pool(h)
+            h = drop_prompts(h, prompts.shape[2], n)
+    return backbone.pool(h.float())
+
+
+def encode_group(backbone: AST, x: torch.Tensor, group: Group, block: BlockFn,
+                 residual: torch.dtype = torch.float32) -> torch.Tensor:
+    """``encode`` with the group's prompts."""
+    return encode(backbone, x, group.prompts(), block, residual)

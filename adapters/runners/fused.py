@@ -7,6 +7,11 @@ layer on CUDA). The row tile plans are built once per forward pass and shared by
 ``backend`` picks the kernels' implementation: ``triton`` (compiled, CUDA), ``interpret``
 (Triton's interpreter on CPU, for tests; needs ``TRITON_INTERPRET=1`` before Python starts) or
 ``torch`` (the torch reference).
+
+``encode`` is a pure function of tensors (features, prompts, per-clip pool rows, pools) with
+no host synchronisation on the Triton path (the tile plans are bounded by the number of clips,
+since a task owns whole clips), which is what ``graphs.GraphCache`` captures into a CUDA graph
+per batch bucket.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import torch
 from aat_serve.adapters.backbone import AST, Block
 from aat_serve.adapters.kernels.dispatch import Backend, mlp_adapter, spatial_adapter
 from aat_serve.adapters.kernels.plan import Plans
-from aat_serve.adapters.runners.batch import Group, encode_group
+from aat_serve.adapters.runners.batch import Group, encode
 from aat_serve.adapters.runners.torch_segments import mlp_weights
 from aat_serve.adapters.slots import SlotPools
 
@@ -29,9 +34,10 @@ class FusedRunner:
     runtime = "torch"
 
     def __init__(self, backbone: AST, dtype: torch.dtype, device: torch.device,
-                 backend: str) -> None:
+                 backend: str, residual: torch.dtype = torch.float32) -> None:
         self.backbone = backbone
         self.dtype = dtype
+        self.residual = residual
         self.device = device
         self.backend = backend
         self._kernel_backend: Backend = "auto" if backend == "triton" else \
@@ -42,15 +48,38 @@ class FusedRunner:
         return 0
 
     def pooled(self, x: torch.Tensor, group: Group, pools: SlotPools) -> torch.Tensor:
+        def clip_rows(segs: list[tuple[int, int, int]]) -> torch.Tensor:
+            rows = torch.full((len(group.clips),), -1, dtype=torch.int32)
+            for c0, c1, r in segs:
+                rows[c0:c1] = r
+            return rows.to(self.device)
+
+        spatial = clip_rows(group.spatial_segs) if group.spatial_segs else None
+        return self.encode(x, group.prompts(), spatial, clip_rows(group.mlp_segs), pools)
+
+    def encode(self, x: torch.Tensor, prompts: torch.Tensor | None,
+               spatial_rows: torch.Tensor | None, mlp_rows: torch.Tensor,
+               pools: SlotPools) -> torch.Tensor:
+        """Pooled embeddings ``(B, D)`` of ``x (B, T, F)``; each clip ``b`` runs with pool row
+        ``mlp_rows[b]`` / ``spatial_rows[b]`` (int32 on the device, -1: no adapter; no spatial
+        adapter at all when ``spatial_rows`` is None) and its ``prompts[b]`` (``(B, L, P, D)``
+        or None)."""
         blocks = self.backbone.blocks
-        rows: list[tuple[Plans | None, Plans]] = []
+        plans: list[tuple[Plans | None, Plans]] = []
+
+        def per_token(rows: torch.Tensor, n: int) -> Plans:
+            # A task owns whole clips: at most one segment per clip, a bound known without
+            # looking at the rows (no device sync, so the plans can be captured in a graph).
+            return Plans(rows[:, None].expand(rows.shape[0], n).reshape(-1), rows.shape[0])
 
         def block(i: int, h: torch.Tensor) -> torch.Tensor:
-            if not rows:  # the sequence length (prompts included) is known once embedded
-                rows.append(group.row_plans(h.shape[1], self.device))
-            return self._block(i, blocks[i], h, pools, *rows[0])
+            if not plans:  # the sequence length (prompts included) is known once embedded
+                n = h.shape[1]
+                plans.append((None if spatial_rows is None else per_token(spatial_rows, n),
+                              per_token(mlp_rows, n)))
+            return self._block(i, blocks[i], h, pools, *plans[0])
 
-        return encode_group(self.backbone, x, group, block)
+        return encode(self.backbone, x, prompts, block, self.residual)
 
     def _block(self, i: int, blk: Block, x: torch.Tensor, pools: SlotPools,
                spatial: Plans | None, mlp: Plans) -> torch.Tensor:

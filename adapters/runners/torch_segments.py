@@ -84,9 +84,11 @@ class SegmentsRunner:
     runtime = "torch"
     backend = "segments"
 
-    def __init__(self, backbone: AST, dtype: torch.dtype, bottleneck: int) -> None:
+    def __init__(self, backbone: AST, dtype: torch.dtype, bottleneck: int,
+                 residual: torch.dtype = torch.float32) -> None:
         self.backbone = backbone
         self.dtype = dtype
+        self.residual = residual
         self.widened = WidenedFc1(backbone, bottleneck)
         self._mlp = mlp_weights(backbone)
 
@@ -101,7 +103,7 @@ class SegmentsRunner:
                 self.widened.fill(pools, single)  # type: ignore[arg-type]
             blocks = self.backbone.blocks
             return encode_group(self.backbone, x, group, lambda i, h: self._block(
-                i, blocks[i], h, group, pools, widened))
+                i, blocks[i], h, group, pools, widened), self.residual)
         finally:
             if widened:
                 self.widened.lock.release()
@@ -110,7 +112,7 @@ class SegmentsRunner:
                widened: bool) -> torch.Tensor:
         b, n, d = x.shape
         dt, heads = self.dtype, blk.attn.num_heads
-        x2 = x.reshape(-1, d)  # the fp32 residual stream
+        x2 = x.reshape(-1, d)  # the residual stream (fp32, or bf16 with bf16 GEMMs)
         qkv = cpu.linear(blk.norm1(x2).to(dt), blk.attn.qkv.weight, blk.attn.qkv.bias)
         q, k, v = qkv.view(b, n, 3, heads, d // heads).permute(2, 0, 3, 1, 4).unbind(0)
         o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(-1, d)
