@@ -26,6 +26,7 @@ from aat_serve.service.errors import (
     not_ready,
 )
 from aat_serve.service.metrics import UNKNOWN_TASK
+from aat_serve.service.paging import Loaded
 from aat_serve.service.runtime import Service, runtime_info
 from aat_serve.service.schemas import (
     CacheSummary,
@@ -83,6 +84,8 @@ def json_response(body: dict[str, Any], headers: dict[str, str] | None = None) -
 TASK_LOAD_HEADER = "X-AAT-Task-Load"
 """On a classify response whose request waited for its task to be loaded: ``host`` (from host
 memory) or ``disk`` (its file read); absent when the task was resident."""
+TASK_LOAD_MS_HEADER = "X-AAT-Task-Load-Ms"
+"""With ``TASK_LOAD_HEADER``: milliseconds from the load's start to the task being resident."""
 
 
 # -- classification ----------------------------------------------------------------------------
@@ -122,11 +125,13 @@ async def classify(
         raise
     svc.metrics.requests.labels(out["task"], "ok").inc()
     svc.metrics.request_seconds.labels(out["task"]).observe(time.monotonic() - started)
-    return json_response(out, {TASK_LOAD_HEADER: loaded} if loaded else None)
+    headers = None if loaded is None else {
+        TASK_LOAD_HEADER: loaded.source, TASK_LOAD_MS_HEADER: f"{loaded.seconds * 1000:.3f}"}
+    return json_response(out, headers)
 
 
 async def _classify(task: str, request: Request, svc: Service, opts: Options
-                    ) -> tuple[dict[str, Any], str | None]:
+                    ) -> tuple[dict[str, Any], Loaded | None]:
     """The ``ClassifyResponse`` body as a dict (serialised once, by ``json_response``) and
     where its task was loaded from, if this request waited for that (``TASK_LOAD_HEADER``)."""
     fields = request.state.log
@@ -140,11 +145,11 @@ async def _classify(task: str, request: Request, svc: Service, opts: Options
 
 
 async def _resolved(task: str, request: Request, svc: Service, opts: Options, kind: str
-                    ) -> tuple[dict[str, Any], str | None]:
+                    ) -> tuple[dict[str, Any], Loaded | None]:
     fields = request.state.log
     info, loaded = await svc.registry.resolve(task)
-    if loaded:
-        fields["task_load"] = loaded
+    if loaded is not None:
+        fields.update(task_load=loaded.source, task_load_ms=round(loaded.seconds * 1000, 3))
     s = svc.settings
     audio = await read_payload(request, kind, s.max_audio_bytes, "audio", "AAT_MAX_AUDIO_MB")
     deadline = time.monotonic() + s.request_timeout_s

@@ -27,6 +27,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
+from dataclasses import dataclass
 from typing import Any
 
 from aat_serve.adapters.bundle import TaskBundle
@@ -36,6 +37,16 @@ from aat_serve.adapters.residency import LruOrder
 from aat_serve.adapters.slots import TaskInfo
 from aat_serve.service.errors import overloaded
 from aat_serve.service.metrics import Metrics
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """How a request's cold task was loaded: ``source`` (``host`` or ``disk``) and the seconds
+    from the load's start (its first request) to the task being resident."""
+
+    source: str
+    seconds: float
+
 
 IDLE_POLL_S = 0.05
 """How often a cold request waiting for an idle victim looks again (besides being woken when a
@@ -132,16 +143,18 @@ class Pager:
         with suppress(asyncio.TimeoutError, TimeoutError):
             await asyncio.wait_for(self._idle.wait(), min(remaining, IDLE_POLL_S))
 
-    async def load(self, bundle: TaskBundle, source: str, started: float) -> TaskInfo:
+    async def load(self, bundle: TaskBundle, source: str, started: float
+                   ) -> tuple[TaskInfo, Loaded]:
         """Load ``bundle`` on the loader thread; counted as a load from ``source``."""
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._loader, self.model.load_task, bundle)
         task = bundle.manifest.task
         self.lru.touch(task)
+        seconds = time.monotonic() - started
         self.metrics.task_loads.labels(source).inc()
-        self.metrics.task_load_seconds.labels(source).observe(time.monotonic() - started)
+        self.metrics.task_load_seconds.labels(source).observe(seconds)
         self.update_gauges()
-        return self.model.tasks[task]
+        return self.model.tasks[task], Loaded(source, seconds)
 
     def cache_bundle(self, task: str, key: Any, bundle: TaskBundle) -> None:
         """Keep a validated bundle in the host tier (counting what it pushes out)."""
@@ -150,8 +163,9 @@ class Pager:
         self.update_gauges()
 
     # -- single flight --------------------------------------------------------------------
-    async def single_flight(self, task: str, load: Callable[[], Awaitable[tuple[TaskInfo, str]]]
-                            ) -> tuple[TaskInfo, str]:
+    async def single_flight(self, task: str,
+                            load: Callable[[], Awaitable[tuple[TaskInfo, Loaded]]]
+                            ) -> tuple[TaskInfo, Loaded]:
         """``load()``'s result, shared by every request for ``task`` that arrives while it
         runs (one load per cold task, whoever asks)."""
         flight = self._flights.get(task)

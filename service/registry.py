@@ -42,7 +42,7 @@ from aat_serve.adapters.slots import TaskInfo
 from aat_serve.service.engine import Engine
 from aat_serve.service.errors import ErrorType, ServiceError, task_failed
 from aat_serve.service.metrics import Metrics
-from aat_serve.service.paging import Pager
+from aat_serve.service.paging import Loaded, Pager
 from aat_serve.service.store import BundleStore, StoreEntry
 from aat_serve.service.tasks import TaskTable
 from aat_serve.service.warmup import warm_up_tasks
@@ -176,11 +176,11 @@ class Registry:
         return version
 
     # -- lookups --------------------------------------------------------------------------
-    async def resolve(self, task: str) -> tuple[TaskInfo, str | None]:
-        """The resident task and how this request got it: None (it was resident), ``host`` or
-        ``disk`` (it waited for a load from there). ``UnknownTaskError`` for a task the store
-        lacks, 500 ``task_failed`` for a refused file, 503 when no task can make room. The
-        caller counts the request in flight (``Pager.in_flight``) before and while this runs."""
+    async def resolve(self, task: str) -> tuple[TaskInfo, Loaded | None]:
+        """The resident task and how this request got it: None (it was resident), or the load
+        it waited for (from ``host`` or ``disk``, and its seconds). ``UnknownTaskError`` for a
+        task the store lacks, 500 ``task_failed`` for a refused file, 503 when no task can make
+        room. The caller counts the request in flight (``Pager.in_flight``) while this runs."""
         info = self.engine.tasks.get(task)
         if info is not None:
             self.pager.hit(task)
@@ -190,7 +190,7 @@ class Registry:
             raise UnknownTaskError(f"unknown task {task!r}")
         return await self.pager.single_flight(task, lambda: self._page_in(task))
 
-    async def _page_in(self, task: str, attempts: int = 3) -> tuple[TaskInfo, str]:
+    async def _page_in(self, task: str, attempts: int = 3) -> tuple[TaskInfo, Loaded]:
         """Load the store's ``task`` onto the device (the cold path; see the module doc)."""
         started = time.monotonic()
         deadline = started + self.timeout_s
@@ -218,17 +218,17 @@ class Registry:
                     return await self._page_in(task, attempts - 1)
                 info = self.engine.tasks.get(task)
                 if info is not None:  # loaded meanwhile (an upload or a rescan)
-                    return info, source
+                    return info, Loaded(source, time.monotonic() - started)
                 if self.pager.make_room(bundle):
                     try:
-                        info = await self.pager.load(bundle, source, started)
+                        info, loaded = await self.pager.load(bundle, source, started)
                     except AATError as e:  # e.g. adapters wider than this model's slots
                         self._refuse(entry, e)
                         raise task_failed(task, f"its bundle in the store failed: {e}") \
                             from None
                     self.tasks.loaded(task, entry.stamp, bundle.manifest)
                     self._failed_metric(task, False)
-                    return info, source
+                    return info, loaded
             await self.pager.wait_idle(task, deadline)
 
     async def _read_cold(self, entry: StoreEntry) -> TaskBundle:
