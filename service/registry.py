@@ -44,7 +44,7 @@ from aat_serve.service.errors import ErrorType, ServiceError, task_failed
 from aat_serve.service.metrics import Metrics
 from aat_serve.service.paging import Loaded, Pager
 from aat_serve.service.store import BundleStore, StoreEntry
-from aat_serve.service.tasks import TaskTable
+from aat_serve.service.tasks import Stamp, TaskTable
 from aat_serve.service.warmup import warm_up_tasks
 
 log = logging.getLogger(__name__)
@@ -190,10 +190,32 @@ class Registry:
             raise UnknownTaskError(f"unknown task {task!r}")
         return await self.pager.single_flight(task, lambda: self._page_in(task))
 
-    async def _page_in(self, task: str, attempts: int = 3) -> tuple[TaskInfo, Loaded]:
+    async def _page_in(self, task: str) -> tuple[TaskInfo, Loaded]:
         """Load the store's ``task`` onto the device (the cold path; see the module doc)."""
         started = time.monotonic()
         deadline = started + self.timeout_s
+        for _ in range(3):
+            bundle, stamp, source = await self._cold_bundle(task)
+            while True:
+                async with self._lock:
+                    placed = await self._place(task, bundle, stamp, source, started)
+                if placed == "changed":  # its file changed meanwhile: read it again
+                    break
+                if placed is not None:
+                    return placed
+                await self.pager.wait_idle(task, deadline)
+        raise task_failed(task, "its store file kept changing while it loaded")
+
+    async def _cold_bundle(self, task: str) -> tuple[TaskBundle, Stamp, str]:
+        """(bundle, its file's stamp, ``host`` or ``disk``). The host tier is asked for the
+        file last synced without touching the store (a changed file is noticed by the next
+        rescan, as it is for resident tasks); otherwise the file is looked up and read."""
+        record = self.tasks.record(task)
+        if record.stamp is not None and record.refused != record.stamp:
+            bundle = self.pager.host.get(task, record.stamp)
+            if bundle is not None:
+                self.metrics.cache_hits.labels("host").inc()
+                return bundle, record.stamp, "host"
         entry = await asyncio.to_thread(self.store.entry, task)
         if entry is None:
             async with self._lock:
@@ -202,34 +224,35 @@ class Registry:
         record = self.tasks.record(task)
         if record.refused == entry.stamp:
             raise task_failed(task, f"its bundle in the store failed: {record.reason}")
-        bundle, source = self.pager.host.get(task, entry.stamp), "host"
-        if bundle is None:
-            self.metrics.cache_misses.labels("host").inc()
-            bundle, source = await self._read_cold(entry), "disk"
-        else:
+        bundle = self.pager.host.get(task, entry.stamp)
+        if bundle is not None:
             self.metrics.cache_hits.labels("host").inc()
-        while True:
-            async with self._lock:
-                now = await asyncio.to_thread(self.store.entry, task)
-                if now is None or now.stamp != entry.stamp:  # deleted or replaced meanwhile
-                    if attempts <= 1:
-                        raise UnknownTaskError(f"unknown task {task!r}") if now is None else \
-                            task_failed(task, "its store file kept changing while it loaded")
-                    return await self._page_in(task, attempts - 1)
-                info = self.engine.tasks.get(task)
-                if info is not None:  # loaded meanwhile (an upload or a rescan)
-                    return info, Loaded(source, time.monotonic() - started)
-                if self.pager.make_room(bundle):
-                    try:
-                        info, loaded = await self.pager.load(bundle, source, started)
-                    except AATError as e:  # e.g. adapters wider than this model's slots
-                        self._refuse(entry, e)
-                        raise task_failed(task, f"its bundle in the store failed: {e}") \
-                            from None
-                    self.tasks.loaded(task, entry.stamp, bundle.manifest)
-                    self._failed_metric(task, False)
-                    return info, loaded
-            await self.pager.wait_idle(task, deadline)
+            return bundle, entry.stamp, "host"
+        self.metrics.cache_misses.labels("host").inc()
+        return await self._read_cold(entry), entry.stamp, "disk"
+
+    async def _place(self, task: str, bundle: TaskBundle, stamp: Stamp, source: str,
+                     started: float) -> tuple[TaskInfo, Loaded] | str | None:
+        """Under the lock: make room and load; None when every resident task is busy,
+        ``"changed"`` when the store's file changed since it was read."""
+        record = self.tasks.record(task)
+        if record.stored is None:  # deleted meanwhile
+            raise UnknownTaskError(f"unknown task {task!r}")
+        if record.stamp not in (None, stamp):
+            return "changed"
+        info = self.engine.tasks.get(task)
+        if info is not None:  # loaded meanwhile (an upload or a rescan)
+            return info, Loaded(source, time.monotonic() - started)
+        if not self.pager.make_room(bundle):
+            return None
+        try:
+            info, loaded = await self.pager.load(bundle, source, started)
+        except AATError as e:  # e.g. adapters wider than this model's slots
+            self._refuse_stamp(task, stamp, e)
+            raise task_failed(task, f"its bundle in the store failed: {e}") from None
+        self.tasks.loaded(task, stamp, bundle.manifest)
+        self._failed_metric(task, False)
+        return info, loaded
 
     async def _read_cold(self, entry: StoreEntry) -> TaskBundle:
         """Read and validate ``entry`` in a thread into the host tier; a bad file is refused
@@ -342,6 +365,8 @@ class Registry:
                 self.tasks.synced(task, entry.stamp, resident.manifest)
                 return False
             self.tasks.stored(task, manifest)  # in the store, resident or not
+            if record.stamp not in (None, entry.stamp):
+                self.pager.host.discard(task)  # the file changed: its cached copy is stale
             if resident is None and not load:
                 self.tasks.synced(task, entry.stamp, manifest)
                 return False
@@ -370,10 +395,12 @@ class Registry:
 
     def _refuse(self, entry: StoreEntry, e: Exception) -> None:
         """Record ``entry`` as failed: logged, listed with its reason, counted, skipped."""
-        task = entry.task
+        self._refuse_stamp(entry.task, entry.stamp, e, str(entry.path))
+
+    def _refuse_stamp(self, task: str, stamp: Stamp, e: Exception, path: str = "") -> None:
         reason = str(e) if isinstance(e, AATError) else f"{type(e).__name__}: {e}"
-        self.tasks.refused(task, entry.stamp, reason)
+        self.tasks.refused(task, stamp, reason)
         self._failed_metric(task, True)
         self.metrics.bundle_loads.labels("store", "refused").inc()
         log.error("store bundle refused: %s", reason, exc_info=not isinstance(e, AATError),
-                  extra={"task": task, "path": str(entry.path)})
+                  extra={"task": task, "path": path})
