@@ -35,6 +35,7 @@ from aat_serve.adapters.errors import ConfigError
 from aat_serve.bench.common import machine, machine_summary, table
 from aat_serve.bench.fixtures import synth_wav
 from aat_serve.bench.hey import ServeProcess
+from aat_serve.bench.load import _metric_totals
 from aat_serve.bench.zipf_client import ClientJob, Record, run_client, warm
 
 
@@ -99,6 +100,14 @@ def _proc_memory(pid: int) -> dict[str, int]:
             if line.startswith(("VmRSS:", "VmHWM:")):
                 out[line[:5].lower()] = int(line.split()[1]) * 1024
     return {"rss_bytes": out.get("vmrss", 0), "peak_rss_bytes": out.get("vmhwm", 0)}
+
+
+def _batches(url: str) -> tuple[float, float]:
+    """(clips, batches) the server has computed so far (its ``aat_batch_size`` histogram)."""
+    import httpx
+
+    totals = _metric_totals(httpx.get(url + "/metrics", timeout=60).text)
+    return totals["aat_batch_size_sum"], totals["aat_batch_size_count"]
 
 
 def _run(pool, url: str, names: list[str], versions: dict[str, str], cfg: PagingBenchConfig,
@@ -171,6 +180,7 @@ def bench_paging(cfg: PagingBenchConfig, progress=None) -> dict[str, Any]:
         servers: dict[str, ServeProcess] = {}
         records: dict[str, list[Record]] = {m: [] for m in modes}
         seconds = dict.fromkeys(modes, 0.0)
+        batches = {m: [0.0, 0.0] for m in modes}  # clips, batches while measured
         ctx = multiprocessing.get_context("spawn")
         with ctx.Pool(cfg.clients) as pool:
             pool.map(warm, range(cfg.clients))
@@ -185,10 +195,14 @@ def bench_paging(cfg: PagingBenchConfig, progress=None) -> dict[str, Any]:
                     order = list(modes) if r % 2 == 0 else list(modes)[::-1]
                     for mode in order:
                         say(f"round {r + 1}/{cfg.rounds}: {mode}, {cfg.requests} requests")
+                        before = _batches(servers[mode].url)
                         recs, secs = _run(pool, servers[mode].url, names, versions, cfg, clip,
                                           cfg.requests, cfg.seed + r)
+                        after = _batches(servers[mode].url)
                         records[mode] += recs
                         seconds[mode] += secs
+                        batches[mode] = [batches[mode][i] + after[i] - before[i]
+                                         for i in range(2)]
                 memory = {m: {**_proc_memory(s.proc.pid),
                               **httpx.get(s.url + "/tasks", timeout=60).json()["cache"]}
                           for m, s in servers.items()}
@@ -197,7 +211,9 @@ def bench_paging(cfg: PagingBenchConfig, progress=None) -> dict[str, Any]:
                     s.__exit__()
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    results = {m: {**summarize(records[m], seconds[m]), "memory": memory[m]} for m in modes}
+    results = {m: {**summarize(records[m], seconds[m]), "memory": memory[m],
+                   "mean_batch": round(batches[m][0] / batches[m][1], 2) if batches[m][1]
+                   else 0.0} for m in modes}
     base = results["all_resident"]["throughput_rps"]
     return {"machine": machine(), "config": asdict(cfg), "results": results,
             "ratios": {"paged_vs_all_resident": round(results["paged"]["throughput_rps"] / base,
@@ -211,7 +227,8 @@ def format_paging_report(report: dict[str, Any]) -> str:
         def cell(key: str, q: str, r=r) -> str:
             return f"{r[key][q]:.1f}" if r[key].get("n") else "-"
 
-        rows.append([mode, f"{r['throughput_rps']:.1f}", f"{r['hit_rate']:.3f}",
+        rows.append([mode, f"{r['throughput_rps']:.1f}", f"{r['mean_batch']:.2f}",
+                     f"{r['hit_rate']:.3f}",
                      cell("hits", "p50_ms"), cell("hits", "p99_ms"),
                      f"{cell('cold_host', 'p50_ms')}/{cell('cold_host', 'p99_ms')}",
                      f"{cell('cold_disk', 'p50_ms')}/{cell('cold_disk', 'p99_ms')}",
@@ -227,7 +244,7 @@ def format_paging_report(report: dict[str, Any]) -> str:
              f"{c['clip_s']} s clips, host tier {c['host_cache_mb']} MB; "
              f"{machine_summary(report['machine'])}; load average "
              f"{report['machine'].get('load_average')}",
-             table(rows, ["server", "req/s", "hit rate", "hit p50", "hit p99",
+             table(rows, ["server", "req/s", "clips/batch", "hit rate", "hit p50", "hit p99",
                           "host-load req p50/p99", "disk-load req p50/p99",
                           "host load ms p50/p99", "disk load ms p50/p99", "RSS/peak MB",
                           "host MB", "device MB", "ok", "errors"])]
