@@ -145,8 +145,9 @@ class Engine:
 
     @property
     def tasks(self) -> dict[str, TaskInfo]:
-        """The resident tasks (a snapshot of the model's). They change only on the worker
-        thread, between batches, so a batch and the changes queued around it agree."""
+        """The resident tasks (a snapshot of the model's). Versions change only on the worker
+        thread, between batches, so a batch and the changes queued around it agree; paging
+        adds and removes only tasks no queued clip is using (module doc)."""
         return self.model.tasks
 
     # -- lifecycle ------------------------------------------------------------------------
