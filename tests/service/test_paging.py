@@ -3,6 +3,7 @@ busy tasks never evicted, pinned tasks, exact cache metrics, many tasks on few s
 
 from __future__ import annotations
 
+import logging
 import re
 import threading
 
@@ -210,3 +211,28 @@ def test_many_tasks_on_few_slots_answer_every_request_with_its_version(make_app,
         assert _metric(text, "aat_task_evictions_total", 'tier="device"') >= 192
         assert _metric(text, "aat_task_evictions_total", 'tier="host"') > 0
         assert 'outcome="overloaded"' not in text and 'outcome="internal_error"' not in text
+
+
+def test_an_upload_that_finds_every_task_busy_is_503_and_changes_nothing(make_app, store,
+                                                                        bundles, caplog):
+    from tests.service.helpers import ADMIN, auth
+
+    _save(store, bundles, "birds")
+    with caplog.at_level(logging.INFO, logger="aat_serve"), \
+            served(make_app(max_tasks=1, admin_token=ADMIN)) as c:
+        summary = next(r for r in caplog.records if r.getMessage() == "task cache")
+        assert (summary.resident, summary.stored, summary.max_tasks) == (1, 1, 1)
+        assert summary.host_budget_bytes == 512 << 20
+        pager = c.app.state.service.pager
+        request = pager.in_flight("birds")
+        c.portal.call(request.__enter__)
+        put = {"content-type": "application/octet-stream", **auth(ADMIN)}
+        r = c.put("/tasks/words", content=bundles["words"].to_bytes(), headers=put)
+        assert (r.status_code, r.json()["error"]["type"]) == (503, "overloaded")
+        assert r.json()["error"]["message"].startswith("cannot load task 'words': all 1 "
+                                                       "resident tasks are busy")
+        assert not (store / "words").exists() and _states(c) == {"birds": "active"}
+        c.portal.call(request.__exit__, None, None, None)
+        r = c.put("/tasks/words", content=bundles["words"].to_bytes(), headers=put)
+        assert r.status_code == 201
+        assert _states(c) == {"birds": "cached", "words": "active"}
