@@ -167,22 +167,21 @@ class Pager:
                             load: Callable[[], Awaitable[tuple[TaskInfo, Loaded]]]
                             ) -> tuple[TaskInfo, Loaded]:
         """``load()``'s result, shared by every request for ``task`` that arrives while it
-        runs (one load per cold task, whoever asks)."""
+        runs (one load per cold task, whoever asks). The load is a task of its own, so a
+        request that goes away (a client disconnect) does not cancel it for the others."""
         flight = self._flights.get(task)
-        if flight is not None:
-            return await asyncio.shield(flight)
-        flight = asyncio.get_running_loop().create_future()
-        self._flights[task] = flight
-        try:
-            result = await load()
-        except BaseException as e:
-            flight.set_exception(e)
-            flight.exception()  # retrieved: no warning when nobody else waited
-            raise
-        finally:
-            self._flights.pop(task, None)
-        flight.set_result(result)
-        return result
+        if flight is None:
+            flight = asyncio.ensure_future(load())
+            self._flights[task] = flight
+
+            def landed(f: asyncio.Future) -> None:
+                if self._flights.get(task) is f:
+                    del self._flights[task]
+                if not f.cancelled():
+                    f.exception()  # retrieved: no warning when nobody waited any more
+
+            flight.add_done_callback(landed)
+        return await asyncio.shield(flight)
 
     # -- reporting ------------------------------------------------------------------------
     def update_gauges(self) -> None:
