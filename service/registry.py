@@ -3,20 +3,20 @@
 * ``put`` validates an upload completely (format, manifest, names, shapes, finite values,
   content-hash version, backbone fingerprint) before anything changes, then writes it to the
   store atomically and activates it; a failed activation rolls the store back.
-* ``refresh`` rescans the store (periodically, and for one task on a miss), loading new or
-  changed bundles and unloading deleted ones, so replicas sharing a store converge.
+* ``refresh`` rescans the store periodically: a resident task whose file changed is replaced,
+  a deleted one unloaded, the others catalogued, so replicas sharing a store converge.
 * Paging (issue 24, ``service/paging.py``): the store may hold any number of tasks; the
   resident ones are a cache over it. Start-up (``preload="eager"``) loads the store in name
   order while there is room without evicting (a deterministic choice: there is no usage history
-  yet) and catalogues the rest as stored from their headers; ``preload="lazy"`` loads nothing
-  ahead. Every bundle read and validated is kept in the host tier. A request
-  for a task that is not resident loads it (``resolve``): from the host tier, else from its
-  file (read and validated in a thread), into a free place or in place of the least recently
-  used idle task, on the pager's loader thread, one load per task however many requests wait.
-  If every resident task is busy, the request waits (until its deadline) for one to become
-  idle, else 503. A store task is never refused for lack of slots. A paged load runs no
-  warm-up batch (it would queue behind the hot tasks' clips); the engine's per-clip check
-  still answers non-finite scores with 500 ``task_failed``.
+  yet) and catalogues the rest from their headers; ``preload="lazy"`` loads nothing ahead.
+  Every bundle read and validated is kept in the host tier. A request for a task that is not
+  resident loads it (``resolve``): from the host tier, else from its file (read and validated
+  in a thread), into a free place or in place of the least recently used idle task, on the
+  pager's loader thread, one load per task however many requests wait. If every resident task
+  is busy, the request waits (until its deadline) for one to become idle, else 503. A store
+  task is never refused for lack of slots. A paged load runs no warm-up batch (it would queue
+  behind the hot tasks' clips); the engine's per-clip check still answers non-finite scores
+  with 500 ``task_failed``.
 * Isolation: a store file that fails validation, loading or its warm-up batch is logged,
   recorded as failed (``GET /tasks``, ``aat_bundles_failed``) and skipped; every other task
   serves. A version that fails validation or loading never replaces the one serving; one that
