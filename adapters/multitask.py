@@ -93,6 +93,8 @@ class MultiTaskModel(torch.nn.Module):
             (``backend="onnxruntime"`` only).
         residual_dtype: the residual stream's dtype, ``torch.float32`` (default) or ``dtype``.
         graphs: replay the forward from graphs per batch bucket (fused runners only).
+        device_budget: most bytes of adapter pools plus heads and prompts on ``device``
+            (``TaskSlots``); None: bounded by ``max_tasks`` only.
     """
 
     def __init__(self, backbone: AST, max_tasks: int = 64, dtype: torch.dtype = torch.float32,
@@ -100,7 +102,7 @@ class MultiTaskModel(torch.nn.Module):
                  bottleneck: int = 192, backend: str = "auto",
                  providers: list[str] | None = None, threads: int | None = None,
                  residual_dtype: torch.dtype = torch.float32,
-                 graphs: GraphConfig | None = None) -> None:
+                 graphs: GraphConfig | None = None, device_budget: int | None = None) -> None:
         super().__init__()
         if max_tasks < 1:
             raise ConfigError(f"max_tasks must be at least 1, got {max_tasks}")
@@ -116,8 +118,10 @@ class MultiTaskModel(torch.nn.Module):
         self.dtype = dtype
         self.device = device
         self.bottleneck = bottleneck
+        if device_budget is not None and device_budget < 0:
+            raise ConfigError(f"device_budget must be >= 0 bytes, got {device_budget}")
         self.slots = TaskSlots(self.backbone, self.fingerprint, max_tasks, dtype, device,
-                               bottleneck)
+                               bottleneck, device_budget)
         self.residual_dtype = residual_dtype
         self.runner: Runner = make_runner(backend, self.backbone, dtype, device, bottleneck,
                                           self.slots.live_entries, providers=providers,

@@ -17,6 +17,13 @@ load, or loads behind long batches). The price is one spare slot beyond ``max_ta
 
 Pools grow geometrically (1, 2, 4, ... rows up to ``max_tasks``, the spare row only when a swap
 needs it), so a model with few tasks does not hold memory for ``max_tasks``.
+
+Device budget (optional ``device_budget`` bytes): the pools' real allocation (every row, free
+ones included) plus the heads and prompts of every entry still holding memory (published or
+retiring) never exceed it. Growth stops at the rows the budget affords, and a load that would
+not fit raises ``SlotsFullError``; ``room_for`` says beforehand whether a bundle fits, so a
+residency policy (``aat_serve.adapters.residency``) can evict an idle task first. ``busy``
+says whether a running batch holds a task's slot.
 """
 
 from __future__ import annotations
@@ -115,10 +122,12 @@ class TaskSlots:
         dtype: dtype of the adapter pools.
         device: where the pools and heads live.
         bottleneck: width R of a pool row; bundles with a smaller adapter are zero-padded.
+        device_budget: most bytes of pools plus heads and prompts; None: no byte bound.
     """
 
     def __init__(self, backbone: AST, fingerprint: str, max_tasks: int, dtype: torch.dtype,
-                 device: torch.device, bottleneck: int) -> None:
+                 device: torch.device, bottleneck: int, device_budget: int | None = None
+                 ) -> None:
         self.backbone = backbone
         self.fingerprint = fingerprint
         self.max_tasks = max_tasks
@@ -139,6 +148,10 @@ class TaskSlots:
         cfg = backbone.cfg
         empty = AdapterPool.zeros(0, cfg.embed_dim, bottleneck, dtype, device)
         self._pools = SlotPools((empty,) * cfg.depth, (empty,) * cfg.depth)
+        self.device_budget = device_budget
+        self.row_nbytes = 2 * cfg.depth * AdapterPool.zeros(1, cfg.embed_dim, bottleneck, dtype,
+                                                            "meta").nbytes()
+        """Bytes one pool row takes across every layer's MLP and spatial pools."""
 
     # -- queries ------------------------------------------------------------------------------
     @property
@@ -174,6 +187,24 @@ class TaskSlots:
         with self._lock:
             return sorted(self._retiring)
 
+    def busy(self, task: str) -> bool:
+        """Whether a running batch holds ``task``'s published slot (False if not loaded)."""
+        with self._lock:
+            entry = self._tasks.get(task)
+            return entry is not None and self._refs[entry.info.slot] > 0
+
+    def room_for(self, bundle: TaskBundle) -> bool:
+        """Whether ``load(bundle)`` would find a slot and stay within the device budget now."""
+        needs_row, extra = self._cost(bundle)
+        with self._lock:
+            return self._no_room_locked(bundle.manifest.task, needs_row, extra) is None
+
+    def used_nbytes(self) -> int:
+        """Bytes counted against the device budget: pools (all rows) plus the heads and
+        prompts of every entry still holding memory (published or retiring)."""
+        with self._lock:
+            return self._pools.nbytes() + self._heads_nbytes_locked()
+
     def nbytes(self) -> tuple[int, int]:
         """(bytes of the adapter pools, bytes of the heads and prompts)."""
         with self._lock:
@@ -203,14 +234,16 @@ class TaskSlots:
                                                       "fc.bias"))
         prompts = t["prompts"].float() if "prompts" in t else None  # residual-stream tokens
 
+        extra = sum(x.numel() * 4 for x in (*head, *([prompts] if prompts is not None else [])))
         with self._write_lock:
             with self._lock:
                 old = self._tasks.get(m.task)
-                if old is None and len(self._tasks) >= self.max_tasks:
-                    raise SlotsFullError(f"cannot load task {m.task!r}: all {self.max_tasks} "
-                                         f"task slots are in use; unload a task first")
+                reason = self._no_room_locked(m.task, has_mlp or has_spatial, extra)
+                if reason is not None:
+                    raise SlotsFullError(f"cannot load task {m.task!r}: {reason}; unload a "
+                                         "task first")
                 slot = self._take_slot_locked(m.task)
-                row = self._take_row_locked() if has_mlp or has_spatial else -1
+                row = self._take_row_locked(extra) if has_mlp or has_spatial else -1
                 pools = self._pools
                 self._gen += 1
                 gen = self._gen
@@ -307,12 +340,41 @@ class TaskSlots:
                                  f"batches within {SLOT_WAIT_S:.0f} s")
         return heapq.heappop(self._free_slots)
 
-    def _take_row_locked(self) -> int:
+    def _cost(self, bundle: TaskBundle) -> tuple[bool, int]:
+        """(whether ``bundle`` needs a pool row, bytes of its fp32 head and prompts)."""
+        spec = get_method(bundle.manifest.method)
+        needs_row = spec.adapters.mlp or spec.adapters.spatial
+        extra = sum(t.numel() * 4 for n, t in bundle.tensors.items()
+                    if n.startswith("head.") or n == "prompts")
+        return needs_row, extra
+
+    def _heads_nbytes_locked(self) -> int:
+        return sum(e.nbytes() for e in (*self._tasks.values(), *self._retiring.values()))
+
+    def _no_room_locked(self, task: str, needs_row: bool, extra: int) -> str | None:
+        """Why loading ``task`` (``extra`` head/prompt bytes, a row or not) cannot happen now;
+        None when it fits."""
+        if task not in self._tasks and len(self._tasks) >= self.max_tasks:
+            return f"all {self.max_tasks} task slots are in use"
+        if self.device_budget is None:
+            return None
+        rows = self._pools.rows + (1 if needs_row and not self._free_rows else 0)
+        need = rows * self.row_nbytes + self._heads_nbytes_locked() + extra
+        if need > self.device_budget:
+            return (f"it needs {need} bytes of task memory on the device, over the budget of "
+                    f"{self.device_budget} bytes")
+        return None
+
+    def _take_row_locked(self, extra: int = 0) -> int:
         if self._free_rows:
             return heapq.heappop(self._free_rows)
         old = self._pools.rows
-        # Grow geometrically up to max_tasks rows; the spare row only when a swap needs it.
+        # Grow geometrically up to max_tasks rows; the spare row only when a swap needs it;
+        # never beyond the rows the device budget affords (at least one: checked by the caller).
         new = min(max(1, 2 * old), self.max_tasks if old < self.max_tasks else self.capacity)
+        if self.device_budget is not None:
+            spare = self.device_budget - self._heads_nbytes_locked() - extra
+            new = max(old + 1, min(new, spare // self.row_nbytes))
         self._pools = self._pools.grown(new)
         for r in range(old + 1, new):
             heapq.heappush(self._free_rows, r)

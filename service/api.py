@@ -26,8 +26,10 @@ from aat_serve.service.errors import (
     not_ready,
 )
 from aat_serve.service.metrics import UNKNOWN_TASK
+from aat_serve.service.paging import Loaded
 from aat_serve.service.runtime import Service, runtime_info
 from aat_serve.service.schemas import (
+    CacheSummary,
     ClassifyResponse,
     DeleteResult,
     Health,
@@ -72,11 +74,18 @@ def valid_task(task: str) -> str:
         raise ServiceError(ErrorType.INVALID_TASK_NAME, str(e)) from None
 
 
-def json_response(body: dict[str, Any]) -> Response:
+def json_response(body: dict[str, Any], headers: dict[str, str] | None = None) -> Response:
     """A 200 JSON response serialised once with orjson: the hot path skips FastAPI's response
     validation and encoder (the route's ``response_model`` still documents the schema, and
     tests/service/test_lean_path.py checks that the bytes equal the model's own JSON)."""
-    return Response(orjson.dumps(body), media_type="application/json")
+    return Response(orjson.dumps(body), media_type="application/json", headers=headers)
+
+
+TASK_LOAD_HEADER = "X-AAT-Task-Load"
+"""On a classify response whose request waited for its task to be loaded: ``host`` (from host
+memory) or ``disk`` (its file read); absent when the task was resident."""
+TASK_LOAD_MS_HEADER = "X-AAT-Task-Load-Ms"
+"""With ``TASK_LOAD_HEADER``: milliseconds from the load's start to the task being resident."""
 
 
 # -- classification ----------------------------------------------------------------------------
@@ -109,26 +118,38 @@ async def classify(
     label = task if known else UNKNOWN_TASK  # bounded label values
     opts = Options(top_k=top_k, hop_s=hop_s, aggregate=aggregate, windows=windows)
     try:
-        out = await _classify(task, request, svc, opts)
+        out, loaded = await _classify(task, request, svc, opts)
     except (ServiceError, AATError) as e:
         kind = (e if isinstance(e, ServiceError) else from_aat_error(e)).type
         svc.metrics.requests.labels(label, kind).inc()
         raise
     svc.metrics.requests.labels(out["task"], "ok").inc()
     svc.metrics.request_seconds.labels(out["task"]).observe(time.monotonic() - started)
-    return json_response(out)
+    headers = None if loaded is None else {
+        TASK_LOAD_HEADER: loaded.source, TASK_LOAD_MS_HEADER: f"{loaded.seconds * 1000:.3f}"}
+    return json_response(out, headers)
 
 
 async def _classify(task: str, request: Request, svc: Service, opts: Options
-                    ) -> dict[str, Any]:
-    """The ``ClassifyResponse`` body as a dict (serialised once, by ``json_response``)."""
+                    ) -> tuple[dict[str, Any], Loaded | None]:
+    """The ``ClassifyResponse`` body as a dict (serialised once, by ``json_response``) and
+    where its task was loaded from, if this request waited for that (``TASK_LOAD_HEADER``)."""
     fields = request.state.log
     task = valid_task(task)
     fields["task"] = task
     if not svc.ready:
         raise not_ready(svc.startup_error or not_ready().message)
     kind = check_media_type(request, audio=True)
-    info = await svc.registry.resolve(task)
+    with svc.pager.in_flight(task):  # never evicted while this request is answered
+        return await _resolved(task, request, svc, opts, kind)
+
+
+async def _resolved(task: str, request: Request, svc: Service, opts: Options, kind: str
+                    ) -> tuple[dict[str, Any], Loaded | None]:
+    fields = request.state.log
+    info, loaded = await svc.registry.resolve(task)
+    if loaded is not None:
+        fields.update(task_load=loaded.source, task_load_ms=round(loaded.seconds * 1000, 3))
     s = svc.settings
     audio = await read_payload(request, kind, s.max_audio_bytes, "audio", "AAT_MAX_AUDIO_MB")
     deadline = time.monotonic() + s.request_timeout_s
@@ -140,7 +161,7 @@ async def _classify(task: str, request: Request, svc: Service, opts: Options
     fields.update(version=out["version"], queue_ms=out["queue_ms"],
                   inference_ms=out["inference_ms"], batch_size=out["batch_size"],
                   windows=out["windows"])
-    return out
+    return out, loaded
 
 
 # -- tasks ---------------------------------------------------------------------------------------
@@ -156,7 +177,7 @@ async def list_tasks(svc: ServiceDep) -> TaskList:
     names = sorted(set(svc.engine.tasks) | set(svc.registry.catalogue) | table.failed_names())
     items = [TaskSummary.of(n, svc.registry.manifest(n), table.state(n),
                             table.record(n).reason) for n in names]
-    return TaskList(tasks=items, count=len(items))
+    return TaskList(tasks=items, count=len(items), cache=CacheSummary(**svc.cache_summary()))
 
 
 @router.get("/tasks/{task:path}", tags=["tasks"], response_model=TaskDetail,
@@ -167,7 +188,8 @@ async def get_task(task: str, svc: ServiceDep) -> TaskDetail:
     task = valid_task(task)
     m = svc.registry.manifest(task)
     if m is None:
-        m = (await svc.registry.resolve(task)).manifest
+        with svc.pager.in_flight(task):
+            m = (await svc.registry.resolve(task))[0].manifest
     return TaskDetail(task=task, version=m.version, resident=task in svc.engine.tasks,
                       manifest=m.to_dict())
 
@@ -175,8 +197,7 @@ async def get_task(task: str, svc: ServiceDep) -> TaskDetail:
 @router.put("/tasks/{task:path}", tags=["management"], response_model=PutResult,
             dependencies=[Depends(require_admin_token)], openapi_extra=BUNDLE_BODY,
             responses={201: {"model": PutResult, "description": "Task created."},
-                       **error_responses(400, 401, 403, 408, 409, 413, 415, 422, 500, 503,
-                                        507)},
+                       **error_responses(400, 401, 403, 408, 409, 413, 415, 422, 500, 503)},
             summary="Upload a bundle: validate, store, activate")
 async def put_task(task: str, request: Request, response: Response, svc: ServiceDep
                    ) -> PutResult:
@@ -242,6 +263,8 @@ _METRICS_DOC = {200: {"content": {CONTENT_TYPE_LATEST: {}},
 async def metrics(svc: ServiceDep) -> Response:
     """Ours (prefix ``aat_``) and the standard process and Python series (``process_*``,
     ``python_*``); bind privately, no auth."""
+    if svc.pager is not None:
+        svc.pager.update_gauges()
     return Response(svc.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 

@@ -11,7 +11,9 @@ Model changes (load, replace, unload a task) travel through the same queue as cl
 the same thread between batches. A clip queued before a change is computed before it, a clip
 queued after it is computed after it; no batch ever sees a half-applied change, and the version
 that computed each clip is known exactly. The resident tasks are the model's own record
-(``ServingModel.tasks``); the engine keeps no copy.
+(``ServingModel.tasks``); the engine keeps no copy. Paging (``service/paging.py``) changes the
+resident set without this queue, but only by adding a task no queued clip names or removing one
+with no request in flight, so no clip's version changes under it.
 
 Deadlines and bounds: a clip whose deadline has passed when its batch forms, or on the worker
 thread right before the forward, is answered 504 and not computed. A batch holds at most
@@ -143,8 +145,9 @@ class Engine:
 
     @property
     def tasks(self) -> dict[str, TaskInfo]:
-        """The resident tasks (a snapshot of the model's). They change only on the worker
-        thread, between batches, so a batch and the changes queued around it agree."""
+        """The resident tasks (a snapshot of the model's). Versions change only on the worker
+        thread, between batches, so a batch and the changes queued around it agree; paging
+        adds and removes only tasks no queued clip is using (module doc)."""
         return self.model.tasks
 
     # -- lifecycle ------------------------------------------------------------------------

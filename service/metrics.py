@@ -64,6 +64,25 @@ class Metrics:
         self.nonfinite_outputs = Counter("aat_nonfinite_outputs_total", "Clips whose scores "
                                          "were NaN or infinite (answered 500 task_failed).",
                                          ["task"], registry=r)
+        # -- the task cache (service/paging.py): device <- host tier <- store on disk
+        self.cache_hits = Counter("aat_task_cache_hits_total", "Task lookups that hit a tier: "
+                                  "device (a request found its task resident), host (a cold "
+                                  "task's bundle was in host memory).", ["tier"], registry=r)
+        self.cache_misses = Counter("aat_task_cache_misses_total", "Task lookups that missed a "
+                                    "tier: device (a request's task was not resident), host (a "
+                                    "cold task's bundle was read from the store).", ["tier"],
+                                    registry=r)
+        self.evictions = Counter("aat_task_evictions_total", "Tasks evicted: device (an idle "
+                                 "task unloaded to make room), host (a bundle dropped from host "
+                                 "memory).", ["tier"], registry=r)
+        self.task_loads = Counter("aat_task_loads_total", "Cold tasks loaded onto the device by "
+                                  "source (host or disk).", ["source"], registry=r)
+        self.task_load_seconds = Histogram("aat_task_load_seconds", "Time from a cold task's "
+                                           "first request to its task being resident, by "
+                                           "source.", ["source"], buckets=_SECONDS, registry=r)
+        self.cache_bytes = Gauge("aat_task_cache_bytes", "Bytes of task weights held per tier: "
+                                 "device (adapter pools, heads, prompts) and host (bundles).",
+                                 ["tier"], registry=r)
         self.rejections = Counter("aat_rejections_total", "Requests refused, by reason (the "
                                   "error type).", ["reason"], registry=r)
         self.ready = Gauge("aat_ready", "1 once the backbone and preloaded tasks are warm.",

@@ -3,9 +3,20 @@
 * ``put`` validates an upload completely (format, manifest, names, shapes, finite values,
   content-hash version, backbone fingerprint) before anything changes, then writes it to the
   store atomically and activates it; a failed activation rolls the store back.
-* ``refresh`` rescans the store (periodically, and for one task on a miss), loading new or
-  changed bundles and unloading deleted ones, so replicas sharing a store converge.
-* With ``preload="lazy"`` a task is loaded on its first request instead of at start-up.
+* ``refresh`` rescans the store periodically: a resident task whose file changed is replaced,
+  a deleted one unloaded, the others catalogued, so replicas sharing a store converge.
+* Paging (issue 24, ``service/paging.py``): the store may hold any number of tasks; the
+  resident ones are a cache over it. Start-up (``preload="eager"``) loads the store in name
+  order while there is room without evicting (a deterministic choice: there is no usage history
+  yet) and catalogues the rest from their headers; ``preload="lazy"`` loads nothing ahead.
+  Every bundle read and validated is kept in the host tier. A request for a task that is not
+  resident loads it (``resolve``): from the host tier, else from its file (read and validated
+  in a thread), into a free place or in place of the least recently used idle task, on the
+  pager's loader thread, one load per task however many requests wait. If every resident task
+  is busy, the request waits (until its deadline) for one to become idle, else 503. A store
+  task is never refused for lack of slots. A paged load runs no warm-up batch (it would queue
+  behind the hot tasks' clips); the engine's per-clip check still answers non-finite scores
+  with 500 ``task_failed``.
 * Isolation: a store file that fails validation, loading or its warm-up batch is logged,
   recorded as failed (``GET /tasks``, ``aat_bundles_failed``) and skipped; every other task
   serves. A version that fails validation or loading never replaces the one serving; one that
@@ -26,13 +37,14 @@ from dataclasses import dataclass
 
 from aat_serve.adapters.backbone import AST
 from aat_serve.adapters.bundle import Manifest, TaskBundle, content_version, read_manifest
-from aat_serve.adapters.errors import AATError, BundleError, SlotsFullError, UnknownTaskError
+from aat_serve.adapters.errors import AATError, BundleError, UnknownTaskError
 from aat_serve.adapters.slots import TaskInfo
 from aat_serve.service.engine import Engine
 from aat_serve.service.errors import ErrorType, ServiceError, task_failed
 from aat_serve.service.metrics import Metrics
+from aat_serve.service.paging import Loaded, Pager
 from aat_serve.service.store import BundleStore, StoreEntry
-from aat_serve.service.tasks import TaskTable
+from aat_serve.service.tasks import Stamp, TaskTable
 from aat_serve.service.warmup import warm_up_tasks
 
 log = logging.getLogger(__name__)
@@ -51,15 +63,18 @@ class Registry:
     """Bundle store <-> resident tasks; per-task state lives in ``tasks`` (``TaskTable``)."""
 
     def __init__(self, engine: Engine, store: BundleStore | None, backbone: AST,
-                 fingerprint: str, metrics: Metrics, *, lazy: bool, max_tasks: int) -> None:
+                 fingerprint: str, metrics: Metrics, pager: Pager, *, lazy: bool,
+                 timeout_s: float = 30.0) -> None:
         self.engine = engine
         self.store = store
         self.backbone = backbone
         self.fingerprint = fingerprint
         self.metrics = metrics
+        self.pager = pager
         self.lazy = lazy
-        self.max_tasks = max_tasks
-        self.tasks = TaskTable(engine.model)
+        self.timeout_s = timeout_s
+        """How long a cold request waits for an idle task to evict (AAT_REQUEST_TIMEOUT_S)."""
+        self.tasks = TaskTable(engine.model, cached=pager.host.__contains__)
         self._lock = asyncio.Lock()
 
     @property
@@ -104,9 +119,8 @@ class Registry:
             if (current is not None and current.version == version and entry is not None
                     and entry.version == version):
                 return PutResult(task, version, version, created=False, unchanged=True)
-            if current is None and len(self.engine.tasks) >= self.max_tasks:
-                raise SlotsFullError(f"cannot add task {task!r}: all {self.max_tasks} task "
-                                     "slots are in use (AAT_MAX_TASKS); delete a task first")
+            if not self.pager.make_room(bundle):
+                raise self.pager.busy_error(task)
             stored = self.tasks.record(task).stored
             previous = current.version if current is not None else (
                 stored.version if stored is not None else None)
@@ -119,6 +133,8 @@ class Registry:
                 raise
             await asyncio.to_thread(self.store.drop_seed, task)
             self.tasks.loaded(task, new_entry.stamp, bundle.manifest)
+            self.pager.lru.touch(task)
+            self.pager.cache_bundle(task, new_entry.stamp, bundle)
             self._failed_metric(task, False)
         self.metrics.bundle_loads.labels("upload", "ok").inc()
         self.metrics.bundle_load_seconds.observe(time.monotonic() - started)
@@ -155,29 +171,101 @@ class Registry:
                 version = entry.version or ""
             await asyncio.to_thread(self.store.delete, task)
             await self.engine.unload(task)
-            self.tasks.forget(task)
-            self._failed_metric(task, False)
+            self._drop(task)
         log.info("task deleted", extra={"task": task, "version": version})
         return version
 
     # -- lookups --------------------------------------------------------------------------
-    async def resolve(self, task: str) -> TaskInfo:
-        """The resident task, loading it from the store on a miss; else ``UnknownTaskError``."""
+    async def resolve(self, task: str) -> tuple[TaskInfo, Loaded | None]:
+        """The resident task and how this request got it: None (it was resident), or the load
+        it waited for (from ``host`` or ``disk``, and its seconds). ``UnknownTaskError`` for a
+        task the store lacks, 500 ``task_failed`` for a refused file, 503 when no task can make
+        room. The caller counts the request in flight (``Pager.in_flight``) while this runs."""
         info = self.engine.tasks.get(task)
         if info is not None:
-            return info
-        if self.store is not None:
-            await self.refresh(only=task)
-        info = self.engine.tasks.get(task)
-        if info is None:
-            reason = self.tasks.record(task).reason
-            if reason is not None:
-                raise task_failed(task, f"its bundle in the store failed: {reason}")
-            if task in self.catalogue and len(self.engine.tasks) >= self.max_tasks:
-                raise SlotsFullError(f"cannot load task {task!r}: all {self.max_tasks} task "
-                                     "slots are in use (AAT_MAX_TASKS)")
+            self.pager.hit(task)
+            return info, None
+        self.metrics.cache_misses.labels("device").inc()
+        if self.store is None:
             raise UnknownTaskError(f"unknown task {task!r}")
-        return info
+        return await self.pager.single_flight(task, lambda: self._page_in(task))
+
+    async def _page_in(self, task: str) -> tuple[TaskInfo, Loaded]:
+        """Load the store's ``task`` onto the device (the cold path; see the module doc)."""
+        started = time.monotonic()
+        deadline = started + self.timeout_s
+        for _ in range(3):
+            bundle, stamp, source = await self._cold_bundle(task)
+            while True:
+                async with self._lock:
+                    placed = await self._place(task, bundle, stamp, source, started)
+                if placed == "changed":  # its file changed meanwhile: read it again
+                    break
+                if placed is not None:
+                    return placed
+                await self.pager.wait_idle(task, deadline)
+        raise task_failed(task, "its store file kept changing while it loaded")
+
+    async def _cold_bundle(self, task: str) -> tuple[TaskBundle, Stamp, str]:
+        """(bundle, its file's stamp, ``host`` or ``disk``). The host tier is asked for the
+        file last synced without touching the store (a changed file is noticed by the next
+        rescan, as it is for resident tasks); otherwise the file is looked up and read."""
+        record = self.tasks.record(task)
+        if record.stamp is not None and record.refused != record.stamp:
+            bundle = self.pager.host.get(task, record.stamp)
+            if bundle is not None:
+                self.metrics.cache_hits.labels("host").inc()
+                return bundle, record.stamp, "host"
+        entry = await asyncio.to_thread(self.store.entry, task)
+        if entry is None:
+            async with self._lock:
+                await self._forget(task)
+            raise UnknownTaskError(f"unknown task {task!r}")
+        record = self.tasks.record(task)
+        if record.refused == entry.stamp:
+            raise task_failed(task, f"its bundle in the store failed: {record.reason}")
+        bundle = self.pager.host.get(task, entry.stamp)
+        if bundle is not None:
+            self.metrics.cache_hits.labels("host").inc()
+            return bundle, entry.stamp, "host"
+        self.metrics.cache_misses.labels("host").inc()
+        return await self._read_cold(entry), entry.stamp, "disk"
+
+    async def _place(self, task: str, bundle: TaskBundle, stamp: Stamp, source: str,
+                     started: float) -> tuple[TaskInfo, Loaded] | str | None:
+        """Under the lock: make room and load; None when every resident task is busy,
+        ``"changed"`` when the store's file changed since it was read."""
+        record = self.tasks.record(task)
+        if record.stored is None:  # deleted meanwhile
+            raise UnknownTaskError(f"unknown task {task!r}")
+        if record.stamp not in (None, stamp):
+            return "changed"
+        info = self.engine.tasks.get(task)
+        if info is not None:  # loaded meanwhile (an upload or a rescan)
+            return info, Loaded(source, time.monotonic() - started)
+        if not self.pager.make_room(bundle):
+            return None
+        try:
+            info, loaded = await self.pager.load(bundle, source, started)
+        except AATError as e:  # e.g. adapters wider than this model's slots
+            self._refuse_stamp(task, stamp, e)
+            raise task_failed(task, f"its bundle in the store failed: {e}") from None
+        self.tasks.loaded(task, stamp, bundle.manifest)
+        self._failed_metric(task, False)
+        return info, loaded
+
+    async def _read_cold(self, entry: StoreEntry) -> TaskBundle:
+        """Read and validate ``entry`` in a thread into the host tier; a bad file is refused
+        (recorded failed) and answered 500 ``task_failed``."""
+        try:
+            bundle = await asyncio.to_thread(self._read, entry)
+        except AATError as e:
+            async with self._lock:
+                self._refuse(entry, e)
+            raise task_failed(entry.task, f"its bundle in the store failed: {e}") from None
+        self.tasks.stored(entry.task, bundle.manifest)
+        self.pager.cache_bundle(entry.task, entry.stamp, bundle)
+        return bundle
 
     def manifest(self, task: str) -> Manifest | None:
         info = self.engine.tasks.get(task)
@@ -186,23 +274,19 @@ class Registry:
         return self.tasks.record(task).stored
 
     # -- store synchronisation ------------------------------------------------------------
-    async def refresh(self, only: str | None = None) -> None:
+    async def refresh(self) -> None:
         """Bring the catalogue and the resident tasks in line with the store.
 
-        ``only`` limits the scan to one task and loads it even in lazy mode (a miss). Every
-        version loaded here runs a warm-up batch before the rescan ends; a failing one is
-        unloaded and marked failed.
+        A resident task whose file changed is replaced; a task not resident is catalogued, and
+        loaded only by eager preload while the device has room without evicting. Every version
+        loaded here runs a warm-up batch before the rescan ends; a failing one is unloaded and
+        marked failed.
         """
         if self.store is None:
             return
         async with self._lock:
-            if only is None:
-                entries = await asyncio.to_thread(self.store.scan)
-                names = set(entries) | set(self.engine.tasks) | self.tasks.names()
-            else:
-                e = await asyncio.to_thread(self.store.entry, only)
-                entries = {only: e} if e is not None else {}
-                names = {only}
+            entries = await asyncio.to_thread(self.store.scan)
+            names = set(entries) | set(self.engine.tasks) | self.tasks.names()
             loaded: dict[str, str | None] = {}  # task -> the version it replaced
             for task in sorted(names):
                 entry = entries.get(task)
@@ -210,7 +294,7 @@ class Registry:
                     await self._forget(task)
                     continue
                 previous = self.engine.tasks.get(task)
-                if await self._sync(entry, load=not self.lazy or only == task):
+                if await self._sync(entry, load=not self.lazy):
                     loaded[task] = previous.version if previous is not None else None
             if loaded:
                 await self._warm_up(loaded)
@@ -245,7 +329,14 @@ class Registry:
         if task in self.engine.tasks:
             await self.engine.unload(task)
             log.info("task removed from the store; unloaded", extra={"task": task})
+        self._drop(task)
+
+    def _drop(self, task: str) -> None:
+        """Forget everything about ``task`` (deleted, or gone from the store)."""
         self.tasks.forget(task)
+        self.pager.lru.forget(task)
+        self.pager.host.discard(task)
+        self.pager.update_gauges()
         self._failed_metric(task, False)
 
     def _failed_metric(self, task: str, failed: bool) -> None:
@@ -256,10 +347,12 @@ class Registry:
                 self.metrics.bundles_failed.remove(task)
 
     async def _sync(self, entry: StoreEntry, *, load: bool) -> bool:
-        """Catalogue (and, with ``load``, load) ``entry``; whether a version was loaded."""
+        """Catalogue ``entry``; load it when it replaces a resident version, or with ``load``
+        (eager preload) when it fits without evicting; whether a version was loaded."""
         task = entry.task
         resident = self.engine.tasks.get(task)
         record = self.tasks.record(task)
+        load = load and self.pager.has_place()
         if record.stamp == entry.stamp and (resident is not None or not load):
             return False
         if record.refused == entry.stamp:
@@ -272,17 +365,20 @@ class Registry:
                 self.tasks.synced(task, entry.stamp, resident.manifest)
                 return False
             self.tasks.stored(task, manifest)  # in the store, resident or not
+            if record.stamp not in (None, entry.stamp):
+                self.pager.host.discard(task)  # the file changed: its cached copy is stale
             if resident is None and not load:
                 self.tasks.synced(task, entry.stamp, manifest)
                 return False
-            if resident is None and len(self.engine.tasks) >= self.max_tasks:
-                if self.tasks.waiting(task):  # say it once, not on every rescan
-                    log.warning("no free task slot for %s (AAT_MAX_TASKS=%d)", task,
-                                self.max_tasks, extra={"task": task})
-                    self.metrics.bundle_loads.labels("store", "slots_full").inc()
-                return False  # the stamp stays old: retried on the next rescan or request
             started = time.monotonic()
-            bundle = await asyncio.to_thread(self._read, entry)
+            bundle = (self.pager.host.get(task, entry.stamp)
+                      or await asyncio.to_thread(self._read, entry))
+            self.pager.cache_bundle(task, entry.stamp, bundle)
+            if resident is None and not self.pager.model.slots.room_for(bundle):
+                self.tasks.synced(task, entry.stamp, manifest)  # cached; loads on a request
+                return False
+            if resident is not None and not self.pager.make_room(bundle):
+                return False  # every other task busy: the stamp stays old, retried next time
             await self.engine.load(bundle)
         except Exception as e:  # one bad file never stops the others
             self._refuse(entry, e)
@@ -291,6 +387,7 @@ class Registry:
         self.metrics.bundle_load_seconds.observe(time.monotonic() - started)
         self.tasks.loaded(task, entry.stamp, bundle.manifest)
         self._failed_metric(task, False)
+        self.pager.update_gauges()
         log.info("task activated", extra={"task": task, "version": bundle.manifest.version,
                                           "previous_version": resident.version if resident
                                           else None, "source": "store"})
@@ -298,10 +395,12 @@ class Registry:
 
     def _refuse(self, entry: StoreEntry, e: Exception) -> None:
         """Record ``entry`` as failed: logged, listed with its reason, counted, skipped."""
-        task = entry.task
+        self._refuse_stamp(entry.task, entry.stamp, e, str(entry.path))
+
+    def _refuse_stamp(self, task: str, stamp: Stamp, e: Exception, path: str = "") -> None:
         reason = str(e) if isinstance(e, AATError) else f"{type(e).__name__}: {e}"
-        self.tasks.refused(task, entry.stamp, reason)
+        self.tasks.refused(task, stamp, reason)
         self._failed_metric(task, True)
         self.metrics.bundle_loads.labels("store", "refused").inc()
         log.error("store bundle refused: %s", reason, exc_info=not isinstance(e, AATError),
-                  extra={"task": task, "path": str(entry.path)})
+                  extra={"task": task, "path": path})

@@ -30,6 +30,7 @@ from aat_serve.service.batch_features import BatchFeatures
 from aat_serve.service.engine import Engine
 from aat_serve.service.errors import overloaded, timed_out
 from aat_serve.service.metrics import Metrics
+from aat_serve.service.paging import Pager
 from aat_serve.service.registry import Registry
 from aat_serve.service.settings import Settings
 from aat_serve.service.store import BundleStore
@@ -130,14 +131,16 @@ def build_model(settings: Settings, backbone: AST, device: torch.device, dtype: 
     (``ConfigError`` when ``on`` cannot be honoured)."""
     if settings.runtime == "onnxruntime":
         model = MultiTaskModel(backbone, max_tasks=settings.max_tasks, fingerprint=fingerprint,
-                               backend="onnxruntime", providers=onnx_providers(device))
+                               backend="onnxruntime", providers=onnx_providers(device),
+                               device_budget=settings.device_task_bytes)
         log.info("runtime onnxruntime", extra={"provider": model.backend})
         return model
     graphs = graph_config(settings.cuda_graphs, device, resolve_runner("auto", device),
                           settings.max_batch)
     residual = torch.bfloat16 if settings.residual_dtype == "bfloat16" else torch.float32
     return MultiTaskModel(backbone, max_tasks=settings.max_tasks, dtype=dtype, device=device,
-                          fingerprint=fingerprint, residual_dtype=residual, graphs=graphs)
+                          fingerprint=fingerprint, residual_dtype=residual, graphs=graphs,
+                          device_budget=settings.device_task_bytes)
 
 
 def runtime_info(model: ServingModel) -> tuple[str, str]:
@@ -163,6 +166,7 @@ class Service:
                       if settings.bundle_dir else None)
         self.engine: Engine | None = None
         self.registry: Registry | None = None
+        self.pager: Pager | None = None
         self.decode_pool = decode_pool(settings.decode_workers)
         self.large_decode_pool = decode_pool(1, "aat-decode-large")
         self.ready = False
@@ -180,8 +184,11 @@ class Service:
                              max_batch_frames=self.max_batch_frames,
                              features=BatchFeatures(self.model.device))
         self.engine.start()
+        self.pager = Pager(self.model, self.metrics, host_bytes=s.host_cache_bytes,
+                           pinned=s.pinned)
         self.registry = Registry(self.engine, self.store, self.backbone, self.fingerprint,
-                                 self.metrics, lazy=s.preload == "lazy", max_tasks=s.max_tasks)
+                                 self.metrics, self.pager, lazy=s.preload == "lazy",
+                                 timeout_s=s.request_timeout_s)
         loop = asyncio.get_running_loop()
         self._background.append(loop.create_task(self._startup(), name="aat-startup"))
 
@@ -210,12 +217,18 @@ class Service:
         self.metrics.ready.set(1)
         failed = sorted(t for t in self.registry.tasks.names()
                         if self.registry.tasks.state(t) == "failed")
-        log.info("ready", extra={"tasks": sorted(self.engine.tasks), "failed_tasks": failed,
+        log.info("ready", extra={"tasks": sorted(self.engine.tasks)[:50], "failed_tasks": failed,
                                  "device": str(self.device), "dtype": self.settings.dtype,
                                  "fingerprint": self.fingerprint})
+        self.pager.update_gauges()
+        log.info("task cache", extra=self.cache_summary())
         if self.store is not None:
             self._background.append(asyncio.get_running_loop().create_task(
                 self._refresh_forever(), name="aat-refresh"))
+
+    def cache_summary(self) -> dict[str, Any]:
+        """The tiers' budgets and contents (``GET /tasks``' ``cache``, the start-up log)."""
+        return self.pager.summary(stored=len(self.registry.catalogue))
 
     async def _refresh_forever(self) -> None:
         while True:
@@ -244,6 +257,8 @@ class Service:
                 await t
         if self.engine is not None:
             await self.engine.stop()
+        if self.registry is not None:
+            await asyncio.to_thread(self.pager.close)
         self.decode_pool.shutdown(wait=False, cancel_futures=True)
         self.large_decode_pool.shutdown(wait=False, cancel_futures=True)
 

@@ -46,14 +46,15 @@ class ClassifyResponse(BaseModel):
     batch_tasks: int = Field(description="Distinct tasks in that batch.")
 
 
-TASK_STATES = ("active", "stored", "waiting_for_slot", "failed")
+TASK_STATES = ("active", "cached", "stored", "failed")
 
 
 class TaskSummary(BaseModel):
     task: str
-    state: str = Field(description="active: loaded and serving; stored: in the store, loaded "
-                                   "on its first request; waiting_for_slot: in the store, "
-                                   "every task slot in use; failed: its store file was refused "
+    state: str = Field(description="active: resident on the device and serving; cached: in "
+                                   "the store and in host memory (loads on its next request "
+                                   "without reading its file); stored: in the store, loaded on "
+                                   "its next request; failed: its store file was refused "
                                    "(validation, loading or warm-up) and no version serves.")
     reason: str | None = Field(None, description="Why the task's latest store file was "
                                                  "refused (also while a previous version is "
@@ -80,9 +81,25 @@ class TaskSummary(BaseModel):
                    metrics=m.metrics, created_at=m.created_at, resident=state == "active")
 
 
+class CacheSummary(BaseModel):
+    """The task cache's tiers: budgets and what each holds (docs/service.md, Paging)."""
+
+    resident: int = Field(description="Tasks on the device (state active).")
+    cached: int = Field(description="Bundles in host memory (resident tasks' included).")
+    stored: int = Field(description="Tasks in the store.")
+    max_tasks: int = Field(description="AAT_MAX_TASKS: most resident tasks.")
+    device_budget_bytes: int | None = Field(description="AAT_DEVICE_TASK_MB in bytes; null: "
+                                                        "no byte bound.")
+    device_bytes: int = Field(description="Adapter pools (every row) plus heads and prompts.")
+    host_budget_bytes: int = Field(description="AAT_HOST_CACHE_MB in bytes.")
+    host_bytes: int = Field(description="Tensor bytes of the bundles in host memory.")
+    pinned: list[str] = Field(description="AAT_PINNED_TASKS: never evicted.")
+
+
 class TaskList(BaseModel):
     tasks: list[TaskSummary]
     count: int
+    cache: CacheSummary | None = None
 
 
 class TaskDetail(BaseModel):

@@ -12,6 +12,7 @@ from typing import Any, Literal
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from aat_serve.adapters.bundle import TASK_NAME_RE
 from aat_serve.adapters.errors import ConfigError
 
 # Values people leave in example files; a token equal to one of these is refused.
@@ -83,10 +84,20 @@ class Settings(BaseSettings):
     max_bundle_mb: float = Field(200.0, gt=0)
     max_uploads: int = Field(2, ge=1, le=64)
     """Bundle uploads processed at the same time; more get 503."""
-    max_tasks: int = Field(64, ge=1, le=4096)
-    """Task slots resident in the model."""
+    max_tasks: int = Field(64, ge=1, le=65_536)
+    """Most tasks resident on the device at once; the store may hold any number (the resident
+    ones are a cache: a cold task evicts the least recently used idle one)."""
+    device_task_mb: float | None = Field(None, gt=0, le=1_048_576)
+    """Device memory for resident tasks (adapter pool rows, heads, prompts); resident capacity
+    is what fits, capped by ``max_tasks``. Unset: bounded by ``max_tasks`` only."""
+    host_cache_mb: float = Field(512.0, ge=0, le=1_048_576)
+    """Host memory for validated bundles, so an evicted task comes back without reading its
+    file; 0 disables the tier."""
+    pinned_tasks: str | None = None
+    """Comma-separated tasks never evicted from the device (loaded on first use like others)."""
     preload: Literal["eager", "lazy"] = "eager"
-    """eager: load every bundle of the store at start-up; lazy: on a task's first request."""
+    """eager: load the store at start-up while it fits (in name order; the rest on first use);
+    lazy: every task on its first request."""
     refresh_s: float = Field(5.0, gt=0, le=3600)
     """Interval of the store rescan that makes replicas converge."""
     decode_workers: int | None = Field(None, ge=1, le=64)
@@ -116,6 +127,40 @@ class Settings(BaseSettings):
         if any(c.isspace() for c in v) or not v.isprintable():
             raise ValueError("must not contain whitespace or control characters")
         return v
+
+    @field_validator("pinned_tasks")
+    @classmethod
+    def _task_names(cls, v: str | None) -> str | None:
+        if v is None:
+            return None
+        for name in (n.strip() for n in v.split(",")):
+            if not TASK_NAME_RE.fullmatch(name):
+                raise ValueError(f"{name!r} is not a task name; expected a comma-separated list "
+                                 "of task names (1-64 characters of a-z, 0-9, '_' or '-')")
+        return v
+
+    @model_validator(mode="after")
+    def _pinned_fit(self) -> Settings:
+        if len(self.pinned) >= self.max_tasks:
+            raise ValueError(f"AAT_PINNED_TASKS names {len(self.pinned)} tasks but "
+                             f"AAT_MAX_TASKS is {self.max_tasks}; leave at least one slot for "
+                             "the others")
+        return self
+
+    @property
+    def pinned(self) -> frozenset[str]:
+        """``pinned_tasks`` as a set of names."""
+        if self.pinned_tasks is None:
+            return frozenset()
+        return frozenset(n.strip() for n in self.pinned_tasks.split(","))
+
+    @property
+    def device_task_bytes(self) -> int | None:
+        return None if self.device_task_mb is None else int(self.device_task_mb * 1024 * 1024)
+
+    @property
+    def host_cache_bytes(self) -> int:
+        return int(self.host_cache_mb * 1024 * 1024)
 
     @model_validator(mode="after")
     def _runtime_dtype(self) -> Settings:

@@ -3,13 +3,15 @@
 What is loaded (and its version and manifest) is the model's (``TaskSlots``, read through
 ``ServingModel.tasks``); everything the service knows about a task beyond that lives in one
 ``TaskRecord`` here: the manifest of the bundle the store holds, the store stamp last synced,
-whether that file was refused and why, and whether the task waits for a free slot. Forgetting
+and whether that file was refused and why; whether its bundle is in the host tier is the
+pager's (``cached``). Forgetting
 a task drops its whole record, so no fact about a deleted task can outlive the others.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from aat_serve.adapters.bundle import Manifest
@@ -32,15 +34,15 @@ class TaskRecord:
     """The store file that was refused; not retried until the file changes."""
     reason: str | None = None
     """Why it was refused."""
-    waiting_for_slot: bool = False
-    """In the store, to be loaded, but all task slots are in use."""
 
 
 class TaskTable:
     """Per-task records plus the model's resident tasks; read and written on the event loop."""
 
-    def __init__(self, model: ServingModel) -> None:
+    def __init__(self, model: ServingModel,
+                 cached: Callable[[str], bool] = lambda task: False) -> None:
         self._model = model
+        self._cached = cached
         self._records: dict[str, TaskRecord] = {}
 
     # -- queries ------------------------------------------------------------------------------
@@ -78,10 +80,9 @@ class TaskTable:
         self._update(task, stored=manifest, stamp=stamp)
 
     def loaded(self, task: str, stamp: Stamp, manifest: Manifest) -> None:
-        """The store file ``stamp`` holding ``manifest`` was loaded: it is in effect, and
-        neither refused nor waiting for a slot any more."""
-        self._update(task, stored=manifest, stamp=stamp, refused=None, reason=None,
-                     waiting_for_slot=False)
+        """The store file ``stamp`` holding ``manifest`` was loaded: it is in effect and not
+        refused any more."""
+        self._update(task, stored=manifest, stamp=stamp, refused=None, reason=None)
 
     def refused(self, task: str, stamp: Stamp, reason: str) -> None:
         """The store file ``stamp`` failed validation or loading: not retried until it changes."""
@@ -92,23 +93,16 @@ class TaskTable:
         self._update(task, refused=self.record(task).stamp, reason=reason)
 
     def state(self, task: str) -> str:
-        """What ``GET /tasks`` says of ``task`` (docs/service.md): ``active`` (loaded and
+        """What ``GET /tasks`` says of ``task`` (docs/service.md): ``active`` (resident and
         serving), ``failed`` (its store file was refused and no version of it serves),
-        ``waiting_for_slot`` (in the store; every slot is in use) or ``stored`` (in the
-        store, loaded on its first request)."""
+        ``cached`` (in the store and in host memory: loads without reading its file) or
+        ``stored`` (in the store, loaded on its next request)."""
         if task in self.resident:
             return "active"
         record = self.record(task)
         if record.reason is not None:
             return "failed"
-        return "waiting_for_slot" if record.waiting_for_slot else "stored"
-
-    def waiting(self, task: str) -> bool:
-        """Mark ``task`` as waiting for a slot; whether it was not already (say it once)."""
-        if self.record(task).waiting_for_slot:
-            return False
-        self._update(task, waiting_for_slot=True)
-        return True
+        return "cached" if self._cached(task) else "stored"
 
     def forget(self, task: str) -> None:
         """Drop everything recorded about ``task`` (deleted, or gone from the store)."""

@@ -189,6 +189,21 @@ def register_serve_bench(sub: argparse._SubParsersAction) -> None:
                         "processes, classify vs /healthz and vs the engine alone (with no "
                         "--backbone or --checkpoint: the embedded demo)")
     p.add_argument("--bundle-dir", help="with --driver hey and --checkpoint: the task store")
+    g = p.add_argument_group(
+        "paging (--zipf)", "N random aat_ms tasks of the demo backbone in a store, requests "
+        "drawn from a Zipf law by client processes, against a real `aat serve` with --resident "
+        "resident tasks and one with every task resident: hit rate, latency of hits and of cold "
+        "loads (host memory or disk), throughput ratio, errors, memory vs budgets")
+    g.add_argument("--zipf", type=float, help="Zipf exponent S of the task popularity (turns "
+                                              "the paging benchmark on)")
+    g.add_argument("--resident", type=int, default=64, help="AAT_MAX_TASKS of the paged "
+                                                            "server (default 64)")
+    g.add_argument("--warmup", type=int, default=1000,
+                   help="unmeasured requests per server first (default 1000)")
+    g.add_argument("--host-cache-mb", type=float, default=512.0,
+                   help="AAT_HOST_CACHE_MB of both servers (default 512)")
+    g.add_argument("--device-task-mb", type=float,
+                   help="AAT_DEVICE_TASK_MB of the paged server (default unset)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=run_serve_bench)
 
@@ -208,6 +223,18 @@ def run_serve_bench(args: argparse.Namespace) -> int:
         if not args.json:
             print(msg, file=sys.stderr, flush=True)
 
+    if args.zipf is not None:
+        from aat_serve.bench.paging import PagingBenchConfig, bench_paging, format_paging_report
+
+        report = bench_paging(PagingBenchConfig(
+            tasks=args.tasks, zipf=args.zipf, resident=args.resident, clients=args.clients,
+            requests=args.requests, warmup=args.warmup, rounds=args.rounds,
+            max_seconds=args.max_seconds, clip_s=args.clip_s, max_batch=args.max_batch,
+            max_wait_ms=args.max_wait_ms, host_cache_mb=args.host_cache_mb,
+            device_task_mb=args.device_task_mb, device=args.device, dtype=args.dtype),
+            progress=say)
+        print(to_json(report) if args.json else format_paging_report(report))
+        return 0
     if args.driver == "hey":
         from aat_serve.bench.serve_process import (
             ProcessBenchConfig,

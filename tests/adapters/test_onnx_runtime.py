@@ -113,3 +113,24 @@ def test_ort_multitask_model_equals_torch_multitask_model():
     for w, o in zip(want_after, after, strict=True):
         assert (o - w).abs().max().item() < 1e-4
     assert (after[1] - want[1]).abs().max().item() > 1e-4  # t0 really changed
+
+
+def test_ort_per_task_arrays_of_unloaded_tasks_are_dropped():
+    """Paging evicts tasks all the time: the runner's per-load arrays (keyed by the load's
+    generation) must not outlive them, so its cache stays bounded by the resident tasks."""
+    from aat_serve.adapters.multitask import MultiTaskModel
+
+    bb = tiny_backbone()
+    model = MultiTaskModel(copy.deepcopy(bb), max_tasks=2, bottleneck=192, backend="onnxruntime")
+    x = torch.randn(1, 48, 32)
+    gens = []
+    for i in range(5):  # t0 .. t4 through two places, each evicting the oldest
+        if i >= 2:
+            model.unload_task(f"t{i - 2}")
+        model.load_task(_bundle(bb, f"t{i}", "aat_ms", 3, seed=i))
+        gens.append(model.slots.entry(f"t{i}").gen)
+        model.classify(x, [f"t{i}"])
+        cached = set(model.runner._arrays) - {-1}
+        live = {e.gen for e in model.slots.live_entries()}
+        assert cached <= live and gens[-1] in cached
+    assert not set(gens[:3]) & set(model.runner._arrays)

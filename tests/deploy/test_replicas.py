@@ -227,7 +227,7 @@ def cluster(tmp_path_factory):
         env = base_env | {
             "AAT_CHECKPOINT": str(ckpt_dir), "AAT_BUNDLE_DIR": str(store),
             "AAT_HOST": "127.0.0.1", "AAT_PORT": str(port), "AAT_ADMIN_TOKEN": ADMIN,
-            "AAT_DEVICE": "cpu", "AAT_REFRESH_S": str(REFRESH_S), "AAT_PRELOAD": "eager",
+            "AAT_DEVICE": "cpu", "AAT_REFRESH_S": str(REFRESH_S), "AAT_PRELOAD": "lazy",
             "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
         replicas.append(Replica(port, work / f"replica-{i}.log", env))
     for r in replicas:
@@ -359,6 +359,31 @@ def test_ring_model_predicts_nginx_and_spreads_tasks(cluster):
                          ).status_code == 200
         seen.update(cluster.upstreams(rid))
     assert seen == set(servers)
+
+
+def test_a_tasks_requests_keep_hitting_its_one_warm_replica(cluster):
+    """Paging (issue 24) behind the hash ring: a store task is loaded (from disk) by the one
+    replica that owns it, on its first request; its later requests hit that replica, warm (no
+    load); no other replica loads it, so each replica's cache holds a share of the tasks."""
+    servers = [r.addr for r in cluster.replicas]
+    tasks = tasks_covering(cluster.ring, servers, "warm")
+    store = Path(cluster.replicas[0].env["AAT_BUNDLE_DIR"])
+    versions = {}
+    for i, task in enumerate(tasks):
+        b = make_bundle(cluster.ckpt, task, seed=40 + i, method="aat_ms")
+        b.save(store / f"{task}.safetensors")  # placed by hand: no replica has read it
+        versions[task] = b.manifest.version
+    for round_ in range(3):
+        for task, owner in tasks.items():
+            rid = cluster.rid("warm")
+            r = classify(cluster.nginx_url, task, rid)
+            assert (r.status_code, r.json()["version"]) == (200, versions[task]), r.text
+            assert cluster.upstreams(rid) == [owner], task
+            assert r.headers.get("x-aat-task-load") == ("disk" if round_ == 0 else None), task
+    for replica in cluster.replicas:
+        listing = httpx.get(f"{replica.url}/tasks", timeout=10).json()["tasks"]
+        active = {t["task"] for t in listing if t["state"] == "active"} & set(tasks)
+        assert active == {t for t, owner in tasks.items() if owner == replica.addr}
 
 
 def test_request_ids_reach_the_replica_and_come_back(cluster):

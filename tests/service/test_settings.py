@@ -15,7 +15,8 @@ from aat_serve.service.settings import load_settings
 ALL = ("CHECKPOINT", "BUNDLE_DIR", "ADMIN_TOKEN", "API_TOKEN", "HOST", "PORT", "DEVICE", "DTYPE",
        "MAX_BATCH", "MAX_WAIT_MS", "MAX_QUEUE", "REQUEST_TIMEOUT_S", "MAX_AUDIO_MB",
        "MAX_AUDIO_SECONDS", "MAX_BUNDLE_MB", "MAX_TASKS", "PRELOAD", "REFRESH_S", "LOG_LEVEL",
-       "MAX_UPLOADS", "DECODE_WORKERS", "KEEP_FREED_MEMORY")
+       "MAX_UPLOADS", "DECODE_WORKERS", "KEEP_FREED_MEMORY", "DEVICE_TASK_MB", "HOST_CACHE_MB",
+       "PINNED_TASKS")
 
 
 @pytest.fixture(autouse=True)
@@ -77,12 +78,33 @@ def test_empty_variables_count_as_unset(monkeypatch):
     ("MAX_WAIT_MS", "soon",
      "AAT_MAX_WAIT_MS: Input should be a valid number, unable to parse string as a number "
      "(got 'soon')"),
+    ("DEVICE_TASK_MB", "0", "AAT_DEVICE_TASK_MB: Input should be greater than 0 (got '0')"),
+    ("HOST_CACHE_MB", "-1",
+     "AAT_HOST_CACHE_MB: Input should be greater than or equal to 0 (got '-1')"),
+    ("PINNED_TASKS", "digits, Bad Name",
+     "AAT_PINNED_TASKS: 'Bad Name' is not a task name; expected a comma-separated list of task "
+     "names (1-64 characters of a-z, 0-9, '_' or '-') (got 'digits, Bad Name')"),
 ])
 def test_a_bad_value_names_the_variable(monkeypatch, name, value, message):
     monkeypatch.setenv(f"AAT_{name}", value)
     with pytest.raises(ConfigError) as e:
         load_settings()
     assert str(e.value) == f"invalid configuration: {message}"
+
+
+def test_cache_budgets_and_pinned_tasks(monkeypatch):
+    s = load_settings()
+    assert (s.device_task_bytes, s.host_cache_bytes, s.pinned) == (None, 512 << 20, frozenset())
+    for k, v in {"DEVICE_TASK_MB": "1.5", "HOST_CACHE_MB": "0", "PINNED_TASKS": "a, b-1"}.items():
+        monkeypatch.setenv(f"AAT_{k}", v)
+    s = load_settings()
+    assert (s.device_task_bytes, s.host_cache_bytes, s.pinned) == (
+        3 << 19, 0, frozenset({"a", "b-1"}))
+    monkeypatch.setenv("AAT_MAX_TASKS", "2")
+    with pytest.raises(ConfigError) as e:
+        load_settings()
+    assert str(e.value) == ("invalid configuration: settings: AAT_PINNED_TASKS names 2 tasks but "
+                            "AAT_MAX_TASKS is 2; leave at least one slot for the others")
 
 
 @pytest.mark.parametrize("token", ["changeme", "CHANGEME", "changethis", "secret", "password"])
