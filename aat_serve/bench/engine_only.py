@@ -85,7 +85,8 @@ async def _measure(cfg: dict[str, Any]) -> dict[str, Any]:
                      for _ in range(cfg["windows"])]
             out["windows"][name] = [round(r, 2) for r in rates]
             out[name] = round(statistics.median(rates), 2)
-        out["inference_threads"] = svc.engine.worker.threads
+        worker = getattr(svc.engine, "worker", None)  # None: an engine before service.worker
+        out["inference_threads"] = worker.threads if worker is not None else None
         return out
     finally:
         await svc.stop()
