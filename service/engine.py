@@ -12,8 +12,10 @@ Pipelining: while the worker computes a batch, the next one forms on the event l
 full, waits on the worker thread itself (at most ``LOOKAHEAD`` items handed over), so the worker
 starts on it the moment the current one ends instead of after a round trip through the event
 loop. A batch that is not full is handed over only when the worker is free (as before), so
-pipelining never makes batches smaller. A handed-over batch's clips keep their queue places
-(``max_queue``) until the worker starts on it.
+pipelining never makes batches smaller. A handed-over batch's features are computed at once on
+a feature thread of their own, beside the batch the worker computes (``InferenceWorker.prepare``).
+A handed-over batch's clips keep their queue places (``max_queue``) until the worker starts on
+it.
 
 Model changes (load, replace, unload a task) travel through the same queue as clips and run on
 the same thread between batches. A clip queued before a change is computed before it, a clip
@@ -168,7 +170,7 @@ class Engine:
             item = self._pending.popleft()
             if not item.future.done():
                 item.future.set_exception(err)
-        self.worker.executor.shutdown(wait=True)
+        self.worker.shutdown()
 
     @property
     def alive(self) -> bool:
@@ -258,7 +260,8 @@ class Engine:
                 batch = await self._form_batch(head)
                 if batch:
                     batch.sort(key=lambda j: j.task)  # one contiguous segment per task
-                    self._hand_over(batch, self.worker.run, batch)
+                    # its features start on the feature thread now, beside the running batch
+                    self._hand_over(batch, self.worker.run, batch, self.worker.prepare(batch))
             except asyncio.CancelledError:
                 raise
             except Exception:  # the batcher must survive anything; the jobs already got errors

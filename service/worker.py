@@ -1,5 +1,11 @@
 """What runs on the inference thread: a batch's features, then one classify call.
 
+A batch's features (``BatchFeatures``) are computed on a thread of their own (``prep``, torch on
+one intra-op thread) as soon as the batch is handed over, so while the model computes one batch
+the next one's log-mel is made beside it; the inference thread then only waits for features that
+are not ready yet (the first batch after a pause). On a GPU both threads queue work on the same
+device in order. A clip past its deadline or given up is not featurised.
+
 ``Engine`` (``service.engine``) forms the batches on the event loop and hands them here, in
 order, through the one-thread ``executor``; model changes travel the same way, so they run
 between batches. A batch's clips are checked once more right before the forward: a clip past its
@@ -13,8 +19,9 @@ its device in one transfer.
 from __future__ import annotations
 
 import logging
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -26,7 +33,7 @@ from aat_serve.adapters.slots import TaskInfo
 from aat_serve.service.batch_features import BatchFeatures
 from aat_serve.service.errors import ErrorType, ServiceError, task_failed, timed_out
 from aat_serve.service.metrics import Metrics
-from aat_serve.service.threads import inference_pool
+from aat_serve.service.threads import decode_pool, inference_pool
 
 if TYPE_CHECKING:
     from aat_serve.service.engine import Job
@@ -35,6 +42,14 @@ log = logging.getLogger(__name__)
 
 Outcome = tuple[torch.Tensor, TaskInfo] | BaseException | None
 """A clip's outcome on the worker thread: (logits, the task that computed them) or an error."""
+
+
+@dataclass
+class Prepared:
+    """A batch's features by clip index, and the clips whose features failed (their error)."""
+
+    features: dict[int, torch.Tensor]
+    errors: dict[int, BaseException]
 
 
 @dataclass
@@ -54,22 +69,50 @@ class InferenceWorker:
         self.model = model
         self.metrics = metrics
         self.features = features or BatchFeatures(getattr(model, "device", "cpu"))
-        """The batched filterbanks, on the model's device; used on the worker thread only."""
+        """The batched filterbanks, on the model's device; used by one thread at a time."""
+        self._features_lock = threading.Lock()
         self.threads = threads
         """The inference thread's torch intra-op threads (None: the process's count)."""
         self.executor: ThreadPoolExecutor = inference_pool(threads)
         """One thread; batches and model changes run in the order they were handed to it."""
+        self.prep: ThreadPoolExecutor = decode_pool(1, "aat-features")
+        """One thread computing handed-over batches' features, in order."""
 
-    def run(self, batch: list[Job]) -> BatchRun:
+    def shutdown(self) -> None:
+        self.executor.shutdown(wait=True)
+        self.prep.shutdown(wait=True)
+
+    def prepare(self, batch: list[Job]) -> Future:
+        """Start ``batch``'s features on the feature thread (a ``Future`` of ``Prepared``)."""
+        return self.prep.submit(self.featurise, batch)
+
+    def run(self, batch: list[Job], prepared: Future | None = None) -> BatchRun:
         """``forward`` timed on the worker thread (queue and inference times of the clips)."""
         started = time.monotonic()
-        outcomes = self.forward(batch)
+        outcomes = self.forward(batch, prepared)
         return BatchRun(outcomes, started, time.monotonic())
 
-    def forward(self, batch: list[Job]) -> list[Outcome]:
-        """The batch's features, then one classify call for every clip still due whose task
-        is resident; a clip past its deadline (or given up) is answered 504 and neither
-        featurised nor computed."""
+    def featurise(self, batch: list[Job]) -> Prepared:
+        """Features of every clip of ``batch`` still due; a clip whose samples are too large
+        for finite features gets its 400 (``AudioError``), and an unexpected failure is every
+        clip's error."""
+        now = time.monotonic()
+        due = [i for i, j in enumerate(batch) if not j.cancelled and now < j.deadline]
+        if not due:
+            return Prepared({}, {})
+        try:
+            with self._features_lock, torch.inference_mode():
+                feats, errors = self.features([batch[i].wave for i in due],
+                                              [batch[i].config for i in due])
+        except Exception as e:  # cannot happen on valid waveforms
+            return Prepared({}, {i: e for i in due})
+        return Prepared({i: feats[k] for k, i in enumerate(due) if errors[k] is None},
+                        {i: err for i, err in zip(due, errors, strict=True) if err is not None})
+
+    def forward(self, batch: list[Job], prepared: Future | None = None) -> list[Outcome]:
+        """The batch's features (``prepared``, else computed here), then one classify call for
+        every clip still due whose task is resident; a clip past its deadline (or given up) is
+        answered 504 and not computed."""
         out: list[Outcome] = [None] * len(batch)
         rows: list[int] = []
         tasks = self.model.tasks
@@ -87,31 +130,24 @@ class InferenceWorker:
             else:
                 rows.append(i)
         if rows:
-            feats = self._featurise(batch, rows, out)
+            feats = self._features_of(batch, rows, out, prepared)
             if feats is not None:
                 self._classify_rows(batch, rows, feats, out, tasks)
         return out
 
-    def _featurise(self, batch: list[Job], rows: list[int], out: list[Outcome]
-                   ) -> dict[int, torch.Tensor] | None:
-        """Features of ``rows`` (by row); a clip whose samples are too large for finite
-        features gets its 400 in ``out`` and leaves ``rows``."""
+    def _features_of(self, batch: list[Job], rows: list[int], out: list[Outcome],
+                     prepared: Future | None) -> dict[int, torch.Tensor] | None:
+        """Features of ``rows`` (by row); a clip without them gets its error in ``out`` and
+        leaves ``rows``."""
         try:
-            with torch.inference_mode():
-                feats, errors = self.features([batch[i].wave for i in rows],
-                                              [batch[i].config for i in rows])
-        except Exception as e:  # cannot happen on valid waveforms; every clip gets the error
-            for i in rows:
-                out[i] = e
-            return None
-        by_row: dict[int, torch.Tensor] = {}
-        for k, (i, err) in enumerate(zip(list(rows), errors, strict=True)):
-            if err is not None:
-                out[i] = err
+            ready = prepared.result() if prepared is not None else self.featurise(batch)
+        except Exception as e:  # the feature thread was shut down: every clip gets the error
+            ready = Prepared({}, {i: e for i in rows})
+        for i in list(rows):
+            if i not in ready.features:
+                out[i] = ready.errors.get(i) or timed_out(batch[i].timeout_s)
                 rows.remove(i)
-            else:
-                by_row[i] = feats[k]
-        return by_row if rows else None
+        return {i: ready.features[i] for i in rows} if rows else None
 
     def _classify_rows(self, batch: list[Job], rows: list[int], feats: dict[int, torch.Tensor],
                        out: list[Outcome], tasks: dict[str, TaskInfo]) -> None:

@@ -151,7 +151,7 @@ def test_a_clip_past_its_deadline_at_the_forward_is_not_computed(bundles):
     assert {o.type for o in out} == {"timeout"}
     out = engine.worker.forward([job(now - 1), job(now + 60)])  # differs: the due one runs alone
     assert model.calls == 1 and out[0].type == "timeout" and out[1][1] is info
-    engine.worker.executor.shutdown()
+    engine.worker.shutdown()
 
 
 def test_a_request_waiting_for_a_decode_thread_is_504_and_never_decoded(make_app, store,

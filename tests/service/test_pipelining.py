@@ -182,3 +182,28 @@ def test_a_clip_that_expires_behind_the_running_batch_is_504_and_not_computed(ma
     assert [getattr(o, "type", None) for o in outcomes] == ["timeout"] * 4
     assert fresh[0].task.name == "c05"
     assert log == [NAMES[:1], NAMES[5:6]]  # the expired batch never reached the model
+
+
+def test_the_next_batchs_features_are_made_while_the_current_batch_computes(manifest):
+    made: list[tuple[str, int]] = []
+
+    async def scenario(engine, model):
+        real = engine.worker.features
+
+        def recording(waves, cfgs):
+            made.append((threading.current_thread().name, len(waves)))
+            return real(waves, cfgs)
+
+        engine.worker.features = recording
+        first = _submit(engine, manifest, NAMES[:1])
+        await _entered(model)
+        nxt = _submit(engine, manifest, NAMES[1:5])
+        await _until(lambda: len(made) == 2)  # the held batch's and the next one's
+        assert model.log == [NAMES[:1]]  # made while the first batch is still computing
+        model.opened.set()
+        await asyncio.gather(*first, *nxt)
+        return model.log
+
+    assert _run(manifest, scenario) == [NAMES[:1], NAMES[1:5]]
+    assert [n for _, n in made] == [1, 4]
+    assert all(name.startswith("aat-features") for name, _ in made)
