@@ -4,18 +4,17 @@ Requests are admitted into a bounded queue (``max_queue``; beyond it 503). The b
 oldest clip, waits at most ``max_wait_ms`` after that clip arrived for others of the same
 feature shape, of any task, up to ``max_batch`` clips, orders them by task and runs them as one
 ``ServingModel.classify`` call (``aat_serve.adapters.multitask``) on the worker thread
-(``service.worker``). Clips arrive as waveforms (PCM at their task's rate); the worker computes
-the whole batch's log-mel features at once on the model's device (``service.batch_features``)
-right before the forward.
+(``service.worker``). Clips arrive as waveforms (PCM at their task's rate); the whole batch's
+log-mel features are computed at once on the model's device (``service.batch_features``) when
+the batch is handed to the worker, on a feature thread beside the batch the worker computes.
 
 Pipelining: while the worker computes a batch, the next one forms on the event loop and, once
 full, waits on the worker thread itself (at most ``LOOKAHEAD`` items handed over), so the worker
 starts on it the moment the current one ends instead of after a round trip through the event
 loop. A batch that is not full is handed over only when the worker is free (as before), so
-pipelining never makes batches smaller. A handed-over batch's features are computed at once on
-a feature thread of their own, beside the batch the worker computes (``InferenceWorker.prepare``).
-A handed-over batch's clips keep their queue places (``max_queue``) until the worker starts on
-it.
+pipelining never makes batches smaller (``InferenceWorker.prepare`` starts its features at
+once). A handed-over batch's clips keep their queue places (``max_queue``) until the worker
+starts on it.
 
 Model changes (load, replace, unload a task) travel through the same queue as clips and run on
 the same thread between batches. A clip queued before a change is computed before it, a clip
