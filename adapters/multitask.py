@@ -171,7 +171,8 @@ class MultiTaskModel(torch.nn.Module):
 
     # -- inference ----------------------------------------------------------------------------
     def classify(self, features: torch.Tensor, tasks: Sequence[str]) -> list[torch.Tensor]:
-        """Logits ``(C_task,)`` (fp32, CPU) for each clip of ``features (B, T, F)`` and its task.
+        """Logits ``(C_task,)`` (fp32, CPU; from a GPU in one copy per batch) for each clip of
+        ``features (B, T, F)`` and its task.
 
         All task names are resolved at once, so a concurrent hot swap never mixes old and new
         weights inside one call. Raises ``UnknownTaskError``.
@@ -210,8 +211,7 @@ class MultiTaskModel(torch.nn.Module):
             return []
         x = features.to(dtype=torch.float32)
         x_dev: torch.Tensor | None = None  # moved to the device for the first eager group
-        pieces: list[torch.Tensor] = []  # flattened results on the device
-        owners: list[tuple[list[int], int]] = []  # (clips, width) of each piece
+        pieces: list[tuple[list[int], torch.Tensor]] = []  # (clips, their rows on the device)
         for g in group_batch(entries):
             pooled = self.graphs.pooled(x, g, snapshot.pools) if self.graphs else None
             if pooled is None:
@@ -226,13 +226,23 @@ class MultiTaskModel(torch.nn.Module):
                 if e is not None:
                     lw, lb, fw, fb = e.head
                     seg = F.linear(F.layer_norm(seg, (seg.shape[-1],), lw, lb, e.head_eps), fw, fb)
-                pieces.append(seg.reshape(-1))
-                owners.append((g.clips[c0:c1], seg.shape[-1]))
-        flat = torch.cat(pieces).cpu()  # the batch's one device-to-host copy
+                pieces.append((g.clips[c0:c1], seg))
+        if self.device.type != "cpu":
+            pieces = pieces_to_host(pieces)  # the batch's one device-to-host copy
         out: list[torch.Tensor | None] = [None] * len(entries)
-        pos = 0
-        for clips, width in owners:
-            for c in clips:
-                out[c] = flat[pos:pos + width]
-                pos += width
+        for clips, seg in pieces:
+            for j, c in enumerate(clips):
+                out[c] = seg[j]
         return out  # type: ignore[return-value]
+
+
+def pieces_to_host(pieces: list[tuple[list[int], torch.Tensor]]
+                   ) -> list[tuple[list[int], torch.Tensor]]:
+    """The same pieces on the host in one device-to-host copy: a batch's rows (logits of each
+    task, of different widths, or pooled embeddings) are flattened into one tensor, copied
+    once and split again, instead of one synchronising copy per task segment."""
+    if not pieces:
+        return []
+    flat = torch.cat([seg.reshape(-1) for _, seg in pieces]).cpu()
+    host = flat.split([seg.numel() for _, seg in pieces])
+    return [(clips, h.view(seg.shape)) for (clips, seg), h in zip(pieces, host, strict=True)]

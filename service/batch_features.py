@@ -66,13 +66,17 @@ class BatchFeatures:
                                        f"{peak:.3g}; expected float audio in [-1, 1])")
         return feats, errors
 
-    def _group(self, cfg: FeatureConfig, waves: list[torch.Tensor]) -> torch.Tensor:
-        lengths = [int(w.numel()) for w in waves]
-        longest = max(lengths)
+    def host_batch(self, waves: Sequence[torch.Tensor]) -> torch.Tensor:
+        """``(B, longest)`` float32 waveforms, zero-padded, in one host buffer: page-locked
+        (pinned) when the device is a GPU, so the batch goes over in one asynchronous copy."""
+        longest = max(int(w.numel()) for w in waves)
         host = torch.zeros(len(waves), longest, dtype=torch.float32,
                            pin_memory=self.device.type == "cuda")
         for row, w in enumerate(waves):
             host[row, : w.numel()] = w
-        batch = host.to(self.device, non_blocking=True)
-        lens = torch.tensor(lengths, device=self.device)
+        return host
+
+    def _group(self, cfg: FeatureConfig, waves: list[torch.Tensor]) -> torch.Tensor:
+        batch = self.host_batch(waves).to(self.device, non_blocking=True)
+        lens = torch.tensor([int(w.numel()) for w in waves], device=self.device)
         return self.bank(cfg)(batch, lens)

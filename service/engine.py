@@ -3,9 +3,18 @@
 Requests are admitted into a bounded queue (``max_queue``; beyond it 503). The batcher takes the
 oldest clip, waits at most ``max_wait_ms`` after that clip arrived for others of the same
 feature shape, of any task, up to ``max_batch`` clips, orders them by task and runs them as one
-``ServingModel.classify`` call (``aat_serve.adapters.multitask``) on the worker thread. Clips
-arrive as waveforms (PCM at their task's rate); the worker computes the whole batch's log-mel
-features at once on the model's device (``service.batch_features``) right before the forward.
+``ServingModel.classify`` call (``aat_serve.adapters.multitask``) on the worker thread
+(``service.worker``). Clips arrive as waveforms (PCM at their task's rate); the whole batch's
+log-mel features are computed at once on the model's device (``service.batch_features``) when
+the batch is handed to the worker, on a feature thread beside the batch the worker computes.
+
+Pipelining: while the worker computes a batch, the next one forms on the event loop and, once
+full, waits on the worker thread itself (at most ``LOOKAHEAD`` items handed over), so the worker
+starts on it the moment the current one ends instead of after a round trip through the event
+loop. A batch that is not full is handed over only when the worker is free (as before), so
+pipelining never makes batches smaller (``InferenceWorker.prepare`` starts its features at
+once). A handed-over batch's clips keep their queue places (``max_queue``) until the worker
+starts on it.
 
 Model changes (load, replace, unload a task) travel through the same queue as clips and run on
 the same thread between batches. A clip queued before a change is computed before it, a clip
@@ -31,7 +40,6 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,19 +47,16 @@ import torch
 
 from aat_serve.adapters.bundle import TaskBundle
 from aat_serve.adapters.config import FeatureConfig
-from aat_serve.adapters.errors import UnknownTaskError
 from aat_serve.adapters.multitask import ServingModel
 from aat_serve.adapters.slots import TaskInfo
 from aat_serve.service.batch_features import BatchFeatures
 from aat_serve.service.errors import (
-    ErrorType,
-    ServiceError,
     not_ready,
     overloaded,
-    task_failed,
     timed_out,
 )
 from aat_serve.service.metrics import Metrics
+from aat_serve.service.worker import BatchRun, InferenceWorker
 
 log = logging.getLogger(__name__)
 
@@ -67,10 +72,6 @@ class Result:
     inference_s: float
     batch_size: int
     batch_tasks: int
-
-
-Outcome = tuple[torch.Tensor, TaskInfo] | BaseException | None
-"""A clip's outcome on the worker thread: (logits, the task that computed them) or an error."""
 
 
 @dataclass(eq=False)
@@ -124,12 +125,16 @@ class Admission:
 class Engine:
     """Dynamic batching over a ``ServingModel``; all methods are called on the event loop."""
 
+    LOOKAHEAD = 2
+    """Items (batches, model changes) handed to the worker thread at once: the one it computes
+    and the next."""
+
     def __init__(self, model: ServingModel, metrics: Metrics, *, max_batch: int, max_wait_s: float,
                  max_queue: int, max_batch_frames: int | None = None,
-                 features: BatchFeatures | None = None) -> None:
+                 features: BatchFeatures | None = None, threads: int | None = None) -> None:
         self.model = model
-        self.features = features or BatchFeatures(getattr(model, "device", "cpu"))
-        """The batched filterbanks, on the model's device; used on the worker thread only."""
+        self.worker = InferenceWorker(model, metrics, features, threads)
+        """The inference thread (``threads`` torch intra-op threads; None: as the process)."""
         self.metrics = metrics
         self.max_batch = max_batch
         self.max_batch_frames = max_batch_frames
@@ -139,7 +144,9 @@ class Engine:
         self._pending: deque[Job | Control] = deque()
         self._wakeup = asyncio.Event()
         self._admitted = 0
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="aat-infer")
+        self._in_flight = 0
+        self._handed: deque[list[Job] | Control] = deque()
+        """Handed to the worker, not yet finished, in order (the first is being computed)."""
         self._task: asyncio.Task | None = None
         self._admissions: dict[Job, Admission] = {}
 
@@ -165,7 +172,7 @@ class Engine:
             item = self._pending.popleft()
             if not item.future.done():
                 item.future.set_exception(err)
-        self._worker.shutdown(wait=True)
+        self.worker.shutdown()
 
     @property
     def alive(self) -> bool:
@@ -242,35 +249,61 @@ class Engine:
             adm.release()
 
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             try:
-                if not self._pending:
-                    self._wakeup.clear()
-                    await self._wakeup.wait()
+                if not self._pending or self._in_flight >= self.LOOKAHEAD:
+                    await self._wait(None)  # a clip, a change or a finished batch wakes it
                     continue
                 head = self._pending[0]
                 if isinstance(head, Control):
                     self._pending.popleft()
-                    await self._apply(loop, head)
+                    self._hand_over(head, head.fn)
                     continue
                 batch = await self._form_batch(head)
                 if batch:
-                    await self._compute(loop, batch)
+                    batch.sort(key=lambda j: j.task)  # one contiguous segment per task
+                    # its features start on the feature thread now, beside the running batch
+                    self._hand_over(batch, self.worker.run, batch, self.worker.prepare(batch))
             except asyncio.CancelledError:
                 raise
             except Exception:  # the batcher must survive anything; the jobs already got errors
                 log.exception("batcher: unexpected error")
 
-    async def _apply(self, loop: asyncio.AbstractEventLoop, c: Control) -> None:
+    async def _wait(self, timeout: float | None) -> None:
+        """Until something is queued or a handed-over item finishes, or ``timeout`` s."""
+        self._wakeup.clear()
+        with contextlib.suppress(asyncio.TimeoutError, TimeoutError):
+            await asyncio.wait_for(self._wakeup.wait(), timeout)
+
+    def _hand_over(self, item: list[Job] | Control, fn: Callable[..., Any], *args: Any) -> None:
+        """Queue ``item`` (a batch or a change) on the worker thread behind those already
+        there. A batch's clips keep their queue places until the worker starts on it."""
+        self._in_flight += 1
+        self._handed.append(item)
+        if len(self._handed) == 1:
+            self._started(item)
+        work = asyncio.get_running_loop().run_in_executor(self.worker.executor, fn, *args)
+        work.add_done_callback(lambda f: self._finished(item, f))
+
+    def _started(self, item: list[Job] | Control) -> None:
+        if isinstance(item, list):
+            for j in item:
+                self._forget(j)  # computing: its place in the queue is free again
+
+    def _finished(self, item: list[Job] | Control, work: asyncio.Future) -> None:
+        """On the loop when the worker is done with ``item``: answer it, start the next."""
+        self._in_flight -= 1
+        self._handed.popleft()
+        if self._handed:
+            self._started(self._handed[0])
+        self._wakeup.set()
         try:
-            result = await loop.run_in_executor(self._worker, c.fn)
-        except Exception as e:  # handed to the waiting caller
-            if not c.future.done():
-                c.future.set_exception(e)
-        else:
-            if not c.future.done():
-                c.future.set_result(result)
+            if isinstance(item, Control):
+                _settle(item.future, work)
+            else:
+                self._deliver(item, work)
+        except Exception:  # a callback must not raise; the clips' waiters time out
+            log.exception("batcher: delivering a batch failed")
 
     def _barrier(self) -> int:
         """Index of the first model change in the queue (clips behind it must wait)."""
@@ -288,6 +321,10 @@ class Engine:
         return max(1, min(self.max_batch, self.max_batch_frames // frames))
 
     async def _form_batch(self, head: Job) -> list[Job]:
+        """The batch of ``head``: when ``capacity`` clips of its shape are queued (before any
+        model change), or ``max_wait_s`` after ``head`` arrived once the worker is free. While
+        the worker computes, only a full batch forms: it waits on the worker thread, and the
+        worker starts on it the moment the current batch ends."""
         key = head.key
         cap = self.capacity(key)
         until = head.enqueued + self.max_wait_s
@@ -297,13 +334,11 @@ class Engine:
             if ready >= cap or stop < len(self._pending):
                 break
             remaining = until - time.monotonic()
-            if remaining <= 0:
+            if remaining <= 0 and self._in_flight == 0:
                 break
-            self._wakeup.clear()
-            try:
-                await asyncio.wait_for(self._wakeup.wait(), remaining)
-            except (asyncio.TimeoutError, TimeoutError):
-                break
+            await self._wait(remaining if remaining > 0 else None)
+            if not self._pending or self._pending[0] is not head:
+                return []  # the head left (given up, or the queue was cleared): start over
         now = time.monotonic()
         batch: list[Job] = []
         keep: deque[Job | Control] = deque()
@@ -321,25 +356,23 @@ class Engine:
                 continue
             if item.key == key and len(batch) < cap:
                 batch.append(item)
-                self._forget(item)  # batched: its place in the queue is free again
             else:
                 keep.append(item)
         self._pending = keep
         return batch
 
-    async def _compute(self, loop: asyncio.AbstractEventLoop, batch: list[Job]) -> None:
-        batch.sort(key=lambda j: j.task)  # one contiguous segment per task
-        start = time.monotonic()
-        for j in batch:
-            self.metrics.queue_seconds.labels(j.task).observe(start - j.enqueued)
-        try:
-            outcome = await loop.run_in_executor(self._worker, self._forward, batch)
-        except Exception as e:
+    def _deliver(self, batch: list[Job], work: asyncio.Future) -> None:
+        if work.cancelled() or work.exception() is not None:
+            err = not_ready("the service is shutting down") if work.cancelled() \
+                else work.exception()
             for j in batch:
                 if not j.future.done():
-                    j.future.set_exception(e)
-            raise
-        elapsed = time.monotonic() - start
+                    j.future.set_exception(err)
+            return
+        run: BatchRun = work.result()
+        outcome, start, elapsed = run.outcomes, run.started, run.finished - run.started
+        for j in batch:
+            self.metrics.queue_seconds.labels(j.task).observe(start - j.enqueued)
         done = [o for o in outcome if not isinstance(o, BaseException)]
         n_tasks = len({j.task for j, o in zip(batch, outcome, strict=True)
                        if not isinstance(o, BaseException)})
@@ -357,79 +390,14 @@ class Engine:
                 j.future.set_result(Result(logits, info, start - j.enqueued, elapsed,
                                            len(done), n_tasks))
 
-    def _forward(self, batch: list[Job]) -> list[Outcome]:
-        """On the worker thread: the batch's features, then one classify call for every clip
-        still due whose task is resident; a clip past its deadline (or given up) is answered
-        504 and neither featurised nor computed."""
-        out: list[Outcome] = [None] * len(batch)
-        rows: list[int] = []
-        tasks = self.tasks
-        now = time.monotonic()
-        for i, j in enumerate(batch):
-            info = tasks.get(j.task)
-            if j.cancelled or now >= j.deadline:
-                out[i] = timed_out(j.timeout_s)
-            elif info is None:
-                out[i] = UnknownTaskError(f"unknown task {j.task!r}")
-            elif info.version != j.version and info.manifest.features != j.feature_settings:
-                out[i] = ServiceError(ErrorType.TASK_CHANGED,
-                                      f"task {j.task!r} changed its feature settings while this "
-                                      "request waited; retry", {"Retry-After": "0"})
-            else:
-                rows.append(i)
-        if rows:
-            feats = self._featurise(batch, rows, out)
-            if feats is not None:
-                self._classify_rows(batch, rows, feats, out, tasks)
-        return out
 
-    def _featurise(self, batch: list[Job], rows: list[int], out: list[Outcome]
-                   ) -> dict[int, torch.Tensor] | None:
-        """Features of ``rows`` (by row); a clip whose samples are too large for finite
-        features gets its 400 in ``out`` and leaves ``rows``."""
-        try:
-            with torch.inference_mode():
-                feats, errors = self.features([batch[i].wave for i in rows],
-                                              [batch[i].config for i in rows])
-        except Exception as e:  # cannot happen on valid waveforms; every clip gets the error
-            for i in rows:
-                out[i] = e
-            return None
-        by_row: dict[int, torch.Tensor] = {}
-        for k, (i, err) in enumerate(zip(list(rows), errors, strict=True)):
-            if err is not None:
-                out[i] = err
-                rows.remove(i)
-            else:
-                by_row[i] = feats[k]
-        return by_row if rows else None
-
-    def _classify_rows(self, batch: list[Job], rows: list[int], feats: dict[int, torch.Tensor],
-                       out: list[Outcome], tasks: dict[str, TaskInfo]) -> None:
-        """Classify ``rows`` of ``batch`` into ``out``; if the forward raises and the rows span
-        several tasks, each task runs again alone so that only the failing one gets the
-        error."""
-        names = [batch[i].task for i in rows]
-        try:
-            x = feats[rows[0]][None] if len(rows) == 1 else torch.stack([feats[i] for i in rows])
-            with torch.inference_mode():
-                logits = self.model.classify(x, names)
-        except Exception as e:
-            if len(set(names)) > 1:
-                for task in sorted(set(names)):
-                    self._classify_rows(batch, [i for i in rows if batch[i].task == task],
-                                        feats, out, tasks)
-                return
-            for i in rows:  # one task's own failure: 500, logged with each request's id
-                out[i] = e
-            return
-        for i, lg in zip(rows, logits, strict=True):
-            task = batch[i].task
-            lg = lg.detach().float().cpu()
-            if not bool(torch.isfinite(lg).all()):
-                self.metrics.nonfinite_outputs.labels(task).inc()
-                log.error("non-finite scores from task %s", task, extra={"task": task})
-                out[i] = task_failed(task, "its model gave non-finite scores (NaN or infinity) "
-                                           "for this clip; its bundle is faulty")
-            else:
-                out[i] = (lg, tasks[task])
+def _settle(future: asyncio.Future, work: asyncio.Future) -> None:
+    """Hand a model change's outcome to its waiting caller."""
+    if future.done():
+        return
+    if work.cancelled():
+        future.set_exception(not_ready("the service is shutting down"))
+    elif work.exception() is not None:
+        future.set_exception(work.exception())
+    else:
+        future.set_result(work.result())

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import sys
 import time
 from typing import Any
 
@@ -34,7 +35,7 @@ from aat_serve.service.paging import Pager
 from aat_serve.service.registry import Registry
 from aat_serve.service.settings import Settings
 from aat_serve.service.store import BundleStore
-from aat_serve.service.threads import decode_pool
+from aat_serve.service.threads import decode_pool, inference_threads
 
 log = logging.getLogger(__name__)
 
@@ -92,8 +93,10 @@ def demo_tasks_dir(settings: Settings) -> Any:
 
 
 def tune_process(settings: Settings) -> bool:
-    """Process-wide choices of a server (not of ``adapters``): the glibc allocator keeps freed
-    blocks when ``AAT_KEEP_FREED_MEMORY`` is on. Returns whether that applied."""
+    """Process-wide choices of a server (not of ``adapters``): Python's thread switch interval
+    (``AAT_SWITCH_INTERVAL_MS``); the glibc allocator keeps freed blocks when
+    ``AAT_KEEP_FREED_MEMORY`` is on. Returns whether the allocator setting applied."""
+    sys.setswitchinterval(settings.switch_interval_ms / 1000.0)
     if not settings.keep_freed_memory:
         return False
     from aat_serve.adapters.kernels.cpu import keep_freed_memory
@@ -182,7 +185,8 @@ class Service:
         self.engine = Engine(self.model, self.metrics, max_batch=s.max_batch,
                              max_wait_s=s.max_wait_ms / 1000.0, max_queue=s.max_queue,
                              max_batch_frames=self.max_batch_frames,
-                             features=BatchFeatures(self.model.device))
+                             features=BatchFeatures(self.model.device),
+                             threads=s.inference_threads or inference_threads())
         self.engine.start()
         self.pager = Pager(self.model, self.metrics, host_bytes=s.host_cache_bytes,
                            pinned=s.pinned)

@@ -103,6 +103,14 @@ class Settings(BaseSettings):
     decode_workers: int | None = Field(None, ge=1, le=64)
     """Threads that decode audio and compute features, off the event loop; unset: one per CPU
     core this process may run on. Each runs torch single-threaded (service/threads.py)."""
+    inference_threads: int | None = Field(None, ge=1, le=256)
+    """Torch intra-op threads of the inference thread; unset: every usable core but one, at
+    least one (service/threads.py), so the event loop and the decode threads keep a core."""
+    switch_interval_ms: float = Field(1.0, gt=0, le=100)
+    """Python's thread switch interval (``sys.setswitchinterval``) in the server. The inference
+    thread gives up the GIL inside every torch op and must get it back from the event loop
+    and the decode threads; the interpreter's default of 5 ms stalls it up to that long per
+    op (docs/benchmarks.md, "Serving at the model's speed")."""
     keep_freed_memory: bool = True
     """glibc keeps freed blocks for reuse: each op's output no longer costs fresh page faults
     (CPU serving, see docs/benchmarks.md); the resident set stays at its high-water mark."""

@@ -1,11 +1,11 @@
 """``aat bench serve --driver hey``: a real ``aat serve`` process under ``hey``, and its ceilings.
 
 The server runs in its own process (started here, or ``--url``); the load comes from ``hey``
-processes; this process only starts them and measures the model alone. Each round runs, back to
-back: ``GET /healthz`` (the HTTP server's own ceiling), classify on one task, classify over a
-task mix (one ``hey`` per task, the connections split), all with the same connection count, and
-the engine alone (``MultiTaskModel.classify`` on pre-computed features of the served clip
-length, ``max_batch`` clips per call, in this process while the server idles). Reported per
+processes; this process only starts them. Each round runs, back to back: ``GET /healthz`` (the
+HTTP server's own ceiling), classify on one task, classify over a task mix (one ``hey`` per
+task, the connections split), all with the same connection count, and the engine alone (the
+server's own engine with the server's settings, fed the decoded clip in a child process while
+the server idles: ``aat_serve.bench.engine_only``; the median over the rounds). Reported per
 scenario: req/s, p50/p95/p99, errors, mean clips and tasks per batch (the server's
 ``aat_batch_size``/``aat_batch_tasks`` histograms before and after), and the ratios classify /
 healthz and service clips/s / engine-only clips/s.
@@ -15,17 +15,17 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+import statistics
 import tempfile
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from aat_serve.adapters.errors import ConfigError
 from aat_serve.bench.common import machine
+from aat_serve.bench.engine_only import engine_only
 from aat_serve.bench.fixtures import random_task_bundles, synth_wav, write_random_checkpoint
 from aat_serve.bench.hey import HeyRun, ServeProcess, hey_load, hey_path
 
@@ -76,43 +76,6 @@ def _model_source(cfg: ProcessBenchConfig, work: Path) -> tuple[str, str]:
     return str(demo_assets.BACKBONE_DIR), str(demo_assets.TASKS_DIR)
 
 
-def engine_only(checkpoint: str, bundle_dir: str, tasks: list[str], cfg: ProcessBenchConfig
-                ) -> dict[str, float]:
-    """Clips/s of the model alone at ``max_batch`` on random features of the served length,
-    one task and the mix (fastest of three timed windows each)."""
-    from aat_serve.adapters.bundle import TaskBundle
-    from aat_serve.adapters.checkpoints import load_checkpoint
-    from aat_serve.adapters.device import resolve_device
-    from aat_serve.adapters.kernels.cpu import keep_freed_memory
-    from aat_serve.adapters.multitask import MultiTaskModel
-
-    keep_freed_memory()  # as the server does by default (AAT_KEEP_FREED_MEMORY)
-    ck = load_checkpoint(checkpoint)
-    device = resolve_device(cfg.device, "--device")
-    dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
-    model = MultiTaskModel(ck.backbone, max_tasks=max(8, len(tasks)), dtype=dtype,
-                           device=device, fingerprint=ck.backbone.fingerprint())
-    for t in tasks:
-        model.load_task(TaskBundle.load(Path(bundle_dir) / f"{t}.safetensors"))
-    x = torch.randn(cfg.max_batch, ck.features.target_length, ck.backbone.cfg.num_mel_bins)
-    out = {}
-    for name, names in (("single", tasks[:1] * cfg.max_batch),
-                        ("mix", [tasks[i % len(tasks)] for i in range(cfg.max_batch)])):
-        rates = []
-        with torch.inference_mode():
-            model.classify(x, names)
-            for _ in range(3):
-                calls, t0 = 0, time.perf_counter()
-                while time.perf_counter() - t0 < cfg.engine_seconds / 3:
-                    model.classify(x, names)
-                    calls += 1
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                rates.append(calls * cfg.max_batch / (time.perf_counter() - t0))
-        out[name] = round(max(rates), 2)
-    return out
-
-
 def _summary(runs: list[HeyRun]) -> dict[str, Any]:
     lat = np.array([x for r in runs for x in r.latencies]) * 1000
     seconds = sum(r.seconds for r in runs)
@@ -142,7 +105,7 @@ def _task_names(url: str, want: int) -> list[str]:
 
 
 def _measure(cfg: ProcessBenchConfig, url: str, clip: Path, names: list[str],
-             engine: tuple[str, str] | None) -> tuple[dict, dict]:
+             engine_env: dict[str, str] | None) -> tuple[dict, dict]:
     runs: dict[str, list[HeyRun]] = {"healthz": [], "single": [], f"mix{len(names)}": []}
     engine_runs: list[dict[str, float]] = []
     hey_load(url, [f"/classify/{n}" for n in names], 4 * cfg.clients, cfg.clients, clip,
@@ -155,11 +118,15 @@ def _measure(cfg: ProcessBenchConfig, url: str, clip: Path, names: list[str],
         runs[f"mix{len(names)}"].append(hey_load(url, [f"/classify/{n}" for n in names],
                                                  cfg.requests, cfg.clients, clip,
                                                  cfg.max_seconds))
-        if engine is not None:
-            engine_runs.append(engine_only(*engine, names, cfg))
+        if engine_env is not None:
+            engine_runs.append(engine_only(engine_env, tasks=names, clip=clip,
+                                           clients=cfg.clients, seconds=cfg.engine_seconds))
     results = {k: _summary(v) for k, v in runs.items()}
-    eng = ({k: max(r[k] for r in engine_runs) for k in engine_runs[0]} if engine_runs
-           else {})
+    eng = ({k: round(statistics.median(r[k] for r in engine_runs), 2)
+            for k in ("single", "mix")} if engine_runs else {})
+    if engine_runs:
+        eng["inference_threads"] = engine_runs[0]["inference_threads"]
+        eng["windows"] = [r["windows"] for r in engine_runs]
     return results, eng
 
 
@@ -171,18 +138,21 @@ def bench_serve_process(cfg: ProcessBenchConfig) -> dict[str, Any]:
         clip = work / "clip.wav"
         clip.write_bytes(synth_wav(cfg.clip_s, seed=0))
         with contextlib.ExitStack() as stack:
-            engine = None
+            env = None
             url = cfg.url.rstrip("/") if cfg.url else None
             if url is None:
-                engine = _model_source(cfg, work)
+                checkpoint, bundle_dir = _model_source(cfg, work)
                 env = {"AAT_MAX_BATCH": str(cfg.max_batch),
                        "AAT_MAX_WAIT_MS": str(cfg.max_wait_ms), "AAT_DEVICE": cfg.device,
                        "AAT_DTYPE": cfg.dtype, "AAT_MAX_QUEUE": str(max(256, 4 * cfg.clients)),
                        "AAT_REQUEST_TIMEOUT_S": "600"}
-                url = stack.enter_context(ServeProcess(checkpoint=engine[0],
-                                                       bundle_dir=engine[1], env=env)).url
+                url = stack.enter_context(ServeProcess(checkpoint=checkpoint,
+                                                       bundle_dir=bundle_dir, env=env)).url
+                # the engine-only run: the same settings, the server's store, no HTTP
+                env = {**env, "AAT_CHECKPOINT": checkpoint, "AAT_BUNDLE_DIR": bundle_dir,
+                       "AAT_LOG_LEVEL": "warning", "AAT_REFRESH_S": "3600"}
             names = _task_names(url, cfg.tasks)
-            results, eng = _measure(cfg, url, clip, names, engine)
+            results, eng = _measure(cfg, url, clip, names, env)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     mix = f"mix{len(names)}"
@@ -214,7 +184,9 @@ def format_process_report(report: dict[str, Any]) -> str:
              table(rows, ["scenario", "req/s", "p50 ms", "p95 ms", "p99 ms", "clips/batch",
                           "tasks/batch", "n", "errors"])]
     if report["engine_only_clips_per_s"]:
-        lines.append("engine only (clips/s at max batch): " + ", ".join(
-            f"{k} {v:.1f}" for k, v in report["engine_only_clips_per_s"].items()))
+        eng = report["engine_only_clips_per_s"]
+        lines.append(f"engine only (the server's engine, no HTTP or decode; "
+                     f"{eng['inference_threads']} inference thread(s)), clips/s: single "
+                     f"{eng['single']:.1f}, mix {eng['mix']:.1f}")
     lines += [f"{name}: {v:.3f}x" for name, v in report["ratios"].items()]
     return "\n".join(lines)

@@ -4,6 +4,11 @@ Scores are sigmoids for multi-label tasks and softmaxes otherwise. A file that c
 decoded is reported and skipped; the exit status is 1 if any file failed. ``-`` (or
 ``/dev/stdin``) reads one clip from standard input; a folder stands for its audio files, in
 sorted order. ``--json`` results use the API's key: ``predictions``.
+
+Audio longer than the task's clip is scored in windows as ``POST /classify`` scores it
+(``aat_serve.adapters.windows``, the same functions): windows of the task's length every
+``--hop-s`` (default: one window, no overlap), their probabilities aggregated by ``--aggregate``
+(default mean, max for multi-label tasks; ``first`` scores only the first window).
 """
 
 from __future__ import annotations
@@ -22,8 +27,28 @@ from aat_serve.adapters.checkpoints import load_checkpoint, read_label_csv
 from aat_serve.adapters.config import FeatureConfig
 from aat_serve.adapters.device import resolve_device
 from aat_serve.adapters.errors import AudioError, CheckpointError, ConfigError
-from aat_serve.adapters.features import features_from_audio
+from aat_serve.adapters.fbank import window_samples
+from aat_serve.adapters.features import fbank, load_audio
 from aat_serve.adapters.model import AudioClassifier
+from aat_serve.adapters.windows import (
+    AGGREGATES,
+    Aggregate,
+    aggregate_scores,
+    default_aggregate,
+    plan,
+)
+
+WINDOWS_PER_FORWARD = 8
+"""Windows of one file computed in one forward pass (bounds memory on long files)."""
+
+
+@dataclass
+class Scored:
+    """One file's answer: every window's logits ``(n, C)`` and the aggregated scores."""
+
+    logits: torch.Tensor
+    scores: torch.Tensor
+    aggregate: Aggregate
 
 
 @dataclass
@@ -37,10 +62,20 @@ class Predictor:
     device: torch.device
 
     @torch.inference_mode()
-    def logits(self, source) -> torch.Tensor:
-        """Logits ``(C,)`` of one clip (path, bytes or binary file)."""
-        x = features_from_audio(source, self.features).unsqueeze(0).to(self.device)
-        return self.model(x)[0].float().cpu()
+    def score(self, source, hop_s: float | None = None, aggregate: Aggregate | None = None
+              ) -> Scored:
+        """One clip (path, bytes or binary file) scored in the task's windows."""
+        cfg = self.features
+        wave = load_audio(source, sample_rate=cfg.sample_rate, max_duration_s=cfg.max_duration_s)
+        window = window_samples(cfg)
+        how = aggregate or default_aggregate(self.multi_label)
+        hop = window if hop_s is None else max(1, round(hop_s * cfg.sample_rate))
+        p = plan(wave.numel(), window, hop, how)
+        feats = [fbank(wave[a:b], cfg) for a, b in map(p.bounds, range(len(p.starts)))]
+        logits = torch.cat([self.model(torch.stack(feats[i:i + WINDOWS_PER_FORWARD])
+                                       .to(self.device)).float().cpu()
+                            for i in range(0, len(feats), WINDOWS_PER_FORWARD)])
+        return Scored(logits, aggregate_scores([self.scores(lg) for lg in logits], how), how)
 
     def scores(self, logits: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(logits) if self.multi_label else torch.softmax(logits, dim=-1)
@@ -79,13 +114,18 @@ def build_predictor(checkpoint: str, bundle_path: str | None = None,
     return Predictor(model, labels, m.multi_label, features, dev)
 
 
-def _result(file: str, logits: torch.Tensor, predictor: Predictor, k: int) -> dict:
-    scores = predictor.scores(logits)
+def _result(file: str, scored: Scored, predictor: Predictor, k: int) -> dict:
+    scores = scored.scores
     top = torch.topk(scores, min(k, scores.numel()))
-    return {"file": file,
-            "predictions": [{"label": predictor.labels[i], "score": float(s)}
-                       for s, i in zip(top.values.tolist(), top.indices.tolist(), strict=True)],
-            "logits": [float(v) for v in logits.tolist()]}
+    out = {"file": file,
+           "predictions": [{"label": predictor.labels[i], "score": float(s)}
+                           for s, i in zip(top.values.tolist(), top.indices.tolist(),
+                                           strict=True)],
+           "logits": [float(v) for v in scored.logits[0].tolist()],
+           "windows": len(scored.logits), "aggregate": scored.aggregate}
+    if len(scored.logits) > 1:
+        out["window_logits"] = scored.logits.tolist()
+    return out
 
 
 STDIN_NAMES = ("-", "/dev/stdin")
@@ -119,6 +159,8 @@ def _source(item: str):
 def run(args: argparse.Namespace) -> int:
     if args.top_k < 1:
         raise ConfigError(f"--top-k must be at least 1, got {args.top_k}")
+    if args.hop_s is not None and not args.hop_s > 0:
+        raise ConfigError(f"--hop-s must be above 0 (seconds), got {args.hop_s:g}")
     inputs = expand_inputs(args.audio)
     predictor = build_predictor(args.checkpoint, args.bundle, args.labels, args.device)
     failed = 0
@@ -126,19 +168,21 @@ def run(args: argparse.Namespace) -> int:
                     disable=len(inputs) < 2 or not sys.stderr.isatty())
     for path in progress:
         try:
-            logits = predictor.logits(_source(path))
-        except AudioError as e:
+            scored = predictor.score(_source(path), args.hop_s, args.aggregate)
+        except (AudioError, ConfigError) as e:
             failed += 1
             msg = str(e) if path in str(e) else f"{path}: {e}"
             progress.write(f"error: {msg}", file=sys.stderr)
             if args.json:
                 print(json.dumps({"file": path, "error": msg}), flush=True)
             continue
-        result = _result(path, logits, predictor, args.top_k)
+        result = _result(path, scored, predictor, args.top_k)
         if args.json:
             print(json.dumps(result), flush=True)
         else:
-            lines = [path] + [f"  {r['score']:.4f}  {r['label']}"
+            head = path if result["windows"] == 1 else \
+                f"{path} ({result['windows']} windows, {result['aggregate']})"
+            lines = [head] + [f"  {r['score']:.4f}  {r['label']}"
                               for r in result["predictions"]]
             progress.write("\n".join(lines), file=sys.stdout)
     return 1 if failed else 0
@@ -153,9 +197,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "bundle's manifest, or from the checkpoint.",
         epilog="With --json each file gives one line: {\"file\", \"predictions\": [{\"label\", "
                "\"score\"}, ...] (top-k, best first), \"logits\": [...] (every class, in index "
-               "order)}, or {\"file\", \"error\"} when it cannot be decoded. The exit status is 1 "
-               "if any file failed; a failure before any file is read prints "
-               "{\"error\": {\"type\", \"message\"}}.")
+               "order; of the first window), \"windows\", \"aggregate\", and \"window_logits\" "
+               "when the audio made several windows}, or {\"file\", \"error\"} when it cannot "
+               "be decoded. The exit status is 1 if any file failed; a failure before any "
+               "file is read prints {\"error\": {\"type\", \"message\"}}.")
     p.add_argument("audio", nargs="+", metavar="AUDIO",
                    help="audio files to classify; a folder stands for its audio files "
                         "(sorted), '-' for one clip on standard input")
@@ -173,5 +218,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto",
                    help="auto (CUDA if present; default), cpu, cuda, cuda:N")
     p.add_argument("--json", action="store_true", help="print one JSON object per file")
+    p.add_argument("--hop-s", type=float, metavar="S",
+                   help="audio longer than the task's clip is scored in windows of that length "
+                        "every S seconds (default: one window, no overlap), as POST /classify "
+                        "scores it")
+    p.add_argument("--aggregate", choices=AGGREGATES,
+                   help="how the windows' scores combine: mean (default), max (default for "
+                        "multi-label tasks), or first (score only the first window)")
     p.set_defaults(func=run)
 

@@ -66,8 +66,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "AAT_MAX_AUDIO_SECONDS, AAT_MAX_BUNDLE_MB, AAT_HEADER_TIMEOUT_S, "
                     "AAT_BODY_TIMEOUT_S, AAT_BODY_TOTAL_TIMEOUT_S, AAT_MAX_TASKS, "
                     "AAT_DEVICE_TASK_MB, AAT_HOST_CACHE_MB, AAT_PINNED_TASKS, AAT_PRELOAD, "
-                    "AAT_REFRESH_S, AAT_KEEP_FREED_MEMORY, AAT_LOG_LEVEL, ...); these flags "
-                    "override them.")
+                    "AAT_REFRESH_S, AAT_INFERENCE_THREADS, AAT_SWITCH_INTERVAL_MS, "
+                    "AAT_KEEP_FREED_MEMORY, AAT_LOG_LEVEL, ...); these flags override them.")
     p.add_argument("--host", help="address to bind (AAT_HOST, default 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (AAT_PORT, default 8000)")
     p.add_argument("--checkpoint", type=Path,

@@ -145,13 +145,13 @@ def test_a_clip_past_its_deadline_at_the_forward_is_not_computed(bundles):
         return Job("birds", torch.zeros(16000), m.feature_config, m.version, m.features,
                    deadline, 1.0, future=None)
 
-    out = engine._forward([job(now - 0.001), job(now - 1)])
+    out = engine.worker.forward([job(now - 0.001), job(now - 1)])
     assert model.calls == 0
     assert [type(o).__name__ for o in out] == ["ServiceError", "ServiceError"]
     assert {o.type for o in out} == {"timeout"}
-    out = engine._forward([job(now - 1), job(now + 60)])  # differs: the due one runs alone
+    out = engine.worker.forward([job(now - 1), job(now + 60)])  # differs: the due one runs alone
     assert model.calls == 1 and out[0].type == "timeout" and out[1][1] is info
-    engine._worker.shutdown()
+    engine.worker.shutdown()
 
 
 def test_a_request_waiting_for_a_decode_thread_is_504_and_never_decoded(make_app, store,

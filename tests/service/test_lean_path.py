@@ -4,6 +4,7 @@ single-threaded in torch, and ``aat serve`` on uvloop."""
 from __future__ import annotations
 
 import json
+import sys
 import threading
 
 import orjson
@@ -13,7 +14,13 @@ import torch
 from aat_serve.service.api import json_response
 from aat_serve.service.classify import probabilities, top_predictions
 from aat_serve.service.schemas import ClassifyResponse
-from aat_serve.service.threads import decode_pool, single_threaded_torch, usable_cores
+from aat_serve.service.threads import (
+    decode_pool,
+    inference_pool,
+    inference_threads,
+    single_threaded_torch,
+    usable_cores,
+)
 
 BODY = dict(task="digits", version="1b27c4ba1d5cd063", multi_label=False,
             predictions=[{"label": "seven", "score": 0.9999816417694092},
@@ -77,3 +84,50 @@ def test_aat_serve_runs_uvloop_when_installed():
     from aat_serve.cli.serve import event_loop
 
     assert event_loop() == "uvloop"
+
+
+def test_the_inference_thread_leaves_one_core_to_the_front_end():
+    assert [inference_threads(n) for n in (1, 2, 4, 16)] == [1, 1, 3, 15]
+    assert inference_threads() == max(1, usable_cores() - 1)
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_the_inference_pool_sets_its_own_thread_only(threads):
+    default = torch.get_num_threads()
+    with inference_pool(threads) as pool:
+        seen = [pool.submit(torch.get_num_threads).result() for _ in range(3)]
+    assert seen == [threads] * 3
+    assert torch.get_num_threads() == default
+    with inference_pool(None) as pool:  # differs: None keeps the process's count
+        assert pool.submit(torch.get_num_threads).result() == default
+
+
+def test_the_server_sets_its_switch_interval(monkeypatch):
+    from aat_serve.service.runtime import tune_process
+    from aat_serve.service.settings import load_settings
+
+    before = sys.getswitchinterval()
+    try:
+        monkeypatch.setenv("AAT_SWITCH_INTERVAL_MS", "0.5")
+        monkeypatch.setenv("AAT_KEEP_FREED_MEMORY", "0")
+        tune_process(load_settings())
+        assert sys.getswitchinterval() == pytest.approx(0.0005)
+        monkeypatch.setenv("AAT_SWITCH_INTERVAL_MS", "2")
+        tune_process(load_settings())
+        assert sys.getswitchinterval() == pytest.approx(0.002)
+    finally:
+        sys.setswitchinterval(before)
+
+
+def test_the_engine_runs_on_the_configured_inference_threads(make_app, store, bundles,
+                                                              monkeypatch):
+    """``AAT_INFERENCE_THREADS`` reaches the inference thread; unset, cores - 1."""
+    from tests.service.helpers import served
+
+    bundles["birds"].save(store / "birds.safetensors")
+    for value, want in (("3", 3), (None, inference_threads())):
+        kw = {} if value is None else {"inference_threads": int(value)}
+        with served(make_app(**kw)) as c:
+            engine = c.app.state.service.engine
+            assert engine.worker.threads == want
+            assert engine.worker.executor.submit(torch.get_num_threads).result(10) == want

@@ -59,9 +59,9 @@ def test_mixed_concurrent_stream_matches_aat_predict(make_app, store, ckpt_dir, 
 
         def post(job):
             task, file = job
-            # aggregate=first: `aat predict` scores one window (the clips run to 0.8 s, the
-            # tiny backbone's window is 0.655 s; windows have their own tests in test_windows)
-            return c.post(f"/classify/{task}?top_k=10&aggregate=first",
+            # the clips run to 0.8 s, the tiny backbone's window is 0.655 s: both sides score
+            # two windows and aggregate them alike (adapters/windows.py)
+            return c.post(f"/classify/{task}?top_k=10",
                           content=file.read_bytes(),
                           headers={"content-type": "audio/wav"})
 
@@ -92,3 +92,37 @@ def test_mixed_concurrent_stream_matches_aat_predict(make_app, store, ckpt_dir, 
     single = float(re.search(r'^aat_batch_tasks_bucket\{le="1.0"\} (\S+)$', metrics,
                              re.M).group(1))
     assert count - single >= 3  # at least three forward passes held several tasks
+
+
+def test_long_audio_scores_in_windows_as_classify_does(make_app, store, ckpt_dir, four,
+                                                       tmp_path, capsys):
+    """``aat predict`` and ``POST /classify`` cut long audio into the same windows and
+    aggregate them alike: mean for a single-label task, max for a multi-label one."""
+    f = tmp_path / "long.wav"
+    f.write_bytes(wav_bytes(2.0, seed=7))
+    for task in ("birds", "tags"):
+        four[task].save(store / f"{task}.safetensors")
+    with served(make_app()) as c:
+        for task, how in (("birds", "mean"), ("tags", "max")):
+            path = tmp_path / f"{task}.safetensors"
+            four[task].save(path)
+            code = aat(["predict", str(f), "--checkpoint", str(ckpt_dir), "--bundle", str(path),
+                        "--top-k", "10", "--hop-s", "0.3", "--json"])
+            row = json.loads(capsys.readouterr().out)
+            assert code == 0 and row["aggregate"] == how
+            body = c.post(f"/classify/{task}?top_k=10&hop_s=0.3", content=f.read_bytes(),
+                          headers={"content-type": "audio/wav"}).json()
+            assert row["windows"] == body["windows"] == 6  # 1 + ceil((2 - 0.655) / 0.3)
+            assert len(row["window_logits"]) == 6 and row["logits"] == row["window_logits"][0]
+            assert [p["label"] for p in row["predictions"]] == \
+                [p["label"] for p in body["predictions"]]
+            for got, ref in zip(row["predictions"], body["predictions"], strict=True):
+                assert got["score"] == pytest.approx(ref["score"], abs=1e-5)
+            # differs: the first window alone scores otherwise
+            aat(["predict", str(f), "--checkpoint", str(ckpt_dir), "--bundle", str(path),
+                 "--top-k", "10", "--aggregate", "first", "--json"])
+            first = json.loads(capsys.readouterr().out)
+            assert first["windows"] == 1 and "window_logits" not in first
+            assert first["logits"] == pytest.approx(row["logits"], abs=1e-5)  # other batch
+            assert [p["score"] for p in first["predictions"]] != \
+                pytest.approx([p["score"] for p in row["predictions"]], abs=1e-5)

@@ -16,7 +16,7 @@ ALL = ("CHECKPOINT", "BUNDLE_DIR", "ADMIN_TOKEN", "API_TOKEN", "HOST", "PORT", "
        "MAX_BATCH", "MAX_WAIT_MS", "MAX_QUEUE", "REQUEST_TIMEOUT_S", "MAX_AUDIO_MB",
        "MAX_AUDIO_SECONDS", "MAX_BUNDLE_MB", "MAX_TASKS", "PRELOAD", "REFRESH_S", "LOG_LEVEL",
        "MAX_UPLOADS", "DECODE_WORKERS", "KEEP_FREED_MEMORY", "DEVICE_TASK_MB", "HOST_CACHE_MB",
-       "PINNED_TASKS")
+       "PINNED_TASKS", "INFERENCE_THREADS", "SWITCH_INTERVAL_MS")
 
 
 @pytest.fixture(autouse=True)
@@ -35,6 +35,7 @@ def test_defaults_are_the_documented_ones():
     assert s.max_audio_bytes == 25 * 1024 * 1024 and s.max_bundle_bytes == 200 * 1024 * 1024
     assert not s.management_enabled
     assert s.keep_freed_memory is True
+    assert (s.inference_threads, s.switch_interval_ms) == (None, 1.0)
 
 
 def test_environment_is_read_with_the_aat_prefix(monkeypatch, tmp_path):
@@ -170,3 +171,15 @@ def test_tune_process_keeps_freed_blocks_only_when_asked(on):
     assert out[0] == str(on)
     kept_mib = int(out[1])
     assert kept_mib >= 60 if on else kept_mib < 8
+
+
+def test_inference_threads_and_switch_interval_are_read_and_bounded(monkeypatch):
+    monkeypatch.setenv("AAT_INFERENCE_THREADS", "3")
+    monkeypatch.setenv("AAT_SWITCH_INTERVAL_MS", "0.25")
+    s = load_settings()
+    assert (s.inference_threads, s.switch_interval_ms) == (3, 0.25)
+    monkeypatch.setenv("AAT_INFERENCE_THREADS", "0")
+    with pytest.raises(ConfigError) as e:
+        load_settings()
+    assert str(e.value) == ("invalid configuration: AAT_INFERENCE_THREADS: Input should be "
+                            "greater than or equal to 1 (got '0')")
