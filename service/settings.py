@@ -55,8 +55,10 @@ class Settings(BaseSettings):
     runtime: Literal["torch", "onnxruntime"] = "torch"
     """Where the backbone runs: torch, or ONNX Runtime (CUDA provider on a GPU, else CPU;
     float32 only). Uploading or replacing a task never rebuilds the ONNX Runtime session."""
-    max_batch: int = Field(8, ge=1, le=1024)
-    """Most clips in one forward pass."""
+    max_batch: int = Field(16, ge=1, le=1024)
+    """Most clips in one forward pass. 16: on the 2-core CPU of docs/benchmarks.md the demo
+    served 255-279 req/s at 16 against 220 at 8 and 176 at 32 (32 connections), with lower
+    p50 and p99; a GPU gains from larger batches still (``max_batch_frames`` bounds memory)."""
     max_batch_frames: int | None = Field(None, ge=1, le=100_000_000)
     """Most input frames (clips x frames per clip) in one forward pass, so no batch of long
     clips can exhaust memory; unset: ``max_batch`` clips of the backbone's length. A single

@@ -29,7 +29,7 @@ def test_defaults_are_the_documented_ones():
     s = load_settings()
     assert (s.checkpoint, s.bundle_dir, s.admin_token, s.api_token) == (None, None, None, None)
     assert (s.host, s.port, s.device, s.dtype) == ("127.0.0.1", 8000, "auto", "float32")
-    assert (s.max_batch, s.max_wait_ms, s.max_queue, s.request_timeout_s) == (8, 5.0, 256, 30.0)
+    assert (s.max_batch, s.max_wait_ms, s.max_queue, s.request_timeout_s) == (16, 5.0, 256, 30.0)
     assert (s.max_audio_mb, s.max_audio_seconds, s.max_bundle_mb) == (25.0, 600.0, 200.0)
     assert (s.max_tasks, s.preload, s.refresh_s, s.log_level) == (64, "eager", 5.0, "info")
     assert s.max_audio_bytes == 25 * 1024 * 1024 and s.max_bundle_bytes == 200 * 1024 * 1024
