@@ -134,6 +134,7 @@ def build_model(settings: Settings, backbone: AST, device: torch.device, dtype: 
     (``ConfigError`` when ``on`` cannot be honoured)."""
     if settings.runtime == "onnxruntime":
         model = MultiTaskModel(backbone, max_tasks=settings.max_tasks, fingerprint=fingerprint,
+                               bottleneck=settings.slot_width,
                                backend="onnxruntime", providers=onnx_providers(device),
                                device_budget=settings.device_task_bytes)
         log.info("runtime onnxruntime", extra={"provider": model.backend})
@@ -142,6 +143,7 @@ def build_model(settings: Settings, backbone: AST, device: torch.device, dtype: 
                           settings.max_batch)
     residual = torch.bfloat16 if settings.residual_dtype == "bfloat16" else torch.float32
     return MultiTaskModel(backbone, max_tasks=settings.max_tasks, dtype=dtype, device=device,
+                          bottleneck=settings.slot_width,
                           fingerprint=fingerprint, residual_dtype=residual, graphs=graphs,
                           device_budget=settings.device_task_bytes)
 

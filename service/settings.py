@@ -95,6 +95,11 @@ class Settings(BaseSettings):
     host_cache_mb: float = Field(512.0, ge=0, le=1_048_576)
     """Host memory for validated bundles, so an evicted task comes back without reading its
     file; 0 disables the tier."""
+    slot_width: int = Field(192, ge=1, le=4096)
+    """Width (bottleneck) of a resident task's adapter pool row: narrower adapters are
+    zero-padded to it, wider ones are refused. Device bytes per task grow with it: set it to
+    your bundles' widest adapters to fit more tasks in ``device_task_mb`` (the demo's are 32
+    wide, 6x narrower than the default)."""
     pinned_tasks: str | None = None
     """Comma-separated tasks never evicted from the device (loaded on first use like others)."""
     preload: Literal["eager", "lazy"] = "eager"

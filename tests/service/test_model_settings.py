@@ -58,3 +58,34 @@ def test_build_model_honours_the_settings():
                                           r"backend, got cpu and segments; use auto or off$"):
         build_model(load_settings(cuda_graphs="on"), copy.deepcopy(base), cpu, torch.float32,
                     "fp")
+
+
+def test_slot_width_sizes_the_pool_rows_and_bounds_the_bundles():
+    """AAT_SLOT_WIDTH: a row is that wide (device bytes per task follow it), narrower adapters
+    load and give the same scores as in a wider pool, wider ones are refused."""
+    from tests.helpers import random_bundle
+
+    base = tiny_backbone(seed=0)
+    cpu = torch.device("cpu")
+    fp = base.fingerprint()
+    wide = build_model(load_settings(), copy.deepcopy(base), cpu, torch.float32, fp)
+    narrow = build_model(load_settings(slot_width=8), copy.deepcopy(base), cpu, torch.float32,
+                         fp)
+    assert load_settings().slot_width == 192
+    d, depth = base.cfg.embed_dim, base.cfg.depth  # MLP and spatial pools, fp32 rows of
+    for m, r in ((wide, 192), (narrow, 8)):        # W_down, b_down, W_up, b_up
+        assert m.slots.row_nbytes == 2 * depth * (2 * d * r + r + d) * 4
+    small = random_bundle(base, "small", bottleneck=8, seed=1)
+    for m in (wide, narrow):
+        m.load_task(small)
+    x = torch.randn(2, 64, base.cfg.num_mel_bins)
+    with torch.inference_mode():
+        a, b = wide.classify(x, ["small"] * 2), narrow.classify(x, ["small"] * 2)
+    torch.testing.assert_close(torch.stack(a), torch.stack(b), rtol=1e-5, atol=1e-5)
+    big = random_bundle(base, "big", bottleneck=16, seed=2)
+    with pytest.raises(Exception, match=r"adapters of bottleneck 16, larger than this model's "
+                                         r"slot width 8"):
+        narrow.load_task(big)
+    wide.load_task(big)
+    with torch.inference_mode():
+        assert not torch.allclose(torch.stack(wide.classify(x, ["big"] * 2)), torch.stack(a))
