@@ -178,6 +178,12 @@ class TaskSlots:
         with self._lock:
             return list(self._by_slot.values())
 
+    def loads_without_waiting(self) -> bool:
+        """Whether a load now would take a free slot and a free pool row: it neither waits for
+        a retiring slot nor grows (copies) the pools, so it is a few row copies."""
+        with self._lock:
+            return bool(self._free_slots) and bool(self._free_rows)
+
     def free_slots(self) -> list[int]:
         with self._lock:
             return sorted(self._free_slots)

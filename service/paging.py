@@ -13,7 +13,9 @@ mechanics the registry's cold path needs:
   with the in-flight counts) and a touch in the host tier, which still holds its bundle;
 * the loader thread: a load (tensors copied onto the device, pool rows written) runs there,
   never on the inference thread and never through the engine's control queue, so hot tasks'
-  batches keep flowing while a cold task loads; the requests of that task wait for it alone;
+  batches keep flowing while a cold task loads; the requests of that task wait for it alone.
+  One exception (``loads_inline``): a host-tier bundle on a CPU model with a free slot and row
+  is a few row copies, done on the event loop without the two thread hand-offs;
 * single flight: concurrent requests for one cold task share one load;
 * the metrics of all this (``service/metrics.py``, documented in docs/service.md).
 
@@ -29,6 +31,8 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import Any
+
+import torch
 
 from aat_serve.adapters.bundle import TaskBundle
 from aat_serve.adapters.host_tier import HostTier
@@ -143,11 +147,26 @@ class Pager:
         with suppress(asyncio.TimeoutError, TimeoutError):
             await asyncio.wait_for(self._idle.wait(), min(remaining, IDLE_POLL_S))
 
+    def loads_inline(self, source: str) -> bool:
+        """Whether a load from ``source`` runs on the event loop instead of the loader thread:
+        a host-tier bundle on a CPU model with a free slot and pool row. That load is a few
+        row copies in host memory (0.5 ms for a demo bundle), cheaper than the two thread
+        hand-offs around it (each a GIL or scheduler switch on a busy machine: the host-tier
+        load p99 was 51 ms through the thread, docs/benchmarks.md). A GPU copy, a disk bundle
+        or a load that must wait for a slot or grow the pools goes to the loader thread, so
+        the event loop never waits behind a batch."""
+        return (source == "host" and torch.device(self.model.device).type == "cpu"
+                and self.model.slots.loads_without_waiting())
+
     async def load(self, bundle: TaskBundle, source: str, started: float
                    ) -> tuple[TaskInfo, Loaded]:
-        """Load ``bundle`` on the loader thread; counted as a load from ``source``."""
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._loader, self.model.load_task, bundle)
+        """Load ``bundle`` (inline or on the loader thread, ``loads_inline``); counted as a
+        load from ``source``."""
+        if self.loads_inline(source):
+            self.model.load_task(bundle)
+        else:
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(self._loader, self.model.load_task, bundle)
         task = bundle.manifest.task
         self.lru.touch(task)
         seconds = time.monotonic() - started

@@ -236,3 +236,37 @@ def test_an_upload_that_finds_every_task_busy_is_503_and_changes_nothing(make_ap
         r = c.put("/tasks/words", content=bundles["words"].to_bytes(), headers=put)
         assert r.status_code == 201
         assert _states(c) == {"birds": "cached", "words": "active"}
+
+
+@pytest.mark.parametrize("room", [True, False])
+def test_a_host_tier_load_on_cpu_runs_inline_unless_it_must_wait(make_app, store, bundles,
+                                                                 monkeypatch, room):
+    """Disk loads run on the loader thread; a host-tier load on a CPU model with a free slot and
+    row runs on the event loop (no thread hand-off); one that would wait for a slot or grow the
+    pools goes to the loader thread as well."""
+    import asyncio
+
+    from aat_serve.adapters.slots import TaskSlots
+
+    _save(store, bundles, "birds", "words")
+    calls: list[tuple[str, bool]] = []
+    real = MultiTaskModel.load_task
+
+    def load_task(model, bundle):
+        try:
+            asyncio.get_running_loop()
+            on_loop = True
+        except RuntimeError:
+            on_loop = False
+        calls.append((bundle.manifest.task, on_loop))
+        return real(model, bundle)
+
+    monkeypatch.setattr(MultiTaskModel, "load_task", load_task)
+    if not room:
+        monkeypatch.setattr(TaskSlots, "loads_without_waiting", lambda self: False)
+    with served(make_app(preload="lazy", max_tasks=1)) as c:
+        loads = [_classify(c, t).headers.get("x-aat-task-load") for t in
+                 ("birds", "words", "birds")]
+        assert loads == ["disk", "disk", "host"]
+        assert _states(c) == {"birds": "active", "words": "cached"}
+    assert calls == [("birds", False), ("words", False), ("birds", room)]
