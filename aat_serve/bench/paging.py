@@ -18,7 +18,6 @@ summary of ``GET /tasks``; and the paged/all-resident throughput ratio.
 from __future__ import annotations
 
 import dataclasses
-import logging
 import multiprocessing
 import shutil
 import tempfile
@@ -166,7 +165,6 @@ def bench_paging(cfg: PagingBenchConfig, progress=None) -> dict[str, Any]:
     import httpx
 
     say = progress or (lambda msg: None)
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
     work = Path(tempfile.mkdtemp(prefix="aat-bench-paging-"))
     modes = {"paged": cfg.resident, "all_resident": cfg.tasks}
     try:

@@ -105,3 +105,20 @@ def test_a_closed_pipe_ends_quietly_with_the_sigpipe_status(tmp_path):
     _, err = child.communicate(timeout=120)
     assert child.returncode == 141, err.decode()
     assert b"Traceback" not in err and b"BrokenPipeError" not in err
+
+
+def test_http_client_request_lines_are_quiet_unless_verbose(monkeypatch):
+    """``aat`` logs at INFO, but httpx's one line per request (benchmarks, the client) only
+    with --verbose."""
+    import logging
+
+    from aat_serve.cli.main import main
+
+    for name in ("httpx", "httpcore"):
+        monkeypatch.setattr(logging.getLogger(name), "level", logging.NOTSET)
+    main(["methods"])
+    assert logging.getLogger("httpx").getEffectiveLevel() == logging.WARNING
+    assert logging.getLogger("httpcore").getEffectiveLevel() == logging.WARNING
+    logging.getLogger("httpx").setLevel(logging.NOTSET)
+    main(["--verbose", "methods"])
+    assert logging.getLogger("httpx").level == logging.NOTSET
