@@ -76,6 +76,12 @@ def launch_options(num_warps: int, num_stages: int) -> dict:
     return {} if is_interpreted() else {"num_warps": num_warps, "num_stages": num_stages}
 
 
+def unit_stride(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when its last dimension is contiguous (the kernels take a row stride but
+    assume unit column stride), else a contiguous copy."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
 _VALIDATED: set[tuple] = set()
 
 

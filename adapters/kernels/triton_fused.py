@@ -31,6 +31,7 @@ from aat_serve.adapters.kernels.triton_common import (
     is_interpreted,
     launch_options,
     persistent_programs,
+    unit_stride,
 )
 
 
@@ -264,10 +265,6 @@ def _reduce(part_ptr, b2_ptr, bu_ptr, x_ptr, slot_ptr, out_ptr, M, N,
              acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _contig(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
 _ALLOCATOR_SET = False
 
 
@@ -296,16 +293,16 @@ def fused_route(x: torch.Tensor, h: torch.Tensor, mlp: MlpWeights | None, pool: 
     """
     cfg = config
     m, d = x.shape
-    h, x = _contig(h), _contig(x)
+    h, x = unit_stride(h), unit_stride(x)
     plan = plans.get(cfg.block_m)
     hidden = mlp.hidden if mlp is not None else 0
     rank = pool.rank
     w1, b1, w2, b2 = (mlp.w1, mlp.b1, mlp.w2, mlp.b2) if mlp is not None else (h, h, h, h)
-    w1, w2 = _contig(w1), _contig(w2)
+    w1, w2 = unit_stride(w1), unit_stride(w2)
     tma = cfg.tma and mlp is not None  # (the bare adapter has no W1/W2 to describe)
     wd, wu = pool.w_down, pool.w_up
-    wd, wu = (wd.contiguous(), wu.contiguous()) if tma else (_contig(wd), _contig(wu))
-    bd, bu = _contig(pool.b_down), _contig(pool.b_up)
+    wd, wu = (wd.contiguous(), wu.contiguous()) if tma else (unit_stride(wd), unit_stride(wu))
+    bd, bu = unit_stride(pool.b_down), unit_stride(pool.b_up)
     dots = dot_options(h.dtype, cast_f32)
     launch = launch_options(cfg.num_warps, cfg.num_stages)
     act = torch.empty(m, hidden + rank, dtype=h.dtype, device=h.device)

@@ -28,6 +28,7 @@ from aat_serve.adapters.kernels.triton_common import (
     grouped_tile,
     launch_options,
     persistent_programs,
+    unit_stride,
 )
 
 
@@ -142,10 +143,6 @@ def _expand(
                      acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _contig(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
 def frozen_mlp(h: torch.Tensor, mlp: MlpWeights) -> torch.Tensor:
     """``GELU(h W1^T + b1) W2^T + b2`` in torch (cuBLAS on CUDA), exact-erf GELU."""
     return F.linear(F.gelu(F.linear(h, mlp.w1, mlp.b1)), mlp.w2, mlp.b2)
@@ -157,11 +154,11 @@ def sgmv_route(x: torch.Tensor, h: torch.Tensor, mlp: MlpWeights | None, pool: A
     """``x + MLP(h) + A_s(h)``: torch for the MLP, shrink + expand for the adapters."""
     cfg = config
     m, d = x.shape
-    h, x = _contig(h), _contig(x)
+    h, x = unit_stride(h), unit_stride(x)
     plan = plans.get(cfg.block_m)
     rank = pool.rank
-    wd, wu = _contig(pool.w_down), _contig(pool.w_up)
-    bd, bu = _contig(pool.b_down), _contig(pool.b_up)
+    wd, wu = unit_stride(pool.w_down), unit_stride(pool.w_up)
+    bd, bu = unit_stride(pool.b_down), unit_stride(pool.b_up)
     dots = dot_options(h.dtype, cast_f32)
     launch = launch_options(cfg.num_warps, cfg.num_stages)
     base = frozen_mlp(h, mlp) if mlp is not None else None

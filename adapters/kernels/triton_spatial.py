@@ -24,6 +24,7 @@ from aat_serve.adapters.kernels.triton_common import (
     gelu,
     launch_options,
     persistent_programs,
+    unit_stride,
 )
 
 
@@ -106,10 +107,6 @@ def _spatial(
                          y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _contig(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
 def rank_pad(rank: int) -> int:
     """The bottleneck width the kernel computes: a power of two, at least 16 (tl.dot)."""
     return max(16, triton.next_power_of_2(rank))
@@ -124,10 +121,10 @@ def spatial_adapter(x: torch.Tensor, a: torch.Tensor, pool: AdapterPool, plans: 
     """
     cfg = config
     d = x.shape[1]
-    x, a = _contig(x), _contig(a)
+    x, a = unit_stride(x), unit_stride(a)
     plan = plans.get(cfg.block_m)
-    wd, wu = _contig(pool.w_down), _contig(pool.w_up)
-    bd, bu = _contig(pool.b_down), _contig(pool.b_up)
+    wd, wu = unit_stride(pool.w_down), unit_stride(pool.w_up)
+    bd, bu = unit_stride(pool.b_down), unit_stride(pool.b_up)
     out = torch.empty_like(x)
     progs = persistent_programs(x.device, plan.tiles, cfg.per_sm)
     _spatial[(progs,)](
