@@ -99,11 +99,16 @@ class BackboneConfig:
         return _from_dict(cls, data)
 
 
+DEFAULT_BOTTLENECK = 192
+"""The adapter width r of the AAT recipes (D / 4 for ViT-B), and so the default width of a
+serving model's pool rows (``MultiTaskModel``, ``AAT_SLOT_WIDTH``)."""
+
+
 @dataclass(frozen=True)
 class AdapterConfig:
     """Which AAT modules a task adds to each block, and their sizes."""
 
-    bottleneck: int = 192
+    bottleneck: int = DEFAULT_BOTTLENECK
     """Adapter hidden width r (D / 4 for ViT-B)."""
     mlp: bool = False
     """MLP adapter in parallel with each block's MLP (AAT^M)."""

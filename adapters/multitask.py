@@ -34,6 +34,7 @@ from torch.nn import functional as F
 
 from aat_serve.adapters.backbone import AST
 from aat_serve.adapters.bundle import Manifest, TaskBundle
+from aat_serve.adapters.config import DEFAULT_BOTTLENECK
 from aat_serve.adapters.errors import ConfigError
 from aat_serve.adapters.kernels.layout import segments
 from aat_serve.adapters.runners import RUNNERS, Runner, group_batch, make_runner, resolve_runner
@@ -99,7 +100,7 @@ class MultiTaskModel(torch.nn.Module):
 
     def __init__(self, backbone: AST, max_tasks: int = 64, dtype: torch.dtype = torch.float32,
                  device: str | torch.device = "cpu", fingerprint: str | None = None,
-                 bottleneck: int = 192, backend: str = "auto",
+                 bottleneck: int = DEFAULT_BOTTLENECK, backend: str = "auto",
                  providers: list[str] | None = None, threads: int | None = None,
                  residual_dtype: torch.dtype = torch.float32,
                  graphs: GraphConfig | None = None, device_budget: int | None = None) -> None:

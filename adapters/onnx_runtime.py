@@ -34,6 +34,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from aat_serve.adapters.backbone import AST, drop_prompts, insert_prompts
+from aat_serve.adapters.config import DEFAULT_BOTTLENECK
 from aat_serve.adapters.errors import ConfigError
 from aat_serve.adapters.onnx_export import FixedLengthEmbed
 
@@ -116,8 +117,8 @@ class TaskArrays:
 class OrtBackbone:
     """Exports (lazily, once per clip length and prompt count) and runs the pooled body."""
 
-    def __init__(self, backbone: AST, bottleneck: int = 192, providers: list[str] | None = None,
-                 threads: int | None = None) -> None:
+    def __init__(self, backbone: AST, bottleneck: int = DEFAULT_BOTTLENECK,
+                 providers: list[str] | None = None, threads: int | None = None) -> None:
         try:
             import onnxruntime as ort
         except ImportError as e:  # pragma: no cover - depends on the install

@@ -13,6 +13,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from aat_serve.adapters.bundle import TASK_NAME_RE
+from aat_serve.adapters.config import DEFAULT_BOTTLENECK
 from aat_serve.adapters.errors import ConfigError
 
 # Values people leave in example files; a token equal to one of these is refused.
@@ -95,7 +96,7 @@ class Settings(BaseSettings):
     host_cache_mb: float = Field(512.0, ge=0, le=1_048_576)
     """Host memory for validated bundles, so an evicted task comes back without reading its
     file; 0 disables the tier."""
-    slot_width: int = Field(192, ge=1, le=4096)
+    slot_width: int = Field(DEFAULT_BOTTLENECK, ge=1, le=4096)
     """Width (bottleneck) of a resident task's adapter pool row: narrower adapters are
     zero-padded to it, wider ones are refused. Device bytes per task grow with it: set it to
     your bundles' widest adapters to fit more tasks in ``device_task_mb`` (the demo's are 32
