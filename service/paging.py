@@ -32,8 +32,6 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 from aat_serve.adapters.bundle import TaskBundle
 from aat_serve.adapters.host_tier import HostTier
 from aat_serve.adapters.multitask import MultiTaskModel
@@ -155,7 +153,7 @@ class Pager:
         load p99 was 51 ms through the thread, docs/benchmarks.md). A GPU copy, a disk bundle
         or a load that must wait for a slot or grow the pools goes to the loader thread, so
         the event loop never waits behind a batch."""
-        return (source == "host" and torch.device(self.model.device).type == "cpu"
+        return (source == "host" and self.model.device.type == "cpu"
                 and self.model.slots.loads_without_waiting())
 
     async def load(self, bundle: TaskBundle, source: str, started: float
