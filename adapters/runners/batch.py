@@ -44,6 +44,15 @@ class Group:
         return torch.stack([e.prompts for e in self.entries])  # type: ignore[misc]
 
 
+def clip_rows(segs: Sequence[Segment], out: torch.Tensor) -> torch.Tensor:
+    """Each clip's pool row from ``segs`` written into ``out`` (int32, one entry per clip of
+    the group; -1 where no segment covers it); returns ``out``."""
+    out.fill_(-1)
+    for c0, c1, r in segs:
+        out[c0:c1] = r
+    return out
+
+
 def group_batch(entries: Sequence[TaskEntry | None]) -> list[Group]:
     """The groups of a batch whose clip ``i`` runs with ``entries[i]`` (None: no task)."""
     def key(i: int) -> tuple[int, int, int]:

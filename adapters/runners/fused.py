@@ -21,7 +21,7 @@ import torch
 from aat_serve.adapters.backbone import AST, Block
 from aat_serve.adapters.kernels.dispatch import Backend, mlp_adapter, spatial_adapter
 from aat_serve.adapters.kernels.plan import Plans
-from aat_serve.adapters.runners.batch import Group, encode
+from aat_serve.adapters.runners.batch import Group, Segment, clip_rows, encode
 from aat_serve.adapters.runners.torch_segments import mlp_weights
 from aat_serve.adapters.slots import SlotPools
 
@@ -48,14 +48,12 @@ class FusedRunner:
         return 0
 
     def pooled(self, x: torch.Tensor, group: Group, pools: SlotPools) -> torch.Tensor:
-        def clip_rows(segs: list[tuple[int, int, int]]) -> torch.Tensor:
-            rows = torch.full((len(group.clips),), -1, dtype=torch.int32)
-            for c0, c1, r in segs:
-                rows[c0:c1] = r
-            return rows.to(self.device)
+        def rows(segs: list[Segment]) -> torch.Tensor:
+            return clip_rows(segs, torch.empty(len(group.clips), dtype=torch.int32)
+                             ).to(self.device)
 
-        spatial = clip_rows(group.spatial_segs) if group.spatial_segs else None
-        return self.encode(x, group.prompts(), spatial, clip_rows(group.mlp_segs), pools)
+        spatial = rows(group.spatial_segs) if group.spatial_segs else None
+        return self.encode(x, group.prompts(), spatial, rows(group.mlp_segs), pools)
 
     def encode(self, x: torch.Tensor, prompts: torch.Tensor | None,
                spatial_rows: torch.Tensor | None, mlp_rows: torch.Tensor,

@@ -42,7 +42,7 @@ from typing import Literal, Protocol
 import torch
 
 from aat_serve.adapters.errors import ConfigError
-from aat_serve.adapters.runners.batch import Group
+from aat_serve.adapters.runners.batch import Group, clip_rows
 from aat_serve.adapters.runners.fused import FusedRunner
 from aat_serve.adapters.slots import SlotPools
 
@@ -271,10 +271,8 @@ class GraphCache:
         n, size = len(group.clips), g.dev.numel() - 3 * b
         self.backend.wait_host()  # the previous upload has read the staging buffer
         ints = g.host[size:].view(torch.int32)  # mlp rows, spatial rows, clip indices
-        ints[:2 * b].fill_(-1)
-        for base, segs in ((0, group.mlp_segs), (b, group.spatial_segs)):
-            for c0, c1, r in segs:
-                ints[base + c0:base + c1] = r
+        clip_rows(group.mlp_segs, ints[:b])
+        clip_rows(group.spatial_segs, ints[b:2 * b])
         idx = ints[2 * b:2 * b + n]
         idx.copy_(torch.tensor(group.clips, dtype=torch.int32))
         if x.device.type == "cpu":  # features, rows and indices in one upload
