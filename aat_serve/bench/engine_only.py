@@ -1,6 +1,6 @@
 """Engine-only throughput: the server's own engine, fed decoded clips in-process, no HTTP.
 
-``aat bench serve --driver hey`` compares the service with this figure, so it is measured the
+``aat bench serve`` compares the service with this figure, so it is measured the
 way the server computes: in a child process with the server's environment (``AAT_*``), set up
 as ``aat serve`` sets itself up (``tune_process``: switch interval, allocator; ``Service``:
 model, inference thread and its torch threads, batched features, batcher), and loaded through

@@ -3,7 +3,10 @@
 ``ServeProcess`` starts ``aat serve`` as a child process on a free 127.0.0.1 port and stops it;
 ``hey_load`` runs one or several ``hey`` processes at once (a task mix is one ``hey`` per task,
 the connections split between them) and reads each request's latency and status from hey's CSV
-output, so p50/p99 and errors come from every request, not from hey's summary.
+output, so p50/p99 and errors come from every request, not from hey's summary. The batch sizes
+come from the server's own metrics (``metric_totals`` before and after a run). Every serving
+benchmark (``aat bench serve``, with or without ``--zipf``) uses these: the load never comes from
+threads inside the server's process.
 """
 
 from __future__ import annotations
@@ -11,7 +14,9 @@ from __future__ import annotations
 import csv
 import io
 import os
+import re
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -21,10 +26,26 @@ from pathlib import Path
 from typing import Any
 
 from aat_serve.adapters.errors import ConfigError
-from aat_serve.bench.load import _free_port, _metric_totals
 
-HEY_MISSING = ("the load generator `hey` is not installed (Debian/Ubuntu: apt-get install hey); "
-               "or use --driver threads")
+HEY_MISSING = "the load generator `hey` is not installed (Debian/Ubuntu: apt-get install hey)"
+BATCH_METRICS = ("aat_batch_size_sum", "aat_batch_size_count", "aat_batch_tasks_sum")
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (for a child server to bind)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def metric_totals(text: str) -> dict[str, float]:
+    """The batch histograms' running totals (``BATCH_METRICS``) in a ``/metrics`` text; a
+    series the server has not written yet (no batch so far) reads 0."""
+    out = {}
+    for name in BATCH_METRICS:
+        m = re.search(rf"^{name} (\S+)$", text, re.M)
+        out[name] = float(m.group(1)) if m else 0.0
+    return out
 
 
 def hey_path() -> str:
@@ -39,7 +60,7 @@ class ServeProcess:
 
     def __init__(self, *, checkpoint: str | None, bundle_dir: str | None,
                  env: dict[str, str]) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "aat_serve.cli.main", "serve", "--host", "127.0.0.1",
                "--port", str(self.port), "--log-level", "warning"]
@@ -56,11 +77,18 @@ class ServeProcess:
         self.log.seek(0)
         return self.log.read().decode(errors="replace")[-2000:]
 
-    def __enter__(self) -> ServeProcess:
-        import httpx
-
+    def start(self) -> ServeProcess:
+        """Start the child without waiting for it (several servers can start at once)."""
         self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=self.log,
                                      stderr=subprocess.STDOUT)
+        return self
+
+    def wait_ready(self) -> ServeProcess:
+        """Wait until ``/readyz`` answers 200; a child that exits or stays unready for 600 s
+        is stopped and reported with the tail of its log."""
+        import httpx
+
+        assert self.proc is not None, "start() first"
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -74,6 +102,9 @@ class ServeProcess:
             time.sleep(0.2)
         self.__exit__()
         raise ConfigError("aat serve was not ready within 600 s")
+
+    def __enter__(self) -> ServeProcess:
+        return self.start().wait_ready()
 
     def __exit__(self, *exc: Any) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -130,7 +161,7 @@ def hey_load(base: str, paths: list[str], requests: int, clients: int, body: Pat
     n = len(paths)
     per_req = [requests // n + (1 if i < requests % n else 0) for i in range(n)]
     per_conn = [max(1, clients // n + (1 if i < clients % n else 0)) for i in range(n)]
-    before = _metric_totals(httpx.get(base + "/metrics").text)
+    before = metric_totals(httpx.get(base + "/metrics").text)
     # hey sends requests // connections per connection: ask for what it will send
     per_conn = [min(c, r) for c, r in zip(per_conn, per_req, strict=True)]
     per_req = [r // c * c if r > 0 else 0 for c, r in zip(per_conn, per_req, strict=True)]
@@ -155,6 +186,6 @@ def hey_load(base: str, paths: list[str], requests: int, clients: int, body: Pat
         seconds = max(seconds, end)
         for k, v in one_err.items():
             errors[k] = errors.get(k, 0) + v
-    after = _metric_totals(httpx.get(base + "/metrics").text)
+    after = metric_totals(httpx.get(base + "/metrics").text)
     batch = {k: after[k] - before[k] for k in after}
     return HeyRun(lat, errors, seconds, batch)

@@ -33,8 +33,7 @@ from aat_serve.adapters.bundle import TaskBundle, content_version
 from aat_serve.adapters.errors import ConfigError
 from aat_serve.bench.common import machine, machine_summary, table
 from aat_serve.bench.fixtures import synth_wav
-from aat_serve.bench.hey import ServeProcess
-from aat_serve.bench.load import _metric_totals
+from aat_serve.bench.hey import ServeProcess, metric_totals
 from aat_serve.bench.zipf_client import ClientJob, Record, run_client, warm
 
 
@@ -105,7 +104,7 @@ def _batches(url: str) -> tuple[float, float]:
     """(clips, batches) the server has computed so far (its ``aat_batch_size`` histogram)."""
     import httpx
 
-    totals = _metric_totals(httpx.get(url + "/metrics", timeout=60).text)
+    totals = metric_totals(httpx.get(url + "/metrics", timeout=60).text)
     return totals["aat_batch_size_sum"], totals["aat_batch_size_count"]
 
 

@@ -1,14 +1,22 @@
-"""``aat bench serve --driver hey``: a real ``aat serve`` process under ``hey``, and its ceilings.
+"""``aat bench serve``: a real ``aat serve`` process under ``hey``, its ceilings and a baseline.
 
-The server runs in its own process (started here, or ``--url``); the load comes from ``hey``
-processes; this process only starts them. Each round runs, back to back: ``GET /healthz`` (the
-HTTP server's own ceiling), classify on one task, classify over a task mix (one ``hey`` per
-task, the connections split), all with the same connection count, and the engine alone (the
-server's own engine with the server's settings, fed the decoded clip in a child process while
-the server idles: ``aat_serve.bench.engine_only``; the median over the rounds). Reported per
-scenario: req/s, p50/p95/p99, errors, mean clips and tasks per batch (the server's
+The server runs in its own process (started here, or ``--url``: one already running on this
+machine); the load comes from ``hey`` processes; this process only starts them and reads the
+results. Each round runs, back to back: ``GET /healthz`` (the HTTP server's own ceiling),
+classify on one task, classify over a task mix (one ``hey`` per task, the connections split),
+all with the same connection count, and the engine alone (the server's own engine with the
+server's settings, fed the decoded clip in a child process while the server idles:
+``aat_serve.bench.engine_only``; the median over the rounds).
+
+``--baseline no-batching`` starts a second server, the same store and settings but
+``AAT_MAX_BATCH=1`` (one clip, one task per forward pass), and runs the same one-task and mix
+loads against it in the same rounds. The runs of a round go in an order that rotates by one
+each round, so a change in the machine's background load hits both servers alike (the server
+not being measured idles).
+
+Reported per scenario: req/s, p50/p95/p99, errors, mean clips and tasks per batch (the server's
 ``aat_batch_size``/``aat_batch_tasks`` histograms before and after), and the ratios classify /
-healthz and service clips/s / engine-only clips/s.
+healthz, service clips/s / engine-only clips/s and, with the baseline, batching / none.
 """
 
 from __future__ import annotations
@@ -17,9 +25,11 @@ import contextlib
 import shutil
 import statistics
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import numpy as np
 
@@ -29,19 +39,28 @@ from aat_serve.bench.engine_only import engine_only
 from aat_serve.bench.fixtures import random_task_bundles, synth_wav, write_random_checkpoint
 from aat_serve.bench.hey import HeyRun, ServeProcess, hey_load, hey_path
 
+BASELINES = ("none", "no-batching")
+BASELINE = "no_batching"
+"""The prefix of the baseline server's scenarios in the report (``no_batching/single``)."""
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
 
 @dataclass
 class ProcessBenchConfig:
-    """What ``bench_serve_process`` measures (``aat bench serve --driver hey``)."""
+    """What ``bench_serve_process`` measures; ``aat bench serve``'s flags, one field each."""
 
     preset: str | None = None
     """A random backbone of this preset; None: ``checkpoint``, else the embedded demo."""
+    frames: int | None = None
+    """The random backbone's clip length in frames (None: the preset's)."""
     checkpoint: str | None = None
     bundle_dir: str | None = None
+    """The task store served with ``checkpoint``; None: ``tasks`` random tasks of it."""
     url: str | None = None
     tasks: int = 4
     clients: int = 32
     requests: int = 2000
+    """Requests per scenario in each round (all connections together)."""
     max_seconds: float = 120.0
     clip_s: float = 1.0
     max_batch: int = 8
@@ -50,23 +69,55 @@ class ProcessBenchConfig:
     dtype: str = "float32"
     rounds: int = 1
     engine_seconds: float = 3.0
+    """Timed seconds of each engine-only run; 0: no engine-only run."""
+    baseline: str = "none"
+
+    def __post_init__(self) -> None:
+        if min(self.tasks, self.clients, self.requests, self.rounds, self.max_batch) < 1:
+            raise ConfigError("--tasks, --clients, --requests, --rounds and --max-batch need "
+                              f"positive integers, got {self.tasks}, {self.clients}, "
+                              f"{self.requests}, {self.rounds} and {self.max_batch}")
+        if self.engine_seconds < 0 or self.clip_s <= 0 or self.max_seconds <= 0:
+            raise ConfigError("--engine-seconds must be >= 0 and --clip-s, --max-seconds > 0, "
+                              f"got {self.engine_seconds}, {self.clip_s} and {self.max_seconds}")
+        if self.baseline not in BASELINES:
+            raise ConfigError(f"--baseline must be one of {', '.join(BASELINES)}, got "
+                              f"{self.baseline!r}")
+        if self.baseline != "none" and self.max_batch < 2:
+            raise ConfigError("--baseline no-batching compares against a server with max batch "
+                              f"1: --max-batch must be >= 2, got {self.max_batch}")
+        if self.frames is not None and self.preset is None:
+            raise ConfigError("--frames sets the length of a random --backbone; a checkpoint's "
+                              "or the demo's tasks keep their own length")
+        if self.url is not None:
+            host = urlsplit(self.url).hostname
+            if host not in LOOPBACK:
+                raise ConfigError(f"--url must point at this machine (127.0.0.1), got host "
+                                  f"{host!r}")
+            if self.baseline != "none":
+                raise ConfigError("--baseline needs servers this benchmark starts; a --url "
+                                  "server's batching cannot be switched off")
+
+
+def _random_store(checkpoint: str, frames: int | None, tasks: int, store: Path) -> None:
+    from aat_serve.adapters.checkpoints import load_checkpoint
+
+    ck = load_checkpoint(checkpoint, target_length=frames)
+    store.mkdir()
+    for b in random_task_bundles(ck.backbone, ck.features, tasks):
+        b.save(store / f"{b.manifest.task}.safetensors")
 
 
 def _model_source(cfg: ProcessBenchConfig, work: Path) -> tuple[str, str]:
-    """(checkpoint, bundle directory) for the server and the engine-only run."""
-    from aat_serve.adapters.checkpoints import load_checkpoint
-
+    """(checkpoint, bundle directory) for the servers and the engine-only run."""
     if cfg.preset is not None:
-        ckpt_dir = write_random_checkpoint(work / "backbone", cfg.preset, None)
-        ck = load_checkpoint(ckpt_dir)
-        store = work / "store"
-        store.mkdir()
-        for b in random_task_bundles(ck.backbone, ck.features, cfg.tasks):
-            b.save(store / f"{b.manifest.task}.safetensors")
-        return str(ckpt_dir), str(store)
+        ckpt_dir = str(write_random_checkpoint(work / "backbone", cfg.preset, cfg.frames))
+        _random_store(ckpt_dir, cfg.frames, cfg.tasks, work / "store")
+        return ckpt_dir, str(work / "store")
     if cfg.checkpoint is not None:
         if cfg.bundle_dir is None:
-            raise ConfigError("--checkpoint with --driver hey needs --bundle-dir")
+            _random_store(cfg.checkpoint, None, cfg.tasks, work / "store")
+            return cfg.checkpoint, str(work / "store")
         return cfg.checkpoint, cfg.bundle_dir
     from aat_serve.adapters import demo_assets
 
@@ -104,21 +155,40 @@ def _task_names(url: str, want: int) -> list[str]:
     return names
 
 
-def _measure(cfg: ProcessBenchConfig, url: str, clip: Path, names: list[str],
-             engine_env: dict[str, str] | None) -> tuple[dict, dict]:
-    runs: dict[str, list[HeyRun]] = {"healthz": [], "single": [], f"mix{len(names)}": []}
-    engine_runs: list[dict[str, float]] = []
-    hey_load(url, [f"/classify/{n}" for n in names], 4 * cfg.clients, cfg.clients, clip,
-             cfg.max_seconds)  # warm up every task and connection
-    for _ in range(cfg.rounds):
-        runs["healthz"].append(hey_load(url, ["/healthz"], cfg.requests, cfg.clients, None,
-                                        cfg.max_seconds))
-        runs["single"].append(hey_load(url, [f"/classify/{names[0]}"], cfg.requests,
-                                       cfg.clients, clip, cfg.max_seconds))
-        runs[f"mix{len(names)}"].append(hey_load(url, [f"/classify/{n}" for n in names],
-                                                 cfg.requests, cfg.clients, clip,
-                                                 cfg.max_seconds))
+def _plan(urls: dict[str, str], names: list[str]) -> dict[str, tuple[str, list[str]]]:
+    """Scenario name -> (server URL, request paths): the main server's ``healthz``, ``single``
+    and ``mixN``, and the baseline server's ``no_batching/single`` and ``no_batching/mixN``."""
+    mix = [f"/classify/{n}" for n in names]
+    plan = {"healthz": (urls["main"], ["/healthz"])}
+    for server, prefix in (("main", ""), (BASELINE, f"{BASELINE}/")):
+        if server in urls:
+            plan[f"{prefix}single"] = (urls[server], mix[:1])
+            plan[f"{prefix}mix{len(names)}"] = (urls[server], mix)
+    return plan
+
+
+def _measure(cfg: ProcessBenchConfig, urls: dict[str, str], clip: Path, names: list[str],
+             engine_env: dict[str, str] | None, say: Callable[[str], None]
+             ) -> tuple[dict, dict]:
+    """Every scenario once per round (order rotating by one each round), then the engine
+    alone; the summaries and the engine-only medians."""
+    plan = _plan(urls, names)
+    runs: dict[str, list[HeyRun]] = {k: [] for k in plan}
+    engine_runs: list[dict[str, Any]] = []
+    for url in urls.values():  # warm up every task and connection of every server
+        hey_load(url, [f"/classify/{n}" for n in names], 4 * cfg.clients, cfg.clients, clip,
+                 cfg.max_seconds)
+    order = list(plan)
+    for r in range(cfg.rounds):
+        for key in order[r % len(order):] + order[:r % len(order)]:
+            say(f"round {r + 1}/{cfg.rounds}: {key}, {cfg.requests} requests over "
+                f"{cfg.clients} connections")
+            url, paths = plan[key]
+            body = None if key == "healthz" else clip
+            runs[key].append(hey_load(url, paths, cfg.requests, cfg.clients, body,
+                                      cfg.max_seconds))
         if engine_env is not None:
+            say(f"round {r + 1}/{cfg.rounds}: the engine alone")
             engine_runs.append(engine_only(engine_env, tasks=names, clip=clip,
                                            clients=cfg.clients, seconds=cfg.engine_seconds))
     results = {k: _summary(v) for k, v in runs.items()}
@@ -130,8 +200,49 @@ def _measure(cfg: ProcessBenchConfig, url: str, clip: Path, names: list[str],
     return results, eng
 
 
-def bench_serve_process(cfg: ProcessBenchConfig) -> dict[str, Any]:
+def _start_servers(cfg: ProcessBenchConfig, work: Path, stack: contextlib.ExitStack,
+                   say: Callable[[str], None]) -> tuple[dict[str, str], dict[str, str]]:
+    """The servers' URLs (``main``, and ``no_batching`` with the baseline), all started at
+    once, and the main server's environment (for the engine-only run)."""
+    checkpoint, bundle_dir = _model_source(cfg, work)
+    env = {"AAT_MAX_BATCH": str(cfg.max_batch), "AAT_MAX_WAIT_MS": str(cfg.max_wait_ms),
+           "AAT_DEVICE": cfg.device, "AAT_DTYPE": cfg.dtype,
+           "AAT_MAX_QUEUE": str(max(256, 4 * cfg.clients)), "AAT_REQUEST_TIMEOUT_S": "600"}
+    envs = {"main": env}
+    if cfg.baseline == "no-batching":
+        envs[BASELINE] = {**env, "AAT_MAX_BATCH": "1"}
+    servers = {}
+    for name, server_env in envs.items():
+        say(f"starting aat serve ({name}: max batch {server_env['AAT_MAX_BATCH']})")
+        servers[name] = ServeProcess(checkpoint=checkpoint, bundle_dir=bundle_dir,
+                                     env=server_env)
+        stack.push(servers[name])
+        servers[name].start()
+    urls = {name: s.wait_ready().url for name, s in servers.items()}
+    # the engine-only run: the main server's settings and store, no HTTP
+    return urls, {**env, "AAT_CHECKPOINT": checkpoint, "AAT_BUNDLE_DIR": bundle_dir,
+                  "AAT_LOG_LEVEL": "warning", "AAT_REFRESH_S": "3600"}
+
+
+def _ratios(results: dict[str, Any], eng: dict[str, Any], mix: str) -> dict[str, float]:
+    def ratio(a: float, b: float) -> float:
+        return round(a / b, 3) if b else 0.0
+
+    rps = {k: v["throughput_rps"] for k, v in results.items()}
+    out = {f"{k}_vs_healthz": ratio(rps[k], rps["healthz"]) for k in ("single", mix)}
+    if eng:
+        out["single_vs_engine"] = ratio(rps["single"], eng["single"])
+        out[f"{mix}_vs_engine"] = ratio(rps[mix], eng["mix"])
+    if f"{BASELINE}/single" in rps:
+        for k in ("single", mix):
+            out[f"batching_vs_none_{k}"] = ratio(rps[k], rps[f"{BASELINE}/{k}"])
+    return out
+
+
+def bench_serve_process(cfg: ProcessBenchConfig,
+                        progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """The measured figures and their ratios (``--json`` prints this)."""
+    say = progress or (lambda msg: None)
     hey_path()
     work = Path(tempfile.mkdtemp(prefix="aat-bench-hey-"))
     try:
@@ -139,35 +250,21 @@ def bench_serve_process(cfg: ProcessBenchConfig) -> dict[str, Any]:
         clip.write_bytes(synth_wav(cfg.clip_s, seed=0))
         with contextlib.ExitStack() as stack:
             env = None
-            url = cfg.url.rstrip("/") if cfg.url else None
-            if url is None:
-                checkpoint, bundle_dir = _model_source(cfg, work)
-                env = {"AAT_MAX_BATCH": str(cfg.max_batch),
-                       "AAT_MAX_WAIT_MS": str(cfg.max_wait_ms), "AAT_DEVICE": cfg.device,
-                       "AAT_DTYPE": cfg.dtype, "AAT_MAX_QUEUE": str(max(256, 4 * cfg.clients)),
-                       "AAT_REQUEST_TIMEOUT_S": "600"}
-                url = stack.enter_context(ServeProcess(checkpoint=checkpoint,
-                                                       bundle_dir=bundle_dir, env=env)).url
-                # the engine-only run: the same settings, the server's store, no HTTP
-                env = {**env, "AAT_CHECKPOINT": checkpoint, "AAT_BUNDLE_DIR": bundle_dir,
-                       "AAT_LOG_LEVEL": "warning", "AAT_REFRESH_S": "3600"}
-            names = _task_names(url, cfg.tasks)
-            results, eng = _measure(cfg, url, clip, names, env)
+            if cfg.url:
+                urls = {"main": cfg.url.rstrip("/")}
+            else:
+                urls, env = _start_servers(cfg, work, stack, say)
+            names = _task_names(urls["main"], cfg.tasks)
+            engine_env = env if cfg.engine_seconds > 0 else None
+            results, eng = _measure(cfg, urls, clip, names, engine_env, say)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    mix = f"mix{len(names)}"
-    health = results["healthz"]["throughput_rps"]
-    ratios = {f"{k}_vs_healthz": round(results[k]["throughput_rps"] / health, 3) if health
-              else 0.0 for k in ("single", mix)}
-    if eng:
-        ratios["single_vs_engine"] = round(results["single"]["throughput_rps"] / eng["single"], 3)
-        ratios[f"{mix}_vs_engine"] = round(results[mix]["throughput_rps"] / eng["mix"], 3)
-    config = {k: v for k, v in asdict(cfg).items() if k != "engine_seconds"}
+    config = asdict(cfg)
     config.update(driver="hey", served_tasks=names,
-                  backbone=cfg.preset or cfg.checkpoint or ("server " + url if cfg.url
+                  backbone=cfg.preset or cfg.checkpoint or ("server " + urls["main"] if cfg.url
                                                             else "embedded demo"))
     return {"machine": machine(), "config": config, "results": results,
-            "engine_only_clips_per_s": eng, "ratios": ratios}
+            "engine_only_clips_per_s": eng, "ratios": _ratios(results, eng, f"mix{len(names)}")}
 
 
 def format_process_report(report: dict[str, Any]) -> str:
@@ -178,11 +275,15 @@ def format_process_report(report: dict[str, Any]) -> str:
              f"{r['p99_ms']:.1f}", f"{r['mean_batch']:.2f}", f"{r['mean_tasks_per_batch']:.2f}",
              r["requests"], sum(r["errors"].values()) or ""]
             for name, r in report["results"].items()]
-    lines = [f"aat bench serve --driver hey: {c['backbone']}, tasks {', '.join(c['served_tasks'])},"
-             f" {c['clients']} connections, {c['clip_s']} s clips, max batch {c['max_batch']}; "
-             f"{machine_summary(m)}; load average {m.get('load_average')}",
+    lines = [f"aat bench serve: {c['backbone']}, tasks {', '.join(c['served_tasks'])}, "
+             f"{c['clients']} connections (hey), {c['clip_s']} s clips, max batch "
+             f"{c['max_batch']}, {c['rounds']} round(s) of {c['requests']} requests per "
+             f"scenario; {machine_summary(m)}; load average {m.get('load_average')}",
              table(rows, ["scenario", "req/s", "p50 ms", "p95 ms", "p99 ms", "clips/batch",
                           "tasks/batch", "n", "errors"])]
+    if c.get("baseline") == "no-batching":
+        lines.append(f"{BASELINE}/*: a second aat serve, the same store and settings with "
+                     "AAT_MAX_BATCH=1")
     if report["engine_only_clips_per_s"]:
         eng = report["engine_only_clips_per_s"]
         lines.append(f"engine only (the server's engine, no HTTP or decode; "

@@ -155,40 +155,58 @@ def run_memory_bench(args: argparse.Namespace) -> int:
 
 def register_serve_bench(sub: argparse._SubParsersAction) -> None:
     from aat_serve.bench.fixtures import PRESETS
+    from aat_serve.bench.serve_process import BASELINES
 
     p = sub.add_parser(
-        "serve", help="throughput and latency of the HTTP service, batching on vs off",
-        description="Closed-loop load on a local server, dynamic batching on vs off: C "
-                    "clients send requests back to back, all to one task or round-robin over "
-                    "every task, against a server with --max-batch and one with max_batch=1, "
-                    "interleaved over --rounds rounds. Reported: throughput, p50/p95/p99 "
-                    "latency, mean clips and tasks per batch, and the ratios. With --url, the "
-                    "same load against a server already running on this machine.")
+        "serve", help="throughput and latency of a real `aat serve` process under `hey` load",
+        description="Starts `aat serve` in a child process (or measures --url) and loads it "
+                    "from `hey` processes (apt-get install hey), --clients connections: "
+                    "GET /healthz (the HTTP ceiling), classify on one task and over a --tasks "
+                    "mix, and the server's engine alone in a child process (no HTTP, no "
+                    "decode), over --rounds rounds. Reported: req/s, p50/p95/p99 latency, "
+                    "errors, mean clips and tasks per batch (from the server's metrics) and "
+                    "the ratios classify / healthz and service / engine. --baseline "
+                    "no-batching adds a second server with AAT_MAX_BATCH=1, measured in the "
+                    "same rounds, and the ratios batching / none. With --zipf: the paging "
+                    "benchmark (see below).")
     p.add_argument("--backbone", choices=sorted(PRESETS),
-                   help="random backbone size (default: vit-b with CUDA, else small)")
-    p.add_argument("--checkpoint", help="use this checkpoint instead of a random backbone")
+                   help="serve a random backbone of this size with --tasks random tasks "
+                        "(default: the embedded demo backbone and its tasks)")
+    p.add_argument("--checkpoint", help="serve this checkpoint: with --bundle-dir's tasks, or "
+                                        "else --tasks random tasks of it")
+    p.add_argument("--bundle-dir", help="with --checkpoint: the task store to serve")
     p.add_argument("--url", help="measure a server already running on this machine instead "
-                                 "(its first --tasks tasks; no batching on/off comparison)")
-    p.add_argument("--frames", type=int, help="clip length in frames (default: the preset's)")
+                                 "(its first --tasks active tasks; no engine-only run, no "
+                                 "--baseline)")
+    p.add_argument("--frames", type=int,
+                   help="clip length in frames of the random --backbone (default: the "
+                        "preset's)")
     p.add_argument("--tasks", type=int, default=4, help="tasks in the mix (default 4)")
-    p.add_argument("--clients", type=int, default=8, help="concurrent clients (default 8)")
+    p.add_argument("--clients", type=int, default=8,
+                   help="concurrent connections, split over the tasks of a mix (default 8)")
     p.add_argument("--requests", type=int, default=200,
-                   help="requests per scenario (default 200)")
+                   help="requests per scenario in each round (default 200)")
     p.add_argument("--max-seconds", type=float, default=60.0,
-                   help="time limit per scenario (default 60)")
+                   help="time limit of one scenario's run; a run still going then fails "
+                        "(default 60)")
     p.add_argument("--clip-s", type=float, default=1.0, help="audio seconds per request")
     p.add_argument("--rounds", type=int, default=3,
-                   help="interleaved rounds the requests are split over (default 3)")
-    p.add_argument("--max-batch", type=int, default=8, help="batch size with batching on")
+                   help="rounds; each runs every scenario once, in an order rotating by one "
+                        "(default 3)")
+    p.add_argument("--max-batch", type=int, default=8,
+                   help="AAT_MAX_BATCH of the server (default 8)")
     p.add_argument("--max-wait-ms", type=float, default=5.0, help="batching wait (default 5)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--driver", choices=["threads", "hey"], default="threads",
-                   help="threads: closed-loop client threads in this process, batching on vs "
-                        "off (default); hey: a real `aat serve` process (or --url) under `hey` "
-                        "processes, classify vs /healthz and vs the engine alone (with no "
-                        "--backbone or --checkpoint: the embedded demo)")
-    p.add_argument("--bundle-dir", help="with --driver hey and --checkpoint: the task store")
+    p.add_argument("--baseline", choices=BASELINES, default="none",
+                   help="no-batching: also measure the same server with AAT_MAX_BATCH=1 in the "
+                        "same rounds (default none)")
+    p.add_argument("--engine-seconds", type=float, default=3.0,
+                   help="timed seconds of each round's engine-only run; 0 skips it "
+                        "(default 3)")
+    p.add_argument("--driver", choices=["hey"], default="hey",
+                   help="the load generator: `hey` processes, the only one (the in-process "
+                        "`threads` driver is gone; the flag stays so older commands parse)")
     g = p.add_argument_group(
         "paging (--zipf)", "N random aat_ms tasks of the demo backbone in a store, requests "
         "drawn from a Zipf law by client processes, against a real `aat serve` with --resident "
@@ -209,15 +227,7 @@ def register_serve_bench(sub: argparse._SubParsersAction) -> None:
 
 
 def run_serve_bench(args: argparse.Namespace) -> int:
-    import torch
-
     from aat_serve.bench.common import to_json
-    from aat_serve.bench.serve import (
-        ServeBenchConfig,
-        bench_running_server,
-        bench_serve,
-        format_report,
-    )
 
     def say(msg: str) -> None:
         if not args.json:
@@ -235,33 +245,20 @@ def run_serve_bench(args: argparse.Namespace) -> int:
             progress=say)
         print(to_json(report) if args.json else format_paging_report(report))
         return 0
-    if args.driver == "hey":
-        from aat_serve.bench.serve_process import (
-            ProcessBenchConfig,
-            bench_serve_process,
-            format_process_report,
-        )
+    from aat_serve.bench.serve_process import (
+        ProcessBenchConfig,
+        bench_serve_process,
+        format_process_report,
+    )
 
-        report = bench_serve_process(ProcessBenchConfig(
-            preset=args.backbone, checkpoint=args.checkpoint, bundle_dir=args.bundle_dir,
-            url=args.url, tasks=args.tasks, clients=args.clients, requests=args.requests,
-            max_seconds=args.max_seconds, clip_s=args.clip_s, max_batch=args.max_batch,
-            max_wait_ms=args.max_wait_ms, device=args.device, dtype=args.dtype,
-            rounds=args.rounds))
-        print(to_json(report) if args.json else format_process_report(report))
-        return 0
-    if args.url:
-        report = bench_running_server(args.url, tasks=args.tasks, clients=args.clients,
-                                      requests=args.requests, max_seconds=args.max_seconds,
-                                      clip_s=args.clip_s)
-    else:
-        preset = args.backbone or ("vit-b" if torch.cuda.is_available() else "small")
-        report = bench_serve(ServeBenchConfig(
-            preset=preset, checkpoint=args.checkpoint, frames=args.frames, tasks=args.tasks,
-            clients=args.clients, requests=args.requests, max_seconds=args.max_seconds,
-            clip_s=args.clip_s, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
-            device=args.device, dtype=args.dtype, rounds=args.rounds), progress=say)
-    print(to_json(report) if args.json else format_report(report))
+    report = bench_serve_process(ProcessBenchConfig(
+        preset=args.backbone, frames=args.frames, checkpoint=args.checkpoint,
+        bundle_dir=args.bundle_dir, url=args.url, tasks=args.tasks, clients=args.clients,
+        requests=args.requests, max_seconds=args.max_seconds, clip_s=args.clip_s,
+        max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, device=args.device,
+        dtype=args.dtype, rounds=args.rounds, engine_seconds=args.engine_seconds,
+        baseline=args.baseline), progress=say)
+    print(to_json(report) if args.json else format_process_report(report))
     return 0
 
 

@@ -1,4 +1,4 @@
-"""The engine-only figure of ``aat bench serve --driver hey`` is the server's own engine: a child
+"""The engine-only figure of ``aat bench serve`` is the server's own engine: a child
 process set up from the server's ``AAT_*`` environment, fed decoded clips through
 ``Engine.submit``."""
 

@@ -1,62 +1,123 @@
-"""``aat bench serve``: a short run on the tiny backbone; the report is complete and consistent."""
+"""``aat bench serve``: real server processes under ``hey``, briefly, on the tiny backbone.
+
+The no-batching baseline is a second ``aat serve`` with ``AAT_MAX_BATCH=1``: its batches hold
+exactly one clip while the batching server's hold more under 8 connections (the pair that shows
+the two servers really differ); ``--url`` goes through ``hey`` too; bad combinations of flags
+are refused with messages that name them.
+"""
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 
 import pytest
 
+from aat_serve.adapters.errors import ConfigError
+from aat_serve.bench.serve_process import ProcessBenchConfig
 from aat_serve.cli.main import main as aat
 
+needs_hey = pytest.mark.skipif(shutil.which("hey") is None and not os.environ.get(
+    "AAT_REQUIRE_TOOLS"), reason="hey is not installed")
 
-def test_bench_serve_json_report(capsys):
-    code = aat(["bench", "serve", "--backbone", "tiny", "--tasks", "3", "--clients", "4",
-                "--requests", "12", "--max-seconds", "60", "--clip-s", "0.5", "--json"])
-    out = capsys.readouterr().out
+
+def _ordered(r: dict) -> bool:
+    return 0 < r["p50_ms"] <= r["p95_ms"] <= r["p99_ms"]
+
+
+@needs_hey
+def test_no_batching_baseline(capsys):
+    code = aat(["bench", "serve", "--backbone", "tiny", "--tasks", "2", "--clients", "8",
+                "--requests", "48", "--rounds", "2", "--clip-s", "0.5", "--max-batch", "8",
+                "--max-wait-ms", "20", "--max-seconds", "120", "--baseline", "no-batching",
+                "--engine-seconds", "0", "--json"])
+    report = json.loads(capsys.readouterr().out)
     assert code == 0
-    report = json.loads(out)
-    assert report["config"]["backbone"] == "tiny" and report["config"]["tasks"] == 3
+    c = report["config"]
+    assert (c["baseline"], c["max_batch"], c["rounds"], c["backbone"]) == (
+        "no-batching", 8, 2, "tiny")
+    assert c["served_tasks"] == ["task0", "task1"]
     results = report["results"]
-    assert set(results) == {"batching/single", "batching/mix3", "no_batching/single",
-                            "no_batching/mix3"}
+    assert set(results) == {"healthz", "single", "mix2", "no_batching/single",
+                            "no_batching/mix2"}
     for name, r in results.items():
-        assert r["requests"] == 12 and r["errors"] == {}, name
-        assert r["throughput_rps"] == pytest.approx(12 / r["seconds"], rel=1e-2)
-        assert 0 < r["p50_ms"] <= r["p95_ms"] <= r["p99_ms"]
-    # the baseline really ran one clip per forward; the single-task scenario one task per batch
+        assert r["requests"] == 2 * 48 and r["errors"] == {} and _ordered(r), name
+    # the baseline server really ran one clip (so one task) per forward pass ...
     assert results["no_batching/single"]["mean_batch"] == 1.0
-    assert results["no_batching/mix3"]["mean_tasks_per_batch"] == 1.0
-    assert results["batching/single"]["mean_tasks_per_batch"] == 1.0
-    assert 1.0 <= results["batching/mix3"]["mean_tasks_per_batch"] <= 3.0
+    assert results["no_batching/mix2"]["mean_batch"] == 1.0
+    assert results["no_batching/mix2"]["mean_tasks_per_batch"] == 1.0
+    # ... and the batching server, under the same load, did not
+    assert 1.0 < results["single"]["mean_batch"] <= 8.0
+    assert 1.0 < results["mix2"]["mean_batch"] <= 8.0
+    assert results["single"]["mean_tasks_per_batch"] == 1.0
+    assert 1.0 < results["mix2"]["mean_tasks_per_batch"] <= 2.0
+    assert results["healthz"]["mean_batch"] == 0.0  # nothing computed while /healthz ran
+    assert report["engine_only_clips_per_s"] == {}  # --engine-seconds 0
     rps = {k: v["throughput_rps"] for k, v in results.items()}
     assert report["ratios"] == {
-        "mix3_vs_single_batching": round(rps["batching/mix3"] / rps["batching/single"], 3),
-        "batching_vs_none_single": round(rps["batching/single"] / rps["no_batching/single"], 3),
-        "batching_vs_none_mix3": round(rps["batching/mix3"] / rps["no_batching/mix3"], 3),
-    }
+        "single_vs_healthz": round(rps["single"] / rps["healthz"], 3),
+        "mix2_vs_healthz": round(rps["mix2"] / rps["healthz"], 3),
+        "batching_vs_none_single": round(rps["single"] / rps["no_batching/single"], 3),
+        "batching_vs_none_mix2": round(rps["mix2"] / rps["no_batching/mix2"], 3)}
 
 
-def test_bench_serve_refuses_a_batchless_batching_run():
-    with pytest.raises(SystemExit):
-        aat(["bench", "serve", "--clients", "0", "--max-batch", "x"])
-    assert aat(["bench", "serve", "--backbone", "tiny", "--max-batch", "1"]) == 1
-
-
-def test_bench_against_a_running_server(ckpt_dir, store, bundles):
-    from aat_serve.adapters.errors import ConfigError
-    from aat_serve.bench.load import LocalServer
-    from aat_serve.bench.serve import bench_running_server
+@needs_hey
+def test_a_running_server_goes_through_hey(ckpt_dir, store, bundles):
+    from aat_serve.bench.hey import ServeProcess
+    from aat_serve.bench.serve_process import bench_serve_process, format_process_report
 
     for name in ("birds", "words"):
         bundles[name].save(store / f"{name}.safetensors")
-    with LocalServer(checkpoint=ckpt_dir, bundle_dir=store, max_batch=4) as server:
-        report = bench_running_server(server.url, tasks=2, clients=2, requests=6,
-                                      max_seconds=60, clip_s=0.3)
-    assert set(report["results"]) == {"server/single", "server/mix2"}
-    assert all(r["requests"] == 6 and r["errors"] == {} for r in report["results"].values())
-    assert report["results"]["server/single"]["mean_tasks_per_batch"] == 1.0
+    with ServeProcess(checkpoint=str(ckpt_dir), bundle_dir=str(store),
+                      env={"AAT_MAX_BATCH": "4", "AAT_MAX_WAIT_MS": "20"}) as server:
+        report = bench_serve_process(ProcessBenchConfig(
+            url=server.url + "/", tasks=2, clients=4, requests=24, rounds=1, clip_s=0.3,
+            max_seconds=120))
+    results = report["results"]
+    assert set(results) == {"healthz", "single", "mix2"}
+    for name, r in results.items():
+        assert r["requests"] == 24 and r["errors"] == {} and _ordered(r), name
+    assert sorted(report["config"]["served_tasks"]) == ["birds", "words"]
+    assert report["config"]["backbone"] == f"server {server.url}"
+    assert results["single"]["mean_tasks_per_batch"] == 1.0
+    assert 1.0 <= results["mix2"]["mean_tasks_per_batch"] <= 2.0
+    assert 1.0 <= results["single"]["mean_batch"] <= 4.0
+    # no engine-only run and no baseline against a server this run did not start
+    assert report["engine_only_clips_per_s"] == {}
+    assert set(report["ratios"]) == {"single_vs_healthz", "mix2_vs_healthz"}
+    text = format_process_report(report)
+    assert f"server {server.url}" in text and "single_vs_healthz" in text
+
+
+@pytest.mark.parametrize(("fields", "message"), [
+    ({"url": "http://10.0.0.1:8000"},
+     "--url must point at this machine (127.0.0.1), got host '10.0.0.1'"),
+    ({"url": "http://127.0.0.1:8000", "baseline": "no-batching"},
+     "--baseline needs servers this benchmark starts; a --url server's batching cannot be "
+     "switched off"),
+    ({"preset": "tiny", "max_batch": 1, "baseline": "no-batching"},
+     "--baseline no-batching compares against a server with max batch 1: --max-batch must be "
+     ">= 2, got 1"),
+    ({"frames": 64}, "--frames sets the length of a random --backbone; a checkpoint's or the "
+                     "demo's tasks keep their own length"),
+    ({"baseline": "threads"}, "--baseline must be one of none, no-batching, got 'threads'"),
+    ({"clients": 0}, "--tasks, --clients, --requests, --rounds and --max-batch need positive "
+                     "integers, got 4, 0, 2000, 1 and 8"),
+])
+def test_bad_flags_are_refused_by_name(fields, message):
     with pytest.raises(ConfigError) as e:
-        bench_running_server("http://10.0.0.1:8000", tasks=1, clients=1, requests=1,
-                             max_seconds=1, clip_s=0.1)
-    assert str(e.value) == ("--url must point at this machine (127.0.0.1), got host "
-                            "'10.0.0.1'")
+        ProcessBenchConfig(**fields)
+    assert str(e.value) == message
+
+
+def test_the_cli_refuses_before_starting_anything(capsys):
+    assert aat(["bench", "serve", "--backbone", "tiny", "--max-batch", "1",
+                "--baseline", "no-batching"]) == 1
+    assert capsys.readouterr().err.strip() == (
+        "error: --baseline no-batching compares against a server with max batch 1: "
+        "--max-batch must be >= 2, got 1")
+    # one batch without a baseline is a legitimate server to measure: the config accepts it
+    assert ProcessBenchConfig(preset="tiny", max_batch=1).max_batch == 1
+    with pytest.raises(SystemExit):  # the in-process driver is gone
+        aat(["bench", "serve", "--driver", "threads"])

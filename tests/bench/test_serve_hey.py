@@ -1,5 +1,6 @@
-"""``aat bench serve --driver hey``: a real server process under hey, briefly, on the tiny
-backbone; the report is complete and its ratios are its own figures'."""
+"""``aat bench serve`` (written with ``--driver hey``, the flag older commands name): a real
+server process under hey, briefly, on the tiny backbone, with the engine-only run; the report is
+complete and its ratios are its own figures'."""
 
 from __future__ import annotations
 
