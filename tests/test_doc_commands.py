@@ -44,6 +44,8 @@ PARSE_ONLY = {
     "compare": "trains several methods on a data set",
     "predict": "needs a trained bundle (mine.safetensors) and a clip",
     "demo": "rebuilds the demo backbone and tasks: minutes, with espeak-ng and sox",
+    "bench": "starts servers and load generators for minutes; tests/bench/ runs each benchmark "
+             "briefly",
 }
 
 
