@@ -89,6 +89,12 @@ class ProcessBenchConfig:
         if self.frames is not None and self.preset is None:
             raise ConfigError("--frames sets the length of a random --backbone; a checkpoint's "
                               "or the demo's tasks keep their own length")
+        if self.bundle_dir is not None and self.checkpoint is None:
+            raise ConfigError("--bundle-dir is the store of --checkpoint; give both")
+        if self.url is not None and (self.preset or self.checkpoint):
+            raise ConfigError("--url measures a server that is already running; --backbone and "
+                              "--checkpoint choose what a started server serves: give one or "
+                              "the other")
         if self.url is not None:
             host = urlsplit(self.url).hostname
             if host not in LOOPBACK:

@@ -101,6 +101,10 @@ def test_a_running_server_goes_through_hey(ckpt_dir, store, bundles):
      ">= 2, got 1"),
     ({"frames": 64}, "--frames sets the length of a random --backbone; a checkpoint's or the "
                      "demo's tasks keep their own length"),
+    ({"bundle_dir": "store"}, "--bundle-dir is the store of --checkpoint; give both"),
+    ({"url": "http://127.0.0.1:8000", "preset": "tiny"},
+     "--url measures a server that is already running; --backbone and --checkpoint choose what "
+     "a started server serves: give one or the other"),
     ({"baseline": "threads"}, "--baseline must be one of none, no-batching, got 'threads'"),
     ({"clients": 0}, "--tasks, --clients, --requests, --rounds and --max-batch need positive "
                      "integers, got 4, 0, 2000, 1 and 8"),
