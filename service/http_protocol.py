@@ -29,6 +29,7 @@ import sys
 from http import HTTPStatus
 from typing import Any
 
+from aat_serve.adapters.errors import ConfigError
 from aat_serve.service.errors import ErrorType
 
 GENERIC_PARSE_ERROR = ("the request line, a header, Content-Length or the chunked encoding "
@@ -221,18 +222,28 @@ def _guarded_httptools() -> type:
             error = sys.exc_info()[1]
             if self._parse_error is None and isinstance(error, httptools.HttpParserError):
                 self._parse_error = (400, httptools_reason(error))
-            cycle = self.cycle
-            if cycle is not None and not cycle.response_complete:
-                # httptools parses pipelined requests ahead: the ones before the refused one
-                # are answered first, in order (as h11, which parses one at a time, does)
+            if self._answer_later():
                 self._deferred_400 = msg
                 return
             super().send_400_response(msg)
 
+        def _answer_later(self) -> bool:
+            """Whether requests before the refused one are still unanswered: httptools parses
+            pipelined requests ahead, and those are answered first, in order (as h11, which
+            parses one at a time, does). The refused one is the request whose body was being
+            read (then a queued one leaves the queue), else a head after the last request."""
+            cycle = self.cycle
+            if cycle is None or cycle.response_complete:
+                return False
+            queued = bool(self.pipeline) and self.pipeline[0][0] is cycle
+            if cycle.more_body and queued:
+                self.pipeline.popleft()  # its body is what was refused: it never runs
+            return queued or not cycle.more_body
+
         def on_response_complete(self) -> None:
+            last = not self.pipeline  # no queued request starts after this one
             super().on_response_complete()
-            if (self._deferred_400 is not None and not self.pipeline
-                    and self.cycle.response_complete and not self.transport.is_closing()):
+            if self._deferred_400 is not None and last and not self.transport.is_closing():
                 super().send_400_response(self._deferred_400)
 
     return GuardedHttpToolsProtocol
@@ -254,16 +265,18 @@ def httptools_reason(error: Exception) -> str:
 
 def resolve_parser(impl: str = "auto") -> str:
     """The parser ``impl`` (``AAT_HTTP_PARSER``) means here: ``auto`` is httptools when it is
-    importable, else h11 (as uvicorn's ``auto``); a forced httptools must be installed."""
+    importable, else h11 (as uvicorn's ``auto``); a forced httptools must be installed
+    (``ConfigError`` otherwise, as for an unknown name)."""
     if impl not in PARSERS:
-        raise ValueError(f"unknown HTTP parser {impl!r}; expected one of {', '.join(PARSERS)}")
+        raise ConfigError(f"AAT_HTTP_PARSER: unknown HTTP parser {impl!r}; expected one of "
+                          f"{', '.join(PARSERS)}")
     if impl == "h11":
         return impl
     try:
         import httptools  # noqa: F401
     except ImportError:
         if impl == "httptools":
-            raise ValueError("AAT_HTTP_PARSER=httptools but httptools is not installed (pip "
+            raise ConfigError("AAT_HTTP_PARSER=httptools but httptools is not installed (pip "
                              "install httptools); use auto or h11") from None
         return "h11"
     return "httptools"
