@@ -73,6 +73,11 @@ class Settings(BaseSettings):
     header_timeout_s: float = Field(10.0, gt=0, le=3600)
     """A connection whose request head (request line and headers) is not complete this long
     after it opened, or after its previous response, is closed (408 if part of a head came)."""
+    http_parser: Literal["auto", "httptools", "h11"] = "auto"
+    """The HTTP/1.1 parser under uvicorn: auto is httptools (C) when installed, else h11
+    (Python); either one forced. Both give the same guards (head timeout and 16-KiB head
+    limit, JSON 400/431 answers; service/http_protocol.py); httptools costs the event loop
+    less per request, and refuses more malformed requests than h11 (docs/service.md)."""
     body_timeout_s: float = Field(15.0, gt=0, le=3600)
     """Longest wait for the next piece of a request body; then 408 and the connection closes."""
     body_total_timeout_s: float = Field(300.0, gt=0, le=86_400)
@@ -125,7 +130,7 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @field_validator("log_level", "device", "dtype", "preload", "runtime", "residual_dtype",
-                     "cuda_graphs", mode="before")
+                     "cuda_graphs", "http_parser", mode="before")
     @classmethod
     def _lower(cls, v: Any) -> Any:
         return v.lower() if isinstance(v, str) else v

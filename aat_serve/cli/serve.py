@@ -13,7 +13,7 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from aat_serve.service.app import create_app
-    from aat_serve.service.http_protocol import http_protocol
+    from aat_serve.service.http_protocol import http_protocol, resolve_parser
     from aat_serve.service.logs import configure_logging
     from aat_serve.service.one_write import one_write_protocol
     from aat_serve.service.runtime import load_backbone, tune_process, with_embedded_defaults
@@ -24,6 +24,7 @@ def run(args: argparse.Namespace) -> int:
                              demo=args.demo)
     configure_logging(settings.log_level)
     settings = with_embedded_defaults(settings)
+    parser = resolve_parser(settings.http_parser)  # a forced parser not installed stops here
     malloc_tuned = tune_process(settings)
     # Load the backbone before binding the port: a bad checkpoint stops start-up right here.
     checkpoint = load_backbone(settings)
@@ -32,17 +33,17 @@ def run(args: argparse.Namespace) -> int:
                                "checkpoint": str(settings.checkpoint),
                                "bundle_dir": str(settings.bundle_dir),
                                "management": settings.management_enabled,
+                               "http_parser": parser,
                                "keep_freed_memory": malloc_tuned,
                                "api_token": settings.api_token is not None})
     # The guarded protocol adds the request-head timeout and JSON bodies for parser errors
     # (service/http_protocol.py); one write per response means a replica killed mid-response
     # never leaves a head without its body that nginx could not retry (service/one_write.py).
-    # uvloop (a dependency) makes the event loop's share of each request cheaper; the parser
-    # stays h11, whose reasons and 16-KiB head limit the JSON 400/431 answers rely on (httptools
-    # has neither yet; docs/benchmarks.md, "Request path").
+    # uvloop and httptools (dependencies but on Windows) make the event loop's share of each
+    # request cheaper; the guards and JSON answers are the same with h11 (AAT_HTTP_PARSER).
     uvicorn.run(app, host=settings.host, port=settings.port, log_config=None,
                 log_level=settings.log_level, access_log=False, timeout_graceful_shutdown=30,
-                http=one_write_protocol(http_protocol(settings.header_timeout_s, "h11")),
+                http=one_write_protocol(http_protocol(settings.header_timeout_s, parser)),
                 loop=event_loop())
     return 0
 
@@ -64,9 +65,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "AAT_ADMIN_TOKEN, AAT_API_TOKEN, AAT_DEVICE, AAT_DTYPE, AAT_MAX_BATCH, "
                     "AAT_MAX_WAIT_MS, AAT_MAX_QUEUE, AAT_REQUEST_TIMEOUT_S, AAT_MAX_AUDIO_MB, "
                     "AAT_MAX_AUDIO_SECONDS, AAT_MAX_BUNDLE_MB, AAT_HEADER_TIMEOUT_S, "
-                    "AAT_BODY_TIMEOUT_S, AAT_BODY_TOTAL_TIMEOUT_S, AAT_MAX_TASKS, "
-                    "AAT_DEVICE_TASK_MB, AAT_HOST_CACHE_MB, AAT_PINNED_TASKS, AAT_PRELOAD, "
-                    "AAT_REFRESH_S, AAT_INFERENCE_THREADS, AAT_SWITCH_INTERVAL_MS, "
+                    "AAT_HTTP_PARSER, AAT_BODY_TIMEOUT_S, AAT_BODY_TOTAL_TIMEOUT_S, "
+                    "AAT_MAX_TASKS, AAT_DEVICE_TASK_MB, AAT_HOST_CACHE_MB, AAT_PINNED_TASKS, "
+                    "AAT_PRELOAD, AAT_REFRESH_S, AAT_INFERENCE_THREADS, AAT_SWITCH_INTERVAL_MS, "
                     "AAT_KEEP_FREED_MEMORY, AAT_LOG_LEVEL, ...); these flags override them.")
     p.add_argument("--host", help="address to bind (AAT_HOST, default 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (AAT_PORT, default 8000)")

@@ -16,7 +16,7 @@ ALL = ("CHECKPOINT", "BUNDLE_DIR", "ADMIN_TOKEN", "API_TOKEN", "HOST", "PORT", "
        "MAX_BATCH", "MAX_WAIT_MS", "MAX_QUEUE", "REQUEST_TIMEOUT_S", "MAX_AUDIO_MB",
        "MAX_AUDIO_SECONDS", "MAX_BUNDLE_MB", "MAX_TASKS", "PRELOAD", "REFRESH_S", "LOG_LEVEL",
        "MAX_UPLOADS", "DECODE_WORKERS", "KEEP_FREED_MEMORY", "DEVICE_TASK_MB", "HOST_CACHE_MB",
-       "PINNED_TASKS", "INFERENCE_THREADS", "SWITCH_INTERVAL_MS", "SLOT_WIDTH")
+       "PINNED_TASKS", "INFERENCE_THREADS", "SWITCH_INTERVAL_MS", "SLOT_WIDTH", "HTTP_PARSER")
 
 
 @pytest.fixture(autouse=True)
@@ -36,6 +36,7 @@ def test_defaults_are_the_documented_ones():
     assert not s.management_enabled
     assert s.keep_freed_memory is True
     assert (s.inference_threads, s.switch_interval_ms) == (None, 1.0)
+    assert s.http_parser == "auto"
 
 
 def test_environment_is_read_with_the_aat_prefix(monkeypatch, tmp_path):
@@ -74,6 +75,8 @@ def test_empty_variables_count_as_unset(monkeypatch):
     ("PORT", "70000", "AAT_PORT: Input should be less than or equal to 65535 (got '70000')"),
     ("DEVICE", "tpu", "AAT_DEVICE: Input should be 'auto', 'cpu' or 'cuda' (got 'tpu')"),
     ("PRELOAD", "sometimes", "AAT_PRELOAD: Input should be 'eager' or 'lazy' (got 'sometimes')"),
+    ("HTTP_PARSER", "llhttp",
+     "AAT_HTTP_PARSER: Input should be 'auto', 'httptools' or 'h11' (got 'llhttp')"),
     ("REQUEST_TIMEOUT_S", "-1",
      "AAT_REQUEST_TIMEOUT_S: Input should be greater than 0 (got '-1')"),
     ("MAX_WAIT_MS", "soon",
