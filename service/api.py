@@ -112,11 +112,18 @@ async def classify(
     length is scored in several; the answer says how many and how much audio), batch them with
     other requests (of any task) and return the top-k of the aggregated scores. More windows
     than AAT_MAX_WINDOWS: 413 audio_too_long."""
+    return await answer_classify(task, request, svc, Options(
+        top_k=top_k, hop_s=hop_s, aggregate=aggregate, windows=windows))
+
+
+async def answer_classify(task: str, request: Request, svc: Service, opts: Options
+                          ) -> Response:
+    """The classify route's body after its parameters are read (by FastAPI, or by the fast
+    path: service/fast_path.py): the answer, with the request counted by task and outcome."""
     started = time.monotonic()
     known = (task in svc.engine.tasks or task in svc.registry.catalogue
              or svc.registry.tasks.record(task).reason is not None)
     label = task if known else UNKNOWN_TASK  # bounded label values
-    opts = Options(top_k=top_k, hop_s=hop_s, aggregate=aggregate, windows=windows)
     try:
         out, loaded = await _classify(task, request, svc, opts)
     except (ServiceError, AATError) as e:

@@ -11,13 +11,14 @@ from __future__ import annotations
 import asyncio
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from aat_serve.adapters.checkpoints import LoadedCheckpoint
 from aat_serve.adapters.errors import AATError
-from aat_serve.service.api import router
+from aat_serve.service.api import answer_classify, router
+from aat_serve.service.auth import require_api_token
 from aat_serve.service.body_timeout import BodyTimeoutMiddleware
 from aat_serve.service.docs_ui import install_docs
 from aat_serve.service.errors import (
@@ -28,6 +29,7 @@ from aat_serve.service.errors import (
     from_aat_error,
     http_error_response,
 )
+from aat_serve.service.fast_path import ServiceApp, classify_endpoint
 from aat_serve.service.logs import RequestContextMiddleware
 from aat_serve.service.runtime import Service, load_backbone, with_embedded_defaults
 from aat_serve.service.settings import Settings, load_settings
@@ -60,19 +62,30 @@ def _count(request: Request, type_: str) -> None:
         svc.metrics.rejections.labels(type_).inc()
 
 
+def client_error_response(request: Request, exc: Exception) -> Response:
+    """The answer to ``exc`` raised while handling ``request``: a ``ServiceError``'s or a model
+    error's own (counted as a rejection of its type); anything else, and a model error that is
+    not the client's, is re-raised (logged with the request id, answered 500 by the
+    middleware). The exception handlers and the classify fast path both answer with this."""
+    if isinstance(exc, ServiceError):
+        _count(request, exc.type)
+        return exc.response()
+    if isinstance(exc, AATError):
+        err = from_aat_error(exc)
+        if err.kind is not ErrorType.INTERNAL_ERROR:
+            _count(request, err.type)
+            return err.response()
+    raise exc
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ServiceError)
     async def _service_error(request: Request, exc: ServiceError):
-        _count(request, exc.type)
-        return exc.response()
+        return client_error_response(request, exc)
 
     @app.exception_handler(AATError)
     async def _aat_error(request: Request, exc: AATError):
-        err = from_aat_error(exc)
-        if err.kind is ErrorType.INTERNAL_ERROR:
-            raise exc  # not a client error: logged with the request id by the middleware
-        _count(request, err.type)
-        return err.response()
+        return client_error_response(request, exc)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
@@ -132,7 +145,7 @@ def create_app(settings: Settings | None = None, *,
         finally:
             await svc.stop()
 
-    app = FastAPI(title="aat-serve", version="0.1.0", description=DESCRIPTION,
+    app = ServiceApp(title="aat-serve", version="0.1.0", description=DESCRIPTION,
                   lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.settings = settings
     install_error_handlers(app)
@@ -142,4 +155,10 @@ def create_app(settings: Settings | None = None, *,
     app.add_middleware(BodyTimeoutMiddleware, idle_s=settings.body_timeout_s,
                        total_s=settings.body_total_timeout_s)
     app.add_middleware(RequestContextMiddleware)
+    # POST /classify/{task} with a plain query skips the framework's routing, dependency
+    # solving and outer middleware (service/fast_path.py); the same two middlewares of ours
+    # wrap it, in the same order as above.
+    app.fast_classify = RequestContextMiddleware(BodyTimeoutMiddleware(
+        classify_endpoint(answer_classify, require_api_token, client_error_response),
+        idle_s=settings.body_timeout_s, total_s=settings.body_total_timeout_s))
     return app

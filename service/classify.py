@@ -8,6 +8,7 @@ says how much audio was scored, in how many windows, and how they were combined.
 
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,8 +46,11 @@ def probabilities(logits: torch.Tensor, multi_label: bool) -> torch.Tensor:
 def top_predictions(scores: torch.Tensor, labels: list[str], k: int) -> list[dict[str, Any]]:
     """The ``k`` best scores with their labels, best first; ties keep label order; as the JSON
     objects of ``Prediction`` (the response is serialised once, without pydantic)."""
-    order = torch.sort(scores, descending=True, stable=True).indices[:k].tolist()
     values = scores.tolist()
+    if any(v != v for v in values):  # NaN: torch's order (NaN first), which Python's lacks
+        order = torch.sort(scores, descending=True, stable=True).indices[:k].tolist()
+    else:  # a stable descending sort, as torch's, without a tensor op on the event loop
+        order = heapq.nlargest(k, range(len(values)), key=values.__getitem__)
     return [{"label": labels[i], "score": values[i]} for i in order]
 
 
@@ -54,7 +58,7 @@ async def classify_audio(svc: Service, task: str, info: TaskInfo, audio: bytes,
                          deadline: float, admission: Admission, opts: Options,
                          ) -> dict[str, Any]:
     """Score ``audio`` with ``task`` in windows; ``admission`` is the request's queue place."""
-    cfg = svc.feature_config(info.manifest.features)
+    cfg = svc.task_feature_config(info)
     wave = await svc.decode(audio, cfg, deadline)
     sr = cfg.sample_rate
     window = window_samples(cfg)

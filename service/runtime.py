@@ -27,6 +27,7 @@ from aat_serve.adapters.features import load_audio
 from aat_serve.adapters.multitask import MultiTaskModel, ServingModel
 from aat_serve.adapters.runners import resolve_runner
 from aat_serve.adapters.runners.graphs import graph_config
+from aat_serve.adapters.slots import TaskInfo
 from aat_serve.service.batch_features import BatchFeatures
 from aat_serve.service.engine import Engine
 from aat_serve.service.errors import overloaded, timed_out
@@ -175,6 +176,7 @@ class Service:
         self.decode_pool = decode_pool(settings.decode_workers)
         self.large_decode_pool = decode_pool(1, "aat-decode-large")
         self.ready = False
+        self._feature_configs: dict[tuple[str, str], FeatureConfig] = {}
         self.startup_error: str | None = None
         self.started_at = time.time()
         self._uploads = 0
@@ -274,6 +276,17 @@ class Service:
         cfg = FeatureConfig.from_dict(features)
         limit = min(cfg.max_duration_s, self.settings.max_audio_seconds)
         return dataclasses.replace(cfg, max_duration_s=limit)
+
+    def task_feature_config(self, info: TaskInfo) -> FeatureConfig:
+        """``feature_config`` of a resident task's manifest, computed once per task version
+        (the version hashes the bundle, features included) instead of once per request."""
+        key = (info.manifest.task, info.version)
+        cfg = self._feature_configs.get(key)
+        if cfg is None:
+            if len(self._feature_configs) >= 4096:
+                self._feature_configs.clear()
+            cfg = self._feature_configs[key] = self.feature_config(info.manifest.features)
+        return cfg
 
     async def decode(self, audio: bytes, cfg: FeatureConfig, deadline: float = float("inf"),
                      ) -> torch.Tensor:

@@ -131,3 +131,19 @@ def test_the_engine_runs_on_the_configured_inference_threads(make_app, store, bu
             engine = c.app.state.service.engine
             assert engine.worker.threads == want
             assert engine.worker.executor.submit(torch.get_num_threads).result(10) == want
+
+
+@pytest.mark.parametrize("k", [1, 3, 7, 40])
+def test_top_predictions_order_is_torchs_stable_descending_sort(k):
+    """Ties (many equal scores), NaN and k beyond the label count: the labels in the order of
+    ``torch.sort(descending=True, stable=True)``."""
+    g = torch.Generator().manual_seed(k)
+    scores = torch.randint(0, 4, (30,), generator=g).float() / 4  # many ties
+    labels = [f"l{i}" for i in range(30)]
+    for s in (scores, torch.where(scores == 0.5, torch.nan, scores)):
+        want = torch.sort(s, descending=True, stable=True).indices[:k].tolist()
+        got = top_predictions(s, labels, k)
+        assert [p["label"] for p in got] == [labels[i] for i in want]
+    unstable = sorted(range(30), key=lambda i: (-scores[i].item(), -i))[:k]  # ties reversed
+    assert [p["label"] for p in top_predictions(scores, labels, k)] != [
+        labels[i] for i in unstable] or k == 1
