@@ -20,7 +20,7 @@ needs_hey = pytest.mark.skipif(shutil.which("hey") is None and not os.environ.ge
 def test_hey_driver_report(capsys):
     code = aat(["bench", "serve", "--driver", "hey", "--backbone", "tiny", "--tasks", "2",
                 "--clients", "4", "--requests", "200", "--max-seconds", "120",
-                "--clip-s", "0.5", "--max-batch", "4", "--rounds", "1", "--json"])
+                "--clip-s", "1.0", "--max-batch", "4", "--rounds", "1", "--json"])
     report = json.loads(capsys.readouterr().out)
     assert code == 0
     results = report["results"]
@@ -35,11 +35,16 @@ def test_hey_driver_report(capsys):
     eng = report["engine_only_clips_per_s"]
     assert eng["single"] > 0 and eng["mix"] > 0
     rps = {k: v["throughput_rps"] for k, v in results.items()}
+    clips = {k: v["clips_per_s"] for k, v in results.items()}
+    # the tiny backbone's window is 0.655 s: each 1-s request is two clips, /healthz none
+    assert clips["healthz"] == 0.0
+    for k in ("single", "mix2"):
+        assert clips[k] == pytest.approx(2 * rps[k], abs=0.05) and clips[k] != rps[k]
     assert report["ratios"] == {
         "single_vs_healthz": round(rps["single"] / rps["healthz"], 3),
         "mix2_vs_healthz": round(rps["mix2"] / rps["healthz"], 3),
-        "single_vs_engine": round(rps["single"] / eng["single"], 3),
-        "mix2_vs_engine": round(rps["mix2"] / eng["mix"], 3)}
+        "single_vs_engine": round(clips["single"] / eng["single"], 3),
+        "mix2_vs_engine": round(clips["mix2"] / eng["mix"], 3)}
 
 
 def test_hey_driver_says_what_is_missing(monkeypatch):
