@@ -38,6 +38,7 @@ from aat_serve.bench.common import machine
 from aat_serve.bench.engine_only import engine_only
 from aat_serve.bench.fixtures import random_task_bundles, synth_wav, write_random_checkpoint
 from aat_serve.bench.hey import HeyRun, ServeProcess, hey_load, hey_path
+from aat_serve.bench.serve_targets import format_verdicts, serve_verdicts
 
 BASELINES = ("none", "no-batching")
 BASELINE = "no_batching"
@@ -271,8 +272,11 @@ def bench_serve_process(cfg: ProcessBenchConfig,
     config.update(driver="hey", served_tasks=names,
                   backbone=cfg.preset or cfg.checkpoint or ("server " + urls["main"] if cfg.url
                                                             else "embedded demo"))
-    return {"machine": machine(), "config": config, "results": results,
-            "engine_only_clips_per_s": eng, "ratios": _ratios(results, eng, f"mix{len(names)}")}
+    report = {"machine": machine(), "config": config, "results": results,
+              "engine_only_clips_per_s": eng,
+              "ratios": _ratios(results, eng, f"mix{len(names)}")}
+    report["verdicts"] = serve_verdicts(report)
+    return report
 
 
 def format_process_report(report: dict[str, Any]) -> str:
@@ -299,4 +303,4 @@ def format_process_report(report: dict[str, Any]) -> str:
                      f"{eng['inference_threads']} inference thread(s)), clips/s: single "
                      f"{eng['single']:.1f}, mix {eng['mix']:.1f}")
     lines += [f"{name}: {v:.3f}x" for name, v in report["ratios"].items()]
-    return "\n".join(lines)
+    return "\n".join(lines + format_verdicts(report))

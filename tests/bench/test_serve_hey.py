@@ -45,6 +45,11 @@ def test_hey_driver_report(capsys):
         "mix2_vs_healthz": round(rps["mix2"] / rps["healthz"], 3),
         "single_vs_engine": round(clips["single"] / eng["single"], 3),
         "mix2_vs_engine": round(clips["mix2"] / eng["mix"], 3)}
+    verdicts = {v["what"]: v for v in report["verdicts"]}  # judged on this run's own figures
+    assert verdicts["single: p99 ms"]["value"] == results["single"]["p99_ms"]
+    assert verdicts["mix2: service / engine-only clips/s"]["value"] == report["ratios"][
+        "mix2_vs_engine"]
+    assert len(verdicts) == 8 and {v["status"] for v in verdicts.values()} <= {"PASS", "MISS"}
 
 
 def test_hey_driver_says_what_is_missing(monkeypatch):
