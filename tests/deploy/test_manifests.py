@@ -309,8 +309,11 @@ def _uvicorn_run_kwargs(monkeypatch, tmp_path) -> dict:
     monkeypatch.setattr(logs, "configure_logging", lambda level: None)
     monkeypatch.setattr(runtime, "tune_process", lambda settings: False)
     monkeypatch.setattr(runtime, "load_backbone", lambda settings: None)
+    monkeypatch.setattr(runtime, "freeze_heap", lambda: captured.setdefault("order", []).append(
+        "freeze_heap"))
     monkeypatch.setattr(app_module, "create_app", lambda settings, checkpoint=None: "app")
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: captured.update(kw))
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: captured.update(
+        kw, order=[*captured.get("order", []), "uvicorn.run"]))
     from aat_serve.cli.main import build_parser
 
     args = build_parser().parse_args(["serve", "--checkpoint", str(tmp_path / "ckpt"),
@@ -336,6 +339,11 @@ def test_replicas_write_responses_whole_and_nginx_closes_idle_connections_first(
     (upstream,) = re.findall(r"upstream aat \{(.*?)\n    \}", NGINX_CONF.read_text(), re.S)
     (idle,) = re.findall(r"^\s*keepalive_timeout (\d+)s;", upstream, re.M)
     assert 0 < int(idle) < kw["timeout_keep_alive"], (idle, kw["timeout_keep_alive"])
+
+
+def test_aat_serve_freezes_the_start_up_heap_before_serving(monkeypatch, tmp_path):
+    kw = _uvicorn_run_kwargs(monkeypatch, tmp_path)
+    assert kw["order"] == ["freeze_heap", "uvicorn.run"]
 
 
 # ---- Prometheus and Grafana ------------------------------------------------------------------
