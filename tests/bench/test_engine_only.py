@@ -38,3 +38,16 @@ def test_a_child_that_cannot_start_is_a_clear_error(tmp_path):
                     tasks=["birds"], clip=clip, clients=1, seconds=0.2)
     assert str(e.value).startswith("the engine-only run failed (1): ")
     assert "missing" in str(e.value)
+
+
+def test_window_rates_count_only_clips_completed_inside_each_window():
+    from aat_serve.bench.engine_only import window_rates
+
+    # a ramp before the first window, 10 clips in window 0, 20 in window 1, a drain after
+    done = ([0.05, 0.1] + [1.0 + i * 0.05 for i in range(10)] + [1.5 + i * 0.025
+                                                                   for i in range(20)]
+            + [2.0, 2.01, 2.02])
+    assert window_rates(done, start=1.0, per=0.5, windows=2) == [20.0, 40.0]
+    # counting every completion over the nominal time (the old figure) would read higher
+    assert len(done) / 1.0 > sum(window_rates(done, 1.0, 0.5, 2)) / 2
+    assert window_rates([], start=0.0, per=1.0, windows=3) == [0.0, 0.0, 0.0]
