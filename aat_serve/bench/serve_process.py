@@ -64,12 +64,12 @@ class ProcessBenchConfig:
     """Requests per scenario in each round (all connections together)."""
     max_seconds: float = 120.0
     clip_s: float = 1.0
-    max_batch: int = 8
+    max_batch: int = 16
     max_wait_ms: float = 5.0
     device: str = "auto"
     dtype: str = "float32"
     rounds: int = 1
-    engine_seconds: float = 3.0
+    engine_seconds: float = 6.0
     """Timed seconds of each engine-only run; 0: no engine-only run."""
     baseline: str = "none"
 

@@ -193,17 +193,17 @@ def register_serve_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rounds", type=int, default=3,
                    help="rounds; each runs every scenario once, in an order rotating by one "
                         "(default 3)")
-    p.add_argument("--max-batch", type=int, default=8,
-                   help="AAT_MAX_BATCH of the server (default 8)")
+    p.add_argument("--max-batch", type=int, default=16,
+                   help="AAT_MAX_BATCH of the server (default 16, the server's own default)")
     p.add_argument("--max-wait-ms", type=float, default=5.0, help="batching wait (default 5)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--baseline", choices=BASELINES, default="none",
                    help="no-batching: also measure the same server with AAT_MAX_BATCH=1 in the "
                         "same rounds (default none)")
-    p.add_argument("--engine-seconds", type=float, default=3.0,
+    p.add_argument("--engine-seconds", type=float, default=6.0,
                    help="timed seconds of each round's engine-only run; 0 skips it "
-                        "(default 3)")
+                        "(default 6)")
     p.add_argument("--driver", choices=["hey"], default="hey",
                    help="the load generator: `hey` processes, the only one (the in-process "
                         "`threads` driver is gone; the flag stays so older commands parse)")

@@ -107,7 +107,7 @@ def test_a_running_server_goes_through_hey(ckpt_dir, store, bundles):
      "a started server serves: give one or the other"),
     ({"baseline": "threads"}, "--baseline must be one of none, no-batching, got 'threads'"),
     ({"clients": 0}, "--tasks, --clients, --requests, --rounds and --max-batch need positive "
-                     "integers, got 4, 0, 2000, 1 and 8"),
+                     "integers, got 4, 0, 2000, 1 and 16"),
 ])
 def test_bad_flags_are_refused_by_name(fields, message):
     with pytest.raises(ConfigError) as e:
