@@ -3,7 +3,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup test test-fast lint style bench gpu-check clean
+.PHONY: setup test test-fast lint style bench gpu-check gpu-serve-check clean
 
 setup:  ## create .venv and install aat-serve with its dev tools (torch from local wheels)
 	$(PY) -m venv $(VENV)
@@ -25,6 +25,9 @@ bench:  ## list the benchmarks (`aat bench kernel|model|memory|serve|training`, 
 
 gpu-check:  ## GPU kernel tests at ViT-B sizes, aat bench kernel + model, PASS/MISS (CUDA; < 8 min)
 	bash scripts/gpu_check.sh
+
+gpu-serve-check:  ## issue 20's GPU serving targets: aat bench serve, ViT-B bf16, 64 clients, PASS/MISS (< 4 min)
+	bash scripts/gpu_serve_check.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

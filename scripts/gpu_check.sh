@@ -7,7 +7,8 @@
 #   3. the model's GPU tests (CUDA graphs, bf16 residual stream) and
 #   4. `aat bench model --serving-only` (issue 21's model rows with PASS/MISS lines).
 # Needs a CUDA GPU with torch + triton; uses .venv/bin/python when present, else python3
-# (override with PY=...). Everything is also written to $OUT (default ./gpu-check/): the
+# (override with PY=...). On the lent GPU machine (no aat-serve installed, no PyPI): run
+# scripts/gpu_prepare.sh here first and carry `.whl` (the runtime dependencies its image lacks). Everything is also written to $OUT (default ./gpu-check/): the
 # JSON reports, their text tables, the dispatcher's kernel table and a summary.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -18,7 +19,8 @@ if [ -z "$PY" ]; then
 fi
 OUTDIR="${OUT:-gpu-check}"
 mkdir -p "$OUTDIR"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# aat_serve.* from this tree without installing it, and the carried wheels (gpu_env.sh)
+. scripts/gpu_env.sh
 # the dispatcher's measurements persist here: the benchmark reuses what the tests measured
 export AAT_KERNEL_TABLE="$OUTDIR/kernel_table.json"
 SUMMARY="$OUTDIR/summary.txt"

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Issue 20's GPU serving targets in one bounded command (`make gpu-serve-check`, < 4 minutes):
+# `aat bench serve` on a random ViT-B backbone with 4 random tasks of 1-s windows, bf16 on CUDA,
+# 64 connections from hey, max batch 32: service / engine-only clips/s (target >= 0.7) and mean
+# batch / max batch (>= 0.75), one task and the 4-task mix, with PASS/MISS lines; plus the
+# HTTP ceiling (/healthz) that tells whether one front-end process is the limit there.
+# On the lent GPU machine: scripts/gpu_prepare.sh here first, carry `.whl` and `.tools`.
+# Writes $OUT (default ./gpu-check/): bench_serve.json, bench_serve.txt and serve_summary.txt.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY="${PY:-}"
+if [ -z "$PY" ]; then
+  if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
+fi
+OUTDIR="${OUT:-gpu-check}"
+mkdir -p "$OUTDIR"
+. scripts/gpu_env.sh
+export PYTHONUNBUFFERED=1
+if ! command -v hey >/dev/null; then
+  echo "hey is not on PATH (scripts/gpu_prepare.sh copies it to .tools/)" | tee "$OUTDIR/serve_summary.txt"
+  exit 1
+fi
+rc=0
+timeout 230 "$PY" -m aat_serve.cli.main bench serve --backbone vit-b --frames 100 \
+  --device cuda --dtype bfloat16 --tasks 4 --clients 64 --clip-s 1 --max-batch 32 \
+  --requests 3000 --rounds 1 --max-seconds 60 --json > "$OUTDIR/bench_serve.json" || rc=$?
+if [ -s "$OUTDIR/bench_serve.json" ]; then
+  "$PY" - "$OUTDIR/bench_serve.json" <<'PYEOF' | tee "$OUTDIR/bench_serve.txt"
+import json, sys
+from aat_serve.bench.serve_process import format_process_report
+print(format_process_report(json.load(open(sys.argv[1]))))
+PYEOF
+fi
+case $rc in
+  0) echo "ok    aat bench serve (GPU)" ;;
+  124) echo "TIME  aat bench serve (GPU): stopped after 230 s" ;;
+  *) echo "FAIL  aat bench serve (GPU): exit $rc" ;;
+esac | tee "$OUTDIR/serve_summary.txt"
+grep -hE '^  (PASS|MISS)' "$OUTDIR/bench_serve.txt" 2>/dev/null >> "$OUTDIR/serve_summary.txt"
+exit $rc
