@@ -298,13 +298,49 @@ def run_training_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def register_lengths_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "lengths", help="a batch of two clip lengths: grouped by length vs padded to the longer",
+        description="The backbone on a batch whose clips have two lengths, computed as the "
+                    "engine does (one pass per length) and padded to the longer length in one "
+                    "pass (no mask: a lower bound of the masked pass), per length pair; also "
+                    "how far each moves the shorter clips' embeddings from their own.")
+    p.add_argument("--backbone", default="small", help="random backbone preset (default small)")
+    p.add_argument("--pairs", default="100:300,100:1024,512:1024",
+                   help="SHORT:LONG frame counts, comma-separated (default 100:300,100:1024,"
+                        "512:1024)")
+    p.add_argument("--batch", type=int, default=16, help="clips per batch, half at each length")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=run_lengths_bench)
+
+
+def run_lengths_bench(args: argparse.Namespace) -> int:
+    from aat_serve.bench import lengths
+    from aat_serve.bench.common import to_json
+
+    try:
+        pairs = tuple((int(a), int(b)) for a, b in (x.split(":") for x in args.pairs.split(",")))
+    except ValueError:
+        raise ConfigError(f"--pairs must be SHORT:LONG[,SHORT:LONG...], got {args.pairs!r}"
+                          ) from None
+    report = lengths.run_lengths_bench(lengths.LengthsBenchConfig(
+        preset=args.backbone, pairs=pairs, batch=args.batch, device=args.device,
+        dtype=args.dtype, rounds=args.rounds))
+    print(to_json(report) if args.json else lengths.format_report(report))
+    return 0
+
+
 # Registered in this order.
 BENCHMARKS = (register_kernel_bench, register_model_bench, register_memory_bench,
-              register_serve_bench, register_training_bench)
+              register_serve_bench, register_training_bench, register_lengths_bench)
 
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("bench", help="benchmarks: kernel, model, memory, serve, training",
+    p = subparsers.add_parser("bench", help="benchmarks: kernel, model, memory, serve, training, "
+                                            "lengths",
                               description="Benchmarks; each prints its figures against a "
                                           "baseline measured in the same run (--json for "
                                           "scripts).")
