@@ -13,7 +13,7 @@ PY="${PY:-.venv/bin/python}"
 # uvloop, prometheus-client, tqdm, pyyaml, matplotlib, pytest (docs: the device's KINDS.md)
 MISSING=(soundfile cffi pycparser fastapi fastapi_offline starlette pydantic pydantic_core
          pydantic-settings python-dotenv typing-inspection annotated-types typing_extensions
-         uvicorn httptools orjson python-multipart)
+         uvicorn httptools orjson python-multipart opentelemetry-api)
 pins=()
 for name in "${MISSING[@]}"; do
   pins+=("$name==$("$PY" -c "import importlib.metadata as m, sys; print(m.version(sys.argv[1]))" "$name")")

@@ -6,6 +6,7 @@ directory; an installed copy is left as it is."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -73,3 +74,44 @@ def test_the_gpu_scripts_source_it_and_prepare_names_what_the_image_lacks():
         assert needed in declared, needed
     ignored = (ROOT / ".gitignore").read_text().split()
     assert "/.whl/" in ignored and "/.tools/" in ignored
+
+
+def _norm(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _runtime_closure(image: set[str]) -> set[str]:
+    """aat-serve's runtime requirements and theirs, transitively, as installed here (markers
+    evaluated for this interpreter; extras not followed); a package the image has brings its
+    own requirements there (its version may differ from ours), so it is not followed."""
+    from importlib.metadata import PackageNotFoundError, requires
+
+    from packaging.requirements import Requirement
+
+    todo, seen = ["aat-serve"], set()
+    while todo:
+        name = todo.pop()
+        try:
+            reqs = requires(name) or []
+        except PackageNotFoundError:
+            continue
+        for text in reqs:
+            req = Requirement(text)
+            if req.marker is not None and not req.marker.evaluate({"extra": ""}):
+                continue
+            if _norm(req.name) not in seen:
+                seen.add(_norm(req.name))
+                if _norm(req.name) not in image:
+                    todo.append(req.name)
+    return seen
+
+
+def test_the_image_and_the_carried_wheels_cover_every_runtime_requirement():
+    image = {_norm(line) for line in (ROOT / "scripts" / "gpu_image_packages.txt").read_text()
+             .splitlines() if line.strip() and not line.startswith("#")}
+    prepare = (ROOT / "scripts" / "gpu_prepare.sh").read_text()
+    carried = {_norm(n) for n in prepare.split("MISSING=(", 1)[1].split(")", 1)[0].split()}
+    needed = _runtime_closure(image)
+    assert {"fastapi", "torch", "soundfile", "cffi"} <= needed  # the closure is transitive
+    assert needed - image - carried == set()
+    assert not carried & image - {"typing-extensions"}  # carried only what the image lacks
