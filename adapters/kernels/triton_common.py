@@ -38,6 +38,29 @@ def grouped_tile(pid, num_m, num_n, GROUP_M: tl.constexpr):
     return pid_m, pid_n
 
 
+@triton.jit
+def mma(acc, a, b, CAST_F32: tl.constexpr, PRECISION: tl.constexpr):
+    """``acc + a @ b`` accumulated in fp32 (tiles upcast first under ``CAST_F32``)."""
+    if CAST_F32:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def dot_tile(acc, a_ptr, rows, stride_am, m_mask, b_ptr, stride_bk, stride_bn, offs_n, n_mask,
+             kk, k_end, CAST_F32: tl.constexpr, PRECISION: tl.constexpr):
+    """One K block of a masked tile product: ``acc + A[rows, kk] @ B[kk, offs_n]``, where A's
+    rows are ``stride_am`` apart (unit columns) and B is addressed by ``stride_bk`` and
+    ``stride_bn`` (either may be 1); rows outside the tile, ``kk`` from ``k_end`` on and
+    columns outside ``n_mask`` read as zero. The K loop of every kernel here without TMA."""
+    a = tl.load(a_ptr + rows[:, None] * stride_am + kk[None, :],
+                mask=m_mask[:, None] & (kk[None, :] < k_end), other=0.0)
+    b = tl.load(b_ptr + kk[:, None] * stride_bk + offs_n[None, :] * stride_bn,
+                mask=(kk[:, None] < k_end) & n_mask[None, :], other=0.0)
+    return mma(acc, a, b, CAST_F32, PRECISION)
+
+
 def is_interpreted() -> bool:
     """True when Triton kernels run under the interpreter (TRITON_INTERPRET=1 at import)."""
     return type(gelu).__name__ == "InterpretedFunction"

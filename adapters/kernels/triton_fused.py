@@ -26,10 +26,12 @@ from aat_serve.adapters.kernels.layout import AdapterPool, MlpWeights
 from aat_serve.adapters.kernels.plan import Plans
 from aat_serve.adapters.kernels.triton_common import (
     dot_options,
+    dot_tile,
     gelu,
     grouped_tile,
     is_interpreted,
     launch_options,
+    mma,
     persistent_programs,
     unit_stride,
 )
@@ -99,19 +101,12 @@ def _k1_up(
             n_mask = offs_n < H
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             for k0 in range(0, K, BLOCK_K):
-                kk = k0 + offs_k
                 if USE_TMA:
-                    a = h_desc.load([row0, k0])
-                    b = w1_desc.load([col * BLOCK_N, k0]).T
+                    acc = mma(acc, h_desc.load([row0, k0]), w1_desc.load([col * BLOCK_N, k0]).T,
+                              CAST_F32, PRECISION)
                 else:
-                    a = tl.load(h_ptr + rows[:, None] * stride_hm + kk[None, :],
-                                mask=m_mask[:, None] & (kk[None, :] < K), other=0.0)
-                    b = tl.load(w1_ptr + kk[:, None] + offs_n[None, :] * stride_w1n,
-                                mask=(kk[:, None] < K) & n_mask[None, :], other=0.0)
-                if CAST_F32:
-                    a = a.to(tl.float32)
-                    b = b.to(tl.float32)
-                acc = tl.dot(a, b, acc, input_precision=PRECISION)
+                    acc = dot_tile(acc, h_ptr, rows, stride_hm, m_mask, w1_ptr, 1, stride_w1n,
+                                   offs_n, n_mask, k0 + offs_k, K, CAST_F32, PRECISION)
             acc += tl.load(b1_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
             tl.store(act_ptr + rows[:, None] * stride_am + offs_n[None, :],
                      gelu(acc).to(act_ptr.dtype.element_ty),
@@ -122,19 +117,13 @@ def _k1_up(
             w_base = wd_ptr + slot.to(tl.int64) * stride_wds
             acc_r = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
             for k0 in range(0, K, BLOCK_K):
-                kk = k0 + offs_k
                 if USE_TMA:
-                    a = h_desc.load([row0, k0])
-                    bw = wd_desc.load([slot * K + k0, (col - n_h) * BLOCK_R])
+                    acc_r = mma(acc_r, h_desc.load([row0, k0]),
+                                wd_desc.load([slot * K + k0, (col - n_h) * BLOCK_R]),
+                                CAST_F32, PRECISION)
                 else:
-                    a = tl.load(h_ptr + rows[:, None] * stride_hm + kk[None, :],
-                                mask=m_mask[:, None] & (kk[None, :] < K), other=0.0)
-                    bw = tl.load(w_base + kk[:, None] * stride_wdk + offs_r[None, :],
-                                 mask=(kk[:, None] < K) & r_mask[None, :], other=0.0)
-                if CAST_F32:
-                    a = a.to(tl.float32)
-                    bw = bw.to(tl.float32)
-                acc_r = tl.dot(a, bw, acc_r, input_precision=PRECISION)
+                    acc_r = dot_tile(acc_r, h_ptr, rows, stride_hm, m_mask, w_base, stride_wdk,
+                                     1, offs_r, r_mask, k0 + offs_k, K, CAST_F32, PRECISION)
             bias = tl.load(bd_ptr + slot.to(tl.int64) * stride_bds + offs_r, mask=r_mask,
                            other=0.0)
             acc_r += bias.to(tl.float32)[None, :]
@@ -185,35 +174,23 @@ def _k2_down(
             k_lo = split * per_split * BLOCK_K
             k_hi = min(H, k_lo + per_split * BLOCK_K)
             for k0 in range(k_lo, k_hi, BLOCK_K):  # this split's part of the shared K range
-                kk = k0 + offs_k
                 if USE_TMA:
-                    a = act_desc.load([row0, k0])
-                    b = w2_desc.load([col * BLOCK_N, k0]).T
+                    acc = mma(acc, act_desc.load([row0, k0]),
+                              w2_desc.load([col * BLOCK_N, k0]).T, CAST_F32, PRECISION)
                 else:
-                    a = tl.load(act_ptr + rows[:, None] * stride_am + kk[None, :],
-                                mask=m_mask[:, None] & (kk[None, :] < k_hi), other=0.0)
-                    b = tl.load(w2_ptr + kk[:, None] + offs_n[None, :] * stride_w2n,
-                                mask=(kk[:, None] < k_hi) & n_mask[None, :], other=0.0)
-                if CAST_F32:
-                    a = a.to(tl.float32)
-                    b = b.to(tl.float32)
-                acc = tl.dot(a, b, acc, input_precision=PRECISION)
+                    acc = dot_tile(acc, act_ptr, rows, stride_am, m_mask, w2_ptr, 1, stride_w2n,
+                                   offs_n, n_mask, k0 + offs_k, k_hi, CAST_F32, PRECISION)
             if (slot >= 0) & (split == SPLIT_K - 1):  # the adapter K tail, last split
                 w_base = wu_ptr + slot.to(tl.int64) * stride_wus
                 for k0 in range(0, R, BLOCK_K):
-                    kk = k0 + offs_k
                     if USE_TMA:
-                        a = act_desc.load([row0, H + k0])
-                        b = wu_desc.load([slot * R + k0, col * BLOCK_N])
-                    else:
-                        a = tl.load(act_ptr + rows[:, None] * stride_am + (H + kk)[None, :],
-                                    mask=m_mask[:, None] & (kk[None, :] < R), other=0.0)
-                        b = tl.load(w_base + kk[:, None] * stride_wur + offs_n[None, :],
-                                    mask=(kk[:, None] < R) & n_mask[None, :], other=0.0)
-                    if CAST_F32:
-                        a = a.to(tl.float32)
-                        b = b.to(tl.float32)
-                    acc = tl.dot(a, b, acc, input_precision=PRECISION)
+                        acc = mma(acc, act_desc.load([row0, H + k0]),
+                                  wu_desc.load([slot * R + k0, col * BLOCK_N]), CAST_F32,
+                                  PRECISION)
+                    else:  # the adapter columns of act start at H
+                        acc = dot_tile(acc, act_ptr + H, rows, stride_am, m_mask, w_base,
+                                       stride_wur, 1, offs_n, n_mask, k0 + offs_k, R, CAST_F32,
+                                       PRECISION)
             mask = m_mask[:, None] & n_mask[None, :]
             if SPLIT_K == 1:
                 _epilogue(acc, b2_ptr, bu_ptr, x_ptr, out_ptr, slot, rows, offs_n, n_mask, mask,

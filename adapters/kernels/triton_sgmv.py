@@ -24,6 +24,7 @@ from aat_serve.adapters.kernels.layout import AdapterPool, MlpWeights
 from aat_serve.adapters.kernels.plan import Plans
 from aat_serve.adapters.kernels.triton_common import (
     dot_options,
+    dot_tile,
     gelu,
     grouped_tile,
     launch_options,
@@ -79,15 +80,8 @@ def _shrink(
             w_base = wd_ptr + slot.to(tl.int64) * stride_wds
             acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
             for k0 in range(0, K, BLOCK_K):
-                kk = k0 + offs_k
-                a = tl.load(h_ptr + rows[:, None] * stride_hm + kk[None, :],
-                            mask=m_mask[:, None] & (kk[None, :] < K), other=0.0)
-                b = tl.load(w_base + kk[:, None] * stride_wdk + offs_r[None, :],
-                            mask=(kk[:, None] < K) & r_mask[None, :], other=0.0)
-                if CAST_F32:
-                    a = a.to(tl.float32)
-                    b = b.to(tl.float32)
-                acc = tl.dot(a, b, acc, input_precision=PRECISION)
+                acc = dot_tile(acc, h_ptr, rows, stride_hm, m_mask, w_base, stride_wdk, 1,
+                               offs_r, r_mask, k0 + offs_k, K, CAST_F32, PRECISION)
             bias = tl.load(bd_ptr + slot.to(tl.int64) * stride_bds + offs_r, mask=r_mask,
                            other=0.0)
             acc = gelu(acc + bias.to(tl.float32)[None, :])
@@ -122,15 +116,8 @@ def _expand(
             if slot >= 0:
                 w_base = wu_ptr + slot.to(tl.int64) * stride_wus
                 for k0 in range(0, R, BLOCK_K):
-                    kk = k0 + offs_k
-                    a = tl.load(a_ptr + rows[:, None] * stride_am + kk[None, :],
-                                mask=m_mask[:, None] & (kk[None, :] < R), other=0.0)
-                    b = tl.load(w_base + kk[:, None] * stride_wur + offs_n[None, :],
-                                mask=(kk[:, None] < R) & n_mask[None, :], other=0.0)
-                    if CAST_F32:
-                        a = a.to(tl.float32)
-                        b = b.to(tl.float32)
-                    acc = tl.dot(a, b, acc, input_precision=PRECISION)
+                    acc = dot_tile(acc, a_ptr, rows, stride_am, m_mask, w_base, stride_wur, 1,
+                                   offs_n, n_mask, k0 + offs_k, R, CAST_F32, PRECISION)
                 bu = tl.load(bu_ptr + slot.to(tl.int64) * stride_bus + offs_n, mask=n_mask,
                              other=0.0)
                 acc += bu.to(tl.float32)[None, :]

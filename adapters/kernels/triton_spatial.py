@@ -21,6 +21,7 @@ from aat_serve.adapters.kernels.layout import AdapterPool
 from aat_serve.adapters.kernels.plan import Plans
 from aat_serve.adapters.kernels.triton_common import (
     dot_options,
+    dot_tile,
     gelu,
     launch_options,
     persistent_programs,
@@ -72,16 +73,9 @@ def _spatial(
             # the tile's whole bottleneck, fp32 accumulation (no K loop for slot -1: zeros)
             acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
             for k0 in range(0, tl.where(has, D, 0), BLOCK_K):
-                kk = k0 + offs_k
-                a = tl.load(a_ptr + rows[:, None] * stride_am + kk[None, :],
-                            mask=m_mask[:, None] & (kk[None, :] < D), other=0.0)
-                b = tl.load(wd_ptr + s64 * stride_wds + kk[:, None] * stride_wdk
-                            + offs_r[None, :], mask=(kk[:, None] < D) & r_mask[None, :],
-                            other=0.0)
-                if CAST_F32:
-                    a = a.to(tl.float32)
-                    b = b.to(tl.float32)
-                acc = tl.dot(a, b, acc, input_precision=PRECISION)
+                acc = dot_tile(acc, a_ptr, rows, stride_am, m_mask, wd_ptr + s64 * stride_wds,
+                               stride_wdk, 1, offs_r, r_mask, k0 + offs_k, D, CAST_F32,
+                               PRECISION)
             bias = tl.load(bd_ptr + s64 * stride_bds + offs_r, mask=r_mask & has, other=0.0)
             hid = gelu(acc + bias.to(tl.float32)[None, :]).to(a_ptr.dtype.element_ty)
             if CAST_F32:
