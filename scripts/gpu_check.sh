@@ -8,18 +8,12 @@
 #   4. `aat bench model --serving-only` (issue 21's model rows with PASS/MISS lines).
 # Needs a CUDA GPU with torch + triton; uses .venv/bin/python when present, else python3
 # (override with PY=...). On the lent GPU machine (no aat-serve installed, no PyPI): run
-# scripts/gpu_prepare.sh here first and carry `.whl` (the runtime dependencies its image lacks). Everything is also written to $OUT (default ./gpu-check/): the
-# JSON reports, their text tables, the dispatcher's kernel table and a summary.
+# scripts/gpu_prepare.sh here first and carry `.whl` (the runtime dependencies its image
+# lacks). Everything is also written to $OUT (default ./gpu-check/): the JSON reports, their
+# text tables, the dispatcher's kernel table and a summary.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-
-PY="${PY:-}"
-if [ -z "$PY" ]; then
-  if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
-fi
-OUTDIR="${OUT:-gpu-check}"
-mkdir -p "$OUTDIR"
-# aat_serve.* from this tree without installing it, and the carried wheels (gpu_env.sh)
+# PY, OUTDIR, aat_serve.* from this tree without installing it, the carried wheels
 . scripts/gpu_env.sh
 # the dispatcher's measurements persist here: the benchmark reuses what the tests measured
 export AAT_KERNEL_TABLE="$OUTDIR/kernel_table.json"
@@ -69,13 +63,8 @@ step "kernel tests" 150 bash -c "\"$PY\" -m pytest -q -p no:cacheprovider \
 echo "== 2. aat bench kernel (ranks 64 and 192; without the torch.compile baseline) =="
 step "aat bench kernel" 130 bash -c "\"$PY\" -m aat_serve.cli.bench kernel --no-compile \
   --json > \"$OUTDIR/bench_kernel.json\""
-if [ -s "$OUTDIR/bench_kernel.json" ]; then
-  "$PY" - "$OUTDIR/bench_kernel.json" <<'PYEOF' | tee "$OUTDIR/bench_kernel.txt"
-import json, sys
-from aat_serve.bench.kernel_report import format_report
-print(format_report(json.load(open(sys.argv[1]))))
-PYEOF
-fi
+json_report aat_serve.bench.kernel_report format_report "$OUTDIR/bench_kernel.json" \
+  "$OUTDIR/bench_kernel.txt"
 
 # ---- BEGIN model section (issue 21, model part: bf16 residual stream, CUDA graphs) ----
 # The model's GPU tests (graph replay per batch bucket equals eager, hot swap without
@@ -89,13 +78,8 @@ step "model tests" 60 bash -c "\"$PY\" -m pytest -q -p no:cacheprovider \
 echo "== 4. aat bench model --serving-only (CUDA) =="
 step "aat bench model" 110 bash -c "\"$PY\" -m aat_serve.cli.bench model --serving-only \
   --device cuda --agreement-clips 32 --json > \"$OUTDIR/bench_model.json\""
-if [ -s "$OUTDIR/bench_model.json" ]; then
-  "$PY" - "$OUTDIR/bench_model.json" <<'PYEOF' | tee "$OUTDIR/bench_model.txt"
-import json, sys
-from aat_serve.bench.model import format_report
-print(format_report(json.load(open(sys.argv[1]))))
-PYEOF
-fi
+json_report aat_serve.bench.model format_report "$OUTDIR/bench_model.json" \
+  "$OUTDIR/bench_model.txt"
 # ---- END model section ----
 
 echo "== summary =="

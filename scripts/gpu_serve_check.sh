@@ -8,13 +8,7 @@
 # Writes $OUT (default ./gpu-check/): bench_serve.json, bench_serve.txt and serve_summary.txt.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PY="${PY:-}"
-if [ -z "$PY" ]; then
-  if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
-fi
-OUTDIR="${OUT:-gpu-check}"
-mkdir -p "$OUTDIR"
-. scripts/gpu_env.sh
+. scripts/gpu_env.sh  # PY, OUTDIR, this tree on PYTHONPATH, the carried wheels and hey
 export PYTHONUNBUFFERED=1
 if ! command -v hey >/dev/null; then
   echo "hey is not on PATH (scripts/gpu_prepare.sh copies it to .tools/)" | tee "$OUTDIR/serve_summary.txt"
@@ -24,13 +18,8 @@ rc=0
 timeout 230 "$PY" -m aat_serve.cli.main bench serve --backbone vit-b --frames 100 \
   --device cuda --dtype bfloat16 --tasks 4 --clients 64 --clip-s 1 --max-batch 32 \
   --requests 3000 --rounds 1 --max-seconds 60 --json > "$OUTDIR/bench_serve.json" || rc=$?
-if [ -s "$OUTDIR/bench_serve.json" ]; then
-  "$PY" - "$OUTDIR/bench_serve.json" <<'PYEOF' | tee "$OUTDIR/bench_serve.txt"
-import json, sys
-from aat_serve.bench.serve_process import format_process_report
-print(format_process_report(json.load(open(sys.argv[1]))))
-PYEOF
-fi
+json_report aat_serve.bench.serve_process format_process_report "$OUTDIR/bench_serve.json" \
+  "$OUTDIR/bench_serve.txt"
 case $rc in
   0) echo "ok    aat bench serve (GPU)" ;;
   124) echo "TIME  aat bench serve (GPU): stopped after 230 s" ;;

@@ -115,3 +115,28 @@ def test_the_image_and_the_carried_wheels_cover_every_runtime_requirement():
     assert {"fastapi", "torch", "soundfile", "cffi"} <= needed  # the closure is transitive
     assert needed - image - carried == set()
     assert not carried & image - {"typing-extensions"}  # carried only what the image lacks
+
+
+def test_json_report_prints_and_saves_a_reports_text_and_skips_a_missing_one(tmp_path):
+    import json
+
+    report = {"config": {"preset": "tiny", "batch": 2, "device": "cpu", "dtype": "float32",
+                         "rounds": 1},
+              "machine": {"cpu": "X", "cpu_count": 2, "torch_threads": 2, "torch": "2",
+                          "gpu": None},
+              "rows": [{"short": 32, "long": 64, "grouped_ms": 2.0, "padded_ms": 1.0,
+                        "padded_over_grouped": 0.5, "tokens": {"grouped": 12, "padded": 16},
+                        "shorter_clips_max_abs_diff": {"grouped": 0.0, "padded": 0.6}}]}
+    (tmp_path / "r.json").write_text(json.dumps(report))
+    from aat_serve.bench.lengths import format_report
+
+    script = (f'. scripts/gpu_env.sh; json_report aat_serve.bench.lengths format_report '
+              f'{tmp_path}/r.json {tmp_path}/r.txt; json_report no.such f {tmp_path}/none.json '
+              f'{tmp_path}/none.txt')
+    done = subprocess.run(["bash", "-c", script], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "PY": sys.executable,
+                                            "OUT": str(tmp_path / "out")})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == format_report(report) + "\n"
+    assert (tmp_path / "r.txt").read_text() == done.stdout
+    assert not (tmp_path / "none.txt").exists() and (tmp_path / "out").is_dir()
