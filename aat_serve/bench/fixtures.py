@@ -64,14 +64,20 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def write_random_checkpoint(directory: Path, preset: str, frames: int | None, seed: int = 0
-                            ) -> Path:
-    """A Hugging Face-layout AST directory with random weights (nothing is downloaded)."""
+def preset_config(preset: str, frames: int | None = None) -> BackboneConfig:
+    """The backbone shape of ``PRESETS[preset]`` (16x16 patches, Hugging Face's epsilons),
+    ``frames`` long when given."""
     fields = dict(PRESETS[preset])
     if frames:
         fields["target_length"] = frames
-    cfg = BackboneConfig(patch_freq=16, patch_time=16, norm_eps=1e-12, head_norm_eps=1e-12,
-                         **fields)
+    return BackboneConfig(patch_freq=16, patch_time=16, norm_eps=1e-12, head_norm_eps=1e-12,
+                          **fields)
+
+
+def write_random_checkpoint(directory: Path, preset: str, frames: int | None, seed: int = 0
+                            ) -> Path:
+    """A Hugging Face-layout AST directory with random weights (nothing is downloaded)."""
+    cfg = preset_config(preset, frames)
     torch.manual_seed(seed)
     canonical = AST(cfg).frozen_state_dict()
     directory.mkdir(parents=True, exist_ok=True)

@@ -25,10 +25,9 @@ from typing import Any
 import torch
 
 from aat_serve.adapters.backbone import AST
-from aat_serve.adapters.config import BackboneConfig
 from aat_serve.adapters.errors import ConfigError
 from aat_serve.bench.common import interleaved, machine, machine_summary, median, table
-from aat_serve.bench.fixtures import PRESETS
+from aat_serve.bench.fixtures import PRESETS, preset_config
 
 
 @dataclass
@@ -59,9 +58,8 @@ class LengthsBenchConfig:
 
 def _backbone(cfg: LengthsBenchConfig) -> AST:
     torch.manual_seed(0)
-    shape = BackboneConfig(patch_freq=16, patch_time=16, **PRESETS[cfg.preset])
-    dtype = getattr(torch, cfg.dtype)
-    return AST(shape).eval().to(device=cfg.device, dtype=dtype)
+    return AST(preset_config(cfg.preset)).eval().to(device=cfg.device,
+                                                     dtype=getattr(torch, cfg.dtype))
 
 
 def _pair(model: AST, cfg: LengthsBenchConfig, short: int, long: int) -> dict[str, Any]:
