@@ -86,7 +86,7 @@ async def _measure(cfg: dict[str, Any]) -> dict[str, Any]:
         audio = Path(cfg["clip"]).read_bytes()
         waves = {}
         for task in cfg["tasks"]:
-            fc = svc.feature_config(svc.engine.tasks[task].manifest.features)
+            fc = svc.task_feature_config(svc.engine.tasks[task])
             wave = load_audio(audio, sample_rate=fc.sample_rate, max_duration_s=fc.max_duration_s)
             waves[task] = (wave[: window_samples(fc)], fc)  # a clip up to one window: one job
         out: dict[str, Any] = {"windows": {}}
