@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from aat_serve.adapters.config import FeatureConfig
 from aat_serve.adapters.fbank import window_samples
 from aat_serve.adapters.slots import TaskInfo
 from aat_serve.service.engine import Admission, Job, Result
@@ -60,6 +61,14 @@ async def classify_audio(svc: Service, task: str, info: TaskInfo, audio: bytes,
     """Score ``audio`` with ``task`` in windows; ``admission`` is the request's queue place."""
     cfg = svc.task_feature_config(info)
     wave = await svc.decode(audio, cfg, deadline)
+    return await classify_wave(svc, task, info, cfg, wave, deadline, admission, opts)
+
+
+async def classify_wave(svc: Service, task: str, info: TaskInfo, cfg: FeatureConfig,
+                        wave: torch.Tensor, deadline: float, admission: Admission, opts: Options,
+                        ) -> dict[str, Any]:
+    """Score ``wave`` (PCM at ``cfg.sample_rate``, decoded here or by a front-end process) in
+    the task's windows, batched with every other request; the response body as a dict."""
     sr = cfg.sample_rate
     window = window_samples(cfg)
     how = opts.aggregate or default_aggregate(info.manifest.multi_label)

@@ -183,6 +183,19 @@ def from_aat_error(e: AATError) -> ServiceError:
     return ServiceError(ErrorType.INTERNAL_ERROR, "internal error")
 
 
+def client_error(exc: BaseException) -> ServiceError | None:
+    """``exc`` as the error its client is told: a ``ServiceError`` itself, a model error of an
+    exposed type mapped by ``from_aat_error``; None for anything else (an internal error,
+    logged with the request id and answered 500 without its message)."""
+    if isinstance(exc, ServiceError):
+        return exc
+    if isinstance(exc, AATError):
+        err = from_aat_error(exc)
+        if err.kind is not ErrorType.INTERNAL_ERROR:
+            return err
+    return None
+
+
 def _status_doc(status: int) -> str:
     kinds = [k for k in ErrorType if k.status == status]
     return "; ".join(f"`{k.value}`: {k.summary}" for k in kinds) + "."

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import gc
 import logging
 import sys
 import time
@@ -24,20 +23,21 @@ from aat_serve.adapters.checkpoints import LoadedCheckpoint, load_checkpoint
 from aat_serve.adapters.config import FeatureConfig
 from aat_serve.adapters.device import onnx_providers, resolve_device
 from aat_serve.adapters.errors import ConfigError
-from aat_serve.adapters.features import load_audio
 from aat_serve.adapters.multitask import MultiTaskModel, ServingModel
 from aat_serve.adapters.runners import resolve_runner
 from aat_serve.adapters.runners.graphs import graph_config
 from aat_serve.adapters.slots import TaskInfo
 from aat_serve.service.batch_features import BatchFeatures
+from aat_serve.service.decoding import Decoder
 from aat_serve.service.engine import Engine
-from aat_serve.service.errors import overloaded, timed_out
+from aat_serve.service.errors import overloaded
 from aat_serve.service.metrics import Metrics
 from aat_serve.service.paging import Pager
+from aat_serve.service.process import freeze_heap  # noqa: F401 (aat serve's, from here)
 from aat_serve.service.registry import Registry
 from aat_serve.service.settings import Settings
 from aat_serve.service.store import BundleStore
-from aat_serve.service.threads import decode_pool, inference_threads
+from aat_serve.service.threads import inference_threads
 
 log = logging.getLogger(__name__)
 
@@ -106,38 +106,11 @@ def tune_process(settings: Settings) -> bool:
     return keep_freed_memory()
 
 
-def freeze_heap() -> None:
-    """Put every object alive now (the imported modules, the backbone, the app) out of the
-    cyclic garbage collector's reach, for the life of the process. A full collection walked
-    that whole heap and paused every thread for 45 to 130 ms, a few times a minute under load:
-    the p99 of a task mix went from ~140 to ~230 ms on the 2-core CPU (docs/benchmarks.md,
-    "Request path"). After this a full collection takes ~4 ms. ``aat serve`` calls it once,
-    after building the app and before serving; objects are still freed by reference
-    counting, and later cycles are still collected."""
-    gc.collect()
-    gc.freeze()
-
-
 def load_backbone(settings: Settings) -> LoadedCheckpoint:
     """The configured checkpoint, or ``ConfigError`` saying what to configure."""
     if settings.checkpoint is None:
         raise ConfigError(NO_CHECKPOINT)
     return load_checkpoint(settings.checkpoint)
-
-
-LARGE_AUDIO_BYTES = 1 << 20
-"""Audio bodies above this (about 30 s of 16 kHz 16-bit WAV) decode in a pool of their own, one
-thread: a few long clips never keep short ones from the decode pool."""
-
-
-def _decode_pcm(audio: bytes, cfg: FeatureConfig, deadline: float = float("inf"),
-                timeout_s: float = 0.0) -> torch.Tensor:
-    """Mono float32 PCM at the task's rate (resampled only if the audio's rate differs); the
-    features are computed later, for the whole batch at once, on the inference thread. A
-    request whose deadline passed while it waited for a decode thread is not decoded (504)."""
-    if time.monotonic() >= deadline:
-        raise timed_out(timeout_s)
-    return load_audio(audio, sample_rate=cfg.sample_rate, max_duration_s=cfg.max_duration_s)
 
 
 def build_model(settings: Settings, backbone: AST, device: torch.device, dtype: torch.dtype,
@@ -186,8 +159,7 @@ class Service:
         self.engine: Engine | None = None
         self.registry: Registry | None = None
         self.pager: Pager | None = None
-        self.decode_pool = decode_pool(settings.decode_workers)
-        self.large_decode_pool = decode_pool(1, "aat-decode-large")
+        self.decoder = Decoder(settings.decode_workers, settings.request_timeout_s)
         self.ready = False
         self._feature_configs: dict[tuple[str, str], FeatureConfig] = {}
         self.startup_error: str | None = None
@@ -280,8 +252,7 @@ class Service:
             await self.engine.stop()
         if self.registry is not None:
             await asyncio.to_thread(self.pager.close)
-        self.decode_pool.shutdown(wait=False, cancel_futures=True)
-        self.large_decode_pool.shutdown(wait=False, cancel_futures=True)
+        self.decoder.shutdown()
 
     # -- helpers for the routes -----------------------------------------------------------
     def feature_config(self, features: dict[str, Any]) -> FeatureConfig:
@@ -303,17 +274,8 @@ class Service:
 
     async def decode(self, audio: bytes, cfg: FeatureConfig, deadline: float = float("inf"),
                      ) -> torch.Tensor:
-        """Mono PCM at ``cfg.sample_rate``, decoded off the event loop: in the decode pool, or
-        in the large-audio pool for bodies over ``LARGE_AUDIO_BYTES``. 504 at ``deadline``, even
-        while the decode still waits for a thread (it then never runs) or still runs."""
-        loop = asyncio.get_running_loop()
-        pool = self.large_decode_pool if len(audio) > LARGE_AUDIO_BYTES else self.decode_pool
-        timeout_s = self.settings.request_timeout_s
-        work = loop.run_in_executor(pool, _decode_pcm, audio, cfg, deadline, timeout_s)
-        try:
-            return await asyncio.wait_for(work, max(0.0, deadline - time.monotonic()))
-        except TimeoutError:
-            raise timed_out(timeout_s) from None
+        """Mono PCM at ``cfg.sample_rate``, decoded off the event loop (``Decoder.decode``)."""
+        return await self.decoder.decode(audio, cfg, deadline)
 
     @contextlib.contextmanager
     def upload_slot(self):

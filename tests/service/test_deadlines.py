@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from aat_serve.adapters.multitask import MultiTaskModel
-from aat_serve.service import runtime
+from aat_serve.service import decoding
 from aat_serve.service.engine import Engine, Job
 from aat_serve.service.metrics import Metrics
 from tests.service.helpers import error, served, wait_until, wav_bytes
@@ -159,7 +159,7 @@ def test_a_request_waiting_for_a_decode_thread_is_504_and_never_decoded(make_app
     _save_all(store, bundles)
     release = threading.Event()
     decoded = []
-    real = runtime.load_audio
+    real = decoding.load_audio
 
     def load_audio(*a, **kw):
         decoded.append(threading.current_thread().name)
@@ -167,7 +167,7 @@ def test_a_request_waiting_for_a_decode_thread_is_504_and_never_decoded(make_app
             assert release.wait(20)
         return real(*a, **kw)
 
-    monkeypatch.setattr(runtime, "load_audio", load_audio)
+    monkeypatch.setattr(decoding, "load_audio", load_audio)
     expected = error(504, "timeout", "the request was not answered within 0.5 s "
                                      "(AAT_REQUEST_TIMEOUT_S)")
     with served(make_app(decode_workers=1, request_timeout_s=0.5)) as c:

@@ -39,7 +39,7 @@ def test_other_queries_are_left_to_fastapi(query):
     assert classify_options(query) is None
 
 
-def _requests(long_clip: bytes, clip: bytes) -> list[tuple[str, dict, bytes | None, dict]]:
+def classify_requests(long_clip: bytes, clip: bytes) -> list[tuple[str, dict, bytes | None, dict]]:
     """(url, headers, raw body, multipart files) of every kind of classify request."""
     wav = {"Content-Type": "audio/wav"}
     return [
@@ -64,33 +64,43 @@ def _requests(long_clip: bytes, clip: bytes) -> list[tuple[str, dict, bytes | No
     ]
 
 
-def _answers(app, requests, headers=None) -> list[tuple[int, dict, dict]]:
+def send_all(client, requests, headers=None) -> list[tuple[int, dict, dict]]:
+    """(status, body without timings, headers without ids and dates) of each request."""
     out = []
+    for url, hdrs, body, files in requests:
+        r = client.post(url, headers={**hdrs, **(headers or {})}, content=body,
+                        files=files or None)
+        body = r.json()
+        for k in TIMINGS:
+            body.pop(k, None)
+        kept = {k: v for k, v in r.headers.items()
+                if k not in ("x-request-id", "content-length", "date")}
+        out.append((r.status_code, body, kept))
+    return out
+
+
+def counted(client) -> list[str]:
+    """The request and rejection counters of ``/metrics`` (not_ready: /readyz polls)."""
+    metrics = client.get("/metrics").text
+    return sorted(line for line in metrics.splitlines()
+                  if re.match(r"aat_(requests|rejections)_total\{", line)
+                  and "not_ready" not in line)
+
+
+def _answers(app, requests, headers=None) -> list[tuple[int, dict, dict]]:
     with served(app) as client:
-        for url, hdrs, body, files in requests:
-            r = client.post(url, headers={**hdrs, **(headers or {})}, content=body,
-                            files=files or None)
-            body = r.json()
-            for k in TIMINGS:
-                body.pop(k, None)
-            kept = {k: v for k, v in r.headers.items()
-                    if k not in ("x-request-id", "content-length", "date")}
-            out.append((r.status_code, body, kept))
-        metrics = client.get("/metrics").text
-    counted = sorted(line for line in metrics.splitlines()  # not_ready: /readyz polls
-                     if re.match(r"aat_(requests|rejections)_total\{", line)
-                     and "not_ready" not in line)
-    return [*out, counted]
+        out = send_all(client, requests, headers)
+        return [*out, counted(client)]
 
 
-def _store_with(store, bundles):
+def store_with(store, bundles):
     for name, b in bundles.items():
         b.save(store / f"{name}.safetensors")
 
 
 def test_the_fast_path_answers_as_the_route_does(make_app, store, bundles):
-    _store_with(store, bundles)
-    requests = _requests(wav_bytes(2.0, seed=1), wav_bytes(0.5, seed=2))
+    store_with(store, bundles)
+    requests = classify_requests(wav_bytes(2.0, seed=1), wav_bytes(0.5, seed=2))
     fast = make_app(max_audio_mb=0.08)
     route = make_app(max_audio_mb=0.08)
     route.fast_classify = None
@@ -107,7 +117,7 @@ def test_the_fast_path_answers_as_the_route_does(make_app, store, bundles):
 
 
 def test_the_token_is_checked_as_the_route_checks_it(make_app, store, bundles):
-    _store_with(store, bundles)
+    store_with(store, bundles)
     clip = wav_bytes(0.5, seed=3)
     requests = [("/classify/birds", {"Content-Type": "audio/wav", **h}, clip, {})
                 for h in ({}, auth("wrong-token-0123456789abcdef"), auth(API))]
@@ -122,7 +132,7 @@ def test_the_token_is_checked_as_the_route_checks_it(make_app, store, bundles):
 def test_plain_requests_skip_the_framework(make_app, store, bundles, monkeypatch):
     """FastAPI's own entry point runs for a query the fast path leaves to it, for other routes,
     and for classify when the fast path is off; not for a plain classify request."""
-    _store_with(store, bundles)
+    store_with(store, bundles)
     calls: list[str] = []
     real = FastAPI.__call__
 
