@@ -116,14 +116,20 @@ async def classify(
         top_k=top_k, hop_s=hop_s, aggregate=aggregate, windows=windows))
 
 
+def task_label(svc: Service, task: str) -> str:
+    """``task`` as a metric label: itself when the server knows it (resident, stored, or
+    failed), else ``UNKNOWN_TASK``, so that label values stay bounded."""
+    known = (task in svc.engine.tasks or task in svc.registry.catalogue
+             or svc.registry.tasks.record(task).reason is not None)
+    return task if known else UNKNOWN_TASK
+
+
 async def answer_classify(task: str, request: Request, svc: Service, opts: Options
                           ) -> Response:
     """The classify route's body after its parameters are read (by FastAPI, or by the fast
     path: service/fast_path.py): the answer, with the request counted by task and outcome."""
     started = time.monotonic()
-    known = (task in svc.engine.tasks or task in svc.registry.catalogue
-             or svc.registry.tasks.record(task).reason is not None)
-    label = task if known else UNKNOWN_TASK  # bounded label values
+    label = task_label(svc, task)
     try:
         out, loaded = await _classify(task, request, svc, opts)
     except (ServiceError, AATError) as e:
@@ -248,7 +254,7 @@ async def healthz(svc: ServiceDep) -> Health:
 
 @router.get("/readyz", tags=["operations"], response_model=Readiness,
             responses=error_responses(503), summary="Readiness")
-async def readyz(svc: ServiceDep) -> Readiness:
+async def readyz(request: Request, svc: ServiceDep) -> Readiness:
     """200 once the backbone and the preloaded tasks have run a warm-up batch; tasks whose
     store file failed are skipped (``failed_tasks``), never a reason to stay unready."""
     if not svc.ready:
@@ -256,9 +262,10 @@ async def readyz(svc: ServiceDep) -> Readiness:
     runtime, provider = runtime_info(svc.model)
     table = svc.registry.tasks
     failed = sum(1 for n in table.failed_names() if table.state(n) == "failed")
+    server = getattr(request.app.state, "engine_server", None)
     return Readiness(status="ready", tasks=len(svc.engine.tasks), failed_tasks=failed,
-                     device=str(svc.device),
-                     dtype=svc.settings.dtype, runtime=runtime, provider=provider)
+                     device=str(svc.device), dtype=svc.settings.dtype, runtime=runtime,
+                     provider=provider, front_ends=0 if server is None else server.connected)
 
 
 _METRICS_DOC = {200: {"content": {CONTENT_TYPE_LATEST: {}},

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
 
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
@@ -21,12 +23,13 @@ from aat_serve.service.api import answer_classify, router
 from aat_serve.service.auth import require_api_token
 from aat_serve.service.body_timeout import BodyTimeoutMiddleware
 from aat_serve.service.docs_ui import install_docs
+from aat_serve.service.engine_server import EngineServer
 from aat_serve.service.errors import (
     ErrorType,
     ServiceError,
+    client_error,
     error_response,
     error_types_markdown,
-    from_aat_error,
     http_error_response,
 )
 from aat_serve.service.fast_path import ServiceApp, classify_endpoint
@@ -67,15 +70,11 @@ def client_error_response(request: Request, exc: Exception) -> Response:
     error's own (counted as a rejection of its type); anything else, and a model error that is
     not the client's, is re-raised (logged with the request id, answered 500 by the
     middleware). The exception handlers and the classify fast path both answer with this."""
-    if isinstance(exc, ServiceError):
-        _count(request, exc.type)
-        return exc.response()
-    if isinstance(exc, AATError):
-        err = from_aat_error(exc)
-        if err.kind is not ErrorType.INTERNAL_ERROR:
-            _count(request, err.type)
-            return err.response()
-    raise exc
+    err = client_error(exc)
+    if err is None:
+        raise exc
+    _count(request, err.type)
+    return err.response()
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -129,8 +128,13 @@ def _openapi_without_default_422(app: FastAPI) -> None:
 
 
 def create_app(settings: Settings | None = None, *,
-               checkpoint: LoadedCheckpoint | None = None) -> FastAPI:
-    """The application; ``checkpoint`` skips loading the backbone from ``settings``."""
+               checkpoint: LoadedCheckpoint | None = None, engine_socket: Path | None = None,
+               front_ends: Any = None) -> FastAPI:
+    """The application; ``checkpoint`` skips loading the backbone from ``settings``.
+
+    With ``engine_socket``, the application also serves front-end processes on that Unix socket
+    (``service.engine_server``); ``front_ends`` (``service.frontend.supervisor.FrontEnds``) is
+    started once it listens, and stopped (their requests finished) before it closes."""
     settings = with_embedded_defaults(settings if settings is not None else load_settings())
 
     @asynccontextmanager
@@ -140,9 +144,19 @@ def create_app(settings: Settings | None = None, *,
         svc = await asyncio.to_thread(Service, settings, ckpt)
         svc.start()
         app.state.service = svc
+        server = None if engine_socket is None else EngineServer(app, svc, engine_socket)
+        app.state.engine_server = server
         try:
+            if server is not None:
+                await server.start()
+            if front_ends is not None:
+                await front_ends.start()
             yield
         finally:
+            if front_ends is not None:
+                await front_ends.stop()
+            if server is not None:
+                await server.stop()
             await svc.stop()
 
     app = ServiceApp(title="aat-serve", version="0.1.0", description=DESCRIPTION,

@@ -119,8 +119,9 @@ class RequestContextMiddleware:
                                       {"X-Request-ID": rid})
             await response(scope, receive, send)
         finally:
-            extra = {"request_id": rid, "method": scope["method"], "path": scope["path"],
-                     "status": status["code"],
-                     "duration_ms": round((time.perf_counter() - started) * 1000, 3)}
-            extra.update(state.get("log", {}))
-            log.info("request", extra=extra)
+            if not scope.get("aat.forwarded"):  # a front end's request: it writes the line
+                extra = {"request_id": rid, "method": scope["method"], "path": scope["path"],
+                         "status": status["code"],
+                         "duration_ms": round((time.perf_counter() - started) * 1000, 3)}
+                extra.update(state.get("log", {}))
+                log.info("request", extra=extra)

@@ -138,3 +138,6 @@ class Readiness(BaseModel):
     """torch or onnxruntime (AAT_RUNTIME)."""
     provider: str = ""
     """The torch backend (segments, triton) or the ONNX Runtime execution provider in use."""
+    front_ends: int = 0
+    """Front-end processes connected to this model process (AAT_FRONT_ENDS); 0 when one
+    process serves everything."""

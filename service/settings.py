@@ -116,6 +116,12 @@ class Settings(BaseSettings):
     decode_workers: int | None = Field(None, ge=1, le=64)
     """Threads that decode audio and compute features, off the event loop; unset: one per CPU
     core this process may run on. Each runs torch single-threaded (service/threads.py)."""
+    front_ends: int = Field(0, ge=0, le=64)
+    """HTTP front-end processes beside one model process (docs/service.md, "Front ends"): each
+    parses HTTP, checks tokens, reads and decodes bodies and writes answers, and the model
+    process batches every front end's clips. 0: one process does all (the default: on a CPU
+    the model is the limit). On a many-core GPU host one process's event loop caps requests
+    per second below what the model computes: run several (``aat bench serve --front-ends``)."""
     inference_threads: int | None = Field(None, ge=1, le=256)
     """Torch intra-op threads of the inference thread; unset: every usable core but one, at
     least one (service/threads.py), so the event loop and the decode threads keep a core."""

@@ -6,6 +6,8 @@ import argparse
 import logging
 from pathlib import Path
 
+from aat_serve.service.process import event_loop
+
 log = logging.getLogger(__name__)
 
 
@@ -26,13 +28,20 @@ def run(args: argparse.Namespace) -> int:
 
     settings = load_settings(host=args.host, port=args.port, checkpoint=args.checkpoint,
                              bundle_dir=args.bundle_dir, log_level=args.log_level,
-                             demo=args.demo)
+                             demo=args.demo, front_ends=args.front_ends)
     configure_logging(settings.log_level)
     settings = with_embedded_defaults(settings)
     parser = resolve_parser(settings.http_parser)  # a forced parser not installed stops here
     malloc_tuned = tune_process(settings)
     # Load the backbone before binding the port: a bad checkpoint stops start-up right here.
     checkpoint = load_backbone(settings)
+    if settings.front_ends:
+        from aat_serve.service.frontend.supervisor import serve_split
+
+        log.info("serving with front ends", extra={
+            "host": settings.host, "port": settings.port, "front_ends": settings.front_ends,
+            "checkpoint": str(settings.checkpoint), "http_parser": parser})
+        return serve_split(settings, checkpoint)
     app = create_app(settings, checkpoint=checkpoint)
     freeze_heap()  # full garbage collections no longer walk the start-up heap (p99 pauses)
     log.info("serving", extra={"host": settings.host, "port": settings.port,
@@ -54,15 +63,6 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def event_loop() -> str:
-    """uvicorn's ``loop``: uvloop when installed (a dependency except on Windows), else asyncio."""
-    try:
-        import uvloop  # noqa: F401
-    except ImportError:
-        return "asyncio"
-    return "uvloop"
-
-
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "serve", help="run the HTTP classification service",
@@ -74,7 +74,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "AAT_HTTP_PARSER, AAT_BODY_TIMEOUT_S, AAT_BODY_TOTAL_TIMEOUT_S, "
                     "AAT_MAX_TASKS, AAT_DEVICE_TASK_MB, AAT_HOST_CACHE_MB, AAT_PINNED_TASKS, "
                     "AAT_PRELOAD, AAT_REFRESH_S, AAT_INFERENCE_THREADS, AAT_SWITCH_INTERVAL_MS, "
-                    "AAT_KEEP_FREED_MEMORY, AAT_LOG_LEVEL, ...); these flags override them.")
+                    "AAT_KEEP_FREED_MEMORY, AAT_FRONT_ENDS, AAT_LOG_LEVEL, ...); these flags "
+                    "override them.")
     p.add_argument("--host", help="address to bind (AAT_HOST, default 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (AAT_PORT, default 8000)")
     p.add_argument("--checkpoint", type=Path,
@@ -86,6 +87,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="serve the demo tasks (digits, ...) read-only beside the store's own; "
                         "a store task of the same name wins (AAT_DEMO; default: on with the "
                         "demo backbone, off with another)")
+    p.add_argument("--front-ends", type=int, metavar="N",
+                   help="HTTP front-end processes beside one model process (AAT_FRONT_ENDS, "
+                        "default 0: one process does all; several on a many-core GPU host)")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
                    help="log level (AAT_LOG_LEVEL, default info)")
     p.set_defaults(func=run)

@@ -227,7 +227,7 @@ def test_health_readiness_and_metrics(client):
     assert client.get("/readyz").json() == {"status": "ready", "tasks": 3, "failed_tasks": 0,
                                             "device": "cpu",
                                             "dtype": "float32", "runtime": "torch",
-                                            "provider": "segments"}
+                                            "provider": "segments", "front_ends": 0}
     client.post("/classify/birds", content=wav_bytes(), headers=WAV)
     client.post("/classify/nope", content=wav_bytes(), headers=WAV)
     r = client.get("/metrics")

@@ -1,0 +1,1 @@
+"""Front-end processes: HTTP, tokens, bodies and decoding, beside one model process."""
