@@ -26,7 +26,7 @@ bench:  ## list the benchmarks (`aat bench kernel|model|memory|serve|training`, 
 gpu-check:  ## GPU kernel tests at ViT-B sizes, aat bench kernel + model, PASS/MISS (CUDA; < 8 min)
 	bash scripts/gpu_check.sh
 
-gpu-serve-check:  ## issue 20's GPU serving targets: aat bench serve, ViT-B bf16, 64 clients, PASS/MISS (< 4 min)
+gpu-serve-check:  ## issue 20's GPU serving targets: aat bench serve, ViT-B bf16, 64 clients, PASS/MISS with front ends beside one process (< 5 min)
 	bash scripts/gpu_serve_check.sh
 
 clean:

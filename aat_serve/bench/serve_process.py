@@ -10,13 +10,15 @@ server's settings, fed the decoded clip in a child process while the server idle
 
 ``--baseline no-batching`` starts a second server, the same store and settings but
 ``AAT_MAX_BATCH=1`` (one clip, one task per forward pass), and runs the same one-task and mix
-loads against it in the same rounds. The runs of a round go in an order that rotates by one
-each round, so a change in the machine's background load hits both servers alike (the server
-not being measured idles).
+loads against it in the same rounds; ``--baseline one-process`` does the same with a server in
+one process (``AAT_FRONT_ENDS=0``) beside one with ``--front-ends`` front-end processes. The
+runs of a round go in an order that rotates by one each round, so a change in the machine's
+background load hits both servers alike (the server not being measured idles).
 
 Reported per scenario: req/s, p50/p95/p99, errors, mean clips and tasks per batch (the server's
 ``aat_batch_size``/``aat_batch_tasks`` histograms before and after), and the ratios classify /
-healthz, service clips/s / engine-only clips/s and, with the baseline, batching / none.
+healthz, service clips/s / engine-only clips/s and, with a baseline, batching / none or
+front ends / one process.
 """
 
 from __future__ import annotations
@@ -40,9 +42,15 @@ from aat_serve.bench.fixtures import random_task_bundles, synth_wav, write_rando
 from aat_serve.bench.hey import HeyRun, ServeProcess, hey_load, hey_path
 from aat_serve.bench.serve_targets import format_verdicts, serve_verdicts
 
-BASELINES = ("none", "no-batching")
-BASELINE = "no_batching"
-"""The prefix of the baseline server's scenarios in the report (``no_batching/single``)."""
+BASELINES = ("none", "no-batching", "one-process")
+BASELINE_SERVERS = {
+    "no-batching": ("no_batching", {"AAT_MAX_BATCH": "1"}, "batching_vs_none",
+                    "the same store and settings with AAT_MAX_BATCH=1"),
+    "one-process": ("one_process", {"AAT_FRONT_ENDS": "0"}, "front_ends_vs_one_process",
+                    "the same store and settings in one process (AAT_FRONT_ENDS=0)"),
+}
+"""Each baseline: the prefix of its server's scenarios in the report (``no_batching/single``),
+what its server's environment changes, the name of its ratios, and what it is."""
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
@@ -72,6 +80,8 @@ class ProcessBenchConfig:
     engine_seconds: float = 6.0
     """Timed seconds of each engine-only run; 0: no engine-only run."""
     baseline: str = "none"
+    front_ends: int = 0
+    """``AAT_FRONT_ENDS`` of the measured server (0: one process)."""
 
     def __post_init__(self) -> None:
         if min(self.tasks, self.clients, self.requests, self.rounds, self.max_batch) < 1:
@@ -84,7 +94,12 @@ class ProcessBenchConfig:
         if self.baseline not in BASELINES:
             raise ConfigError(f"--baseline must be one of {', '.join(BASELINES)}, got "
                               f"{self.baseline!r}")
-        if self.baseline != "none" and self.max_batch < 2:
+        if self.baseline == "one-process" and self.front_ends < 1:
+            raise ConfigError("--baseline one-process compares front ends with one process: "
+                              f"--front-ends must be >= 1, got {self.front_ends}")
+        if self.front_ends < 0:
+            raise ConfigError(f"--front-ends must be >= 0, got {self.front_ends}")
+        if self.baseline == "no-batching" and self.max_batch < 2:
             raise ConfigError("--baseline no-batching compares against a server with max batch "
                               f"1: --max-batch must be >= 2, got {self.max_batch}")
         if self.frames is not None and self.preset is None:
@@ -101,9 +116,9 @@ class ProcessBenchConfig:
             if host not in LOOPBACK:
                 raise ConfigError(f"--url must point at this machine (127.0.0.1), got host "
                                   f"{host!r}")
-            if self.baseline != "none":
-                raise ConfigError("--baseline needs servers this benchmark starts; a --url "
-                                  "server's batching cannot be switched off")
+            if self.baseline != "none" or self.front_ends:
+                raise ConfigError("--baseline and --front-ends need servers this benchmark "
+                                  "starts; a --url server's settings cannot be changed")
 
 
 def _random_store(checkpoint: str, frames: int | None, tasks: int, store: Path) -> None:
@@ -164,15 +179,22 @@ def _task_names(url: str, want: int) -> list[str]:
     return names
 
 
+def _front_ends(url: str) -> int:
+    """The front-end processes connected to the server's model process (its ``/readyz``)."""
+    import httpx
+
+    return int(httpx.get(url + "/readyz", timeout=30).json().get("front_ends", 0))
+
+
 def _plan(urls: dict[str, str], names: list[str]) -> dict[str, tuple[str, list[str]]]:
     """Scenario name -> (server URL, request paths): the main server's ``healthz``, ``single``
-    and ``mixN``, and the baseline server's ``no_batching/single`` and ``no_batching/mixN``."""
+    and ``mixN``, and a baseline server's ``<prefix>/single`` and ``<prefix>/mixN``."""
     mix = [f"/classify/{n}" for n in names]
     plan = {"healthz": (urls["main"], ["/healthz"])}
-    for server, prefix in (("main", ""), (BASELINE, f"{BASELINE}/")):
-        if server in urls:
-            plan[f"{prefix}single"] = (urls[server], mix[:1])
-            plan[f"{prefix}mix{len(names)}"] = (urls[server], mix)
+    for server, url in urls.items():
+        prefix = "" if server == "main" else f"{server}/"
+        plan[f"{prefix}single"] = (url, mix[:1])
+        plan[f"{prefix}mix{len(names)}"] = (url, mix)
     return plan
 
 
@@ -211,18 +233,20 @@ def _measure(cfg: ProcessBenchConfig, urls: dict[str, str], clip: Path, names: l
 
 def _start_servers(cfg: ProcessBenchConfig, work: Path, stack: contextlib.ExitStack,
                    say: Callable[[str], None]) -> tuple[dict[str, str], dict[str, str]]:
-    """The servers' URLs (``main``, and ``no_batching`` with the baseline), all started at
-    once, and the main server's environment (for the engine-only run)."""
+    """The servers' URLs (``main``, and the baseline's by its prefix), all started at once,
+    and the main server's environment (for the engine-only run)."""
     checkpoint, bundle_dir = _model_source(cfg, work)
     env = {"AAT_MAX_BATCH": str(cfg.max_batch), "AAT_MAX_WAIT_MS": str(cfg.max_wait_ms),
-           "AAT_DEVICE": cfg.device, "AAT_DTYPE": cfg.dtype,
+           "AAT_DEVICE": cfg.device, "AAT_DTYPE": cfg.dtype, "AAT_FRONT_ENDS": str(cfg.front_ends),
            "AAT_MAX_QUEUE": str(max(256, 4 * cfg.clients)), "AAT_REQUEST_TIMEOUT_S": "600"}
     envs = {"main": env}
-    if cfg.baseline == "no-batching":
-        envs[BASELINE] = {**env, "AAT_MAX_BATCH": "1"}
+    if cfg.baseline in BASELINE_SERVERS:
+        prefix, change, _, _ = BASELINE_SERVERS[cfg.baseline]
+        envs[prefix] = {**env, **change}
     servers = {}
     for name, server_env in envs.items():
-        say(f"starting aat serve ({name}: max batch {server_env['AAT_MAX_BATCH']})")
+        say(f"starting aat serve ({name}: max batch {server_env['AAT_MAX_BATCH']}, front ends "
+            f"{server_env['AAT_FRONT_ENDS']})")
         servers[name] = ServeProcess(checkpoint=checkpoint, bundle_dir=bundle_dir,
                                      env=server_env)
         stack.push(servers[name])
@@ -233,7 +257,8 @@ def _start_servers(cfg: ProcessBenchConfig, work: Path, stack: contextlib.ExitSt
                   "AAT_LOG_LEVEL": "warning", "AAT_REFRESH_S": "3600"}
 
 
-def _ratios(results: dict[str, Any], eng: dict[str, Any], mix: str) -> dict[str, float]:
+def _ratios(results: dict[str, Any], eng: dict[str, Any], mix: str, baseline: str
+            ) -> dict[str, float]:
     def ratio(a: float, b: float) -> float:
         return round(a / b, 3) if b else 0.0
 
@@ -242,9 +267,10 @@ def _ratios(results: dict[str, Any], eng: dict[str, Any], mix: str) -> dict[str,
     if eng:  # clips/s against clips/s: a request of several windows is several clips
         out["single_vs_engine"] = ratio(results["single"]["clips_per_s"], eng["single"])
         out[f"{mix}_vs_engine"] = ratio(results[mix]["clips_per_s"], eng["mix"])
-    if f"{BASELINE}/single" in rps:
+    if baseline in BASELINE_SERVERS:
+        prefix, _, name, _ = BASELINE_SERVERS[baseline]
         for k in ("single", mix):
-            out[f"batching_vs_none_{k}"] = ratio(rps[k], rps[f"{BASELINE}/{k}"])
+            out[f"{name}_{k}"] = ratio(rps[k], rps[f"{prefix}/{k}"])
     return out
 
 
@@ -264,6 +290,7 @@ def bench_serve_process(cfg: ProcessBenchConfig,
             else:
                 urls, env = _start_servers(cfg, work, stack, say)
             names = _task_names(urls["main"], cfg.tasks)
+            connected = {name: _front_ends(url) for name, url in urls.items()}
             engine_env = env if cfg.engine_seconds > 0 else None
             results, eng = _measure(cfg, urls, clip, names, engine_env, say)
     finally:
@@ -273,8 +300,8 @@ def bench_serve_process(cfg: ProcessBenchConfig,
                   backbone=cfg.preset or cfg.checkpoint or ("server " + urls["main"] if cfg.url
                                                             else "embedded demo"))
     report = {"machine": machine(), "config": config, "results": results,
-              "engine_only_clips_per_s": eng,
-              "ratios": _ratios(results, eng, f"mix{len(names)}")}
+              "engine_only_clips_per_s": eng, "front_ends_connected": connected,
+              "ratios": _ratios(results, eng, f"mix{len(names)}", cfg.baseline)}
     report["verdicts"] = serve_verdicts(report)
     return report
 
@@ -294,9 +321,13 @@ def format_process_report(report: dict[str, Any]) -> str:
              f"scenario; {machine_summary(m)}; load average {m.get('load_average')}",
              table(rows, ["scenario", "req/s", "clips/s", "p50 ms", "p95 ms", "p99 ms",
                           "clips/batch", "tasks/batch", "n", "errors"])]
-    if c.get("baseline") == "no-batching":
-        lines.append(f"{BASELINE}/*: a second aat serve, the same store and settings with "
-                     "AAT_MAX_BATCH=1")
+    connected = report.get("front_ends_connected") or {}
+    if any(connected.values()):
+        lines.append("front-end processes connected: " + ", ".join(
+            f"{name} {n}" for name, n in connected.items()))
+    if c.get("baseline") in BASELINE_SERVERS:
+        prefix, _, _, what = BASELINE_SERVERS[c["baseline"]]
+        lines.append(f"{prefix}/*: a second aat serve, {what}")
     if report["engine_only_clips_per_s"]:
         eng = report["engine_only_clips_per_s"]
         lines.append(f"engine only (the server's engine, no HTTP or decode; "

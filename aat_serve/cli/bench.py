@@ -198,9 +198,13 @@ def register_serve_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-wait-ms", type=float, default=5.0, help="batching wait (default 5)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--front-ends", type=int, default=0, metavar="N",
+                   help="AAT_FRONT_ENDS of the server: N HTTP front-end processes beside the "
+                        "model process (default 0: one process)")
     p.add_argument("--baseline", choices=BASELINES, default="none",
-                   help="no-batching: also measure the same server with AAT_MAX_BATCH=1 in the "
-                        "same rounds (default none)")
+                   help="also measure, in the same rounds, the same server with AAT_MAX_BATCH=1 "
+                        "(no-batching) or in one process (one-process, with --front-ends) "
+                        "(default none)")
     p.add_argument("--engine-seconds", type=float, default=6.0,
                    help="timed seconds of each round's engine-only run; 0 skips it "
                         "(default 6)")
@@ -257,7 +261,7 @@ def run_serve_bench(args: argparse.Namespace) -> int:
         requests=args.requests, max_seconds=args.max_seconds, clip_s=args.clip_s,
         max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, device=args.device,
         dtype=args.dtype, rounds=args.rounds, engine_seconds=args.engine_seconds,
-        baseline=args.baseline), progress=say)
+        baseline=args.baseline, front_ends=args.front_ends), progress=say)
     print(to_json(report) if args.json else format_process_report(report))
     return 0
 

@@ -63,6 +63,33 @@ def test_no_batching_baseline(capsys):
 
 
 @needs_hey
+def test_front_ends_against_one_process(capsys):
+    """The same store and settings served with one front-end process and in one process, in
+    the same rounds; each server says how many front ends it has (the pair: 1 and 0)."""
+    code = aat(["bench", "serve", "--backbone", "tiny", "--tasks", "2", "--clients", "8",
+                "--requests", "48", "--rounds", "1", "--clip-s", "0.5", "--max-batch", "8",
+                "--max-seconds", "120", "--front-ends", "1", "--baseline", "one-process",
+                "--engine-seconds", "0", "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert code == 0
+    assert (report["config"]["front_ends"], report["config"]["baseline"]) == (1, "one-process")
+    assert report["front_ends_connected"] == {"main": 1, "one_process": 0}
+    results = report["results"]
+    assert set(results) == {"healthz", "single", "mix2", "one_process/single",
+                            "one_process/mix2"}
+    for name, r in results.items():
+        assert r["requests"] == 48 and r["errors"] == {} and _ordered(r), name
+    for name in ("single", "mix2", "one_process/single", "one_process/mix2"):
+        assert results[name]["mean_batch"] >= 1.0, name  # computed: both served the tasks
+    rps = {k: v["throughput_rps"] for k, v in results.items()}
+    assert report["ratios"] == {
+        "single_vs_healthz": round(rps["single"] / rps["healthz"], 3),
+        "mix2_vs_healthz": round(rps["mix2"] / rps["healthz"], 3),
+        "front_ends_vs_one_process_single": round(rps["single"] / rps["one_process/single"], 3),
+        "front_ends_vs_one_process_mix2": round(rps["mix2"] / rps["one_process/mix2"], 3)}
+
+
+@needs_hey
 def test_a_running_server_goes_through_hey(ckpt_dir, store, bundles):
     from aat_serve.bench.hey import ServeProcess
     from aat_serve.bench.serve_process import bench_serve_process, format_process_report
@@ -94,8 +121,15 @@ def test_a_running_server_goes_through_hey(ckpt_dir, store, bundles):
     ({"url": "http://10.0.0.1:8000"},
      "--url must point at this machine (127.0.0.1), got host '10.0.0.1'"),
     ({"url": "http://127.0.0.1:8000", "baseline": "no-batching"},
-     "--baseline needs servers this benchmark starts; a --url server's batching cannot be "
-     "switched off"),
+     "--baseline and --front-ends need servers this benchmark starts; a --url server's "
+     "settings cannot be changed"),
+    ({"url": "http://127.0.0.1:8000", "front_ends": 2},
+     "--baseline and --front-ends need servers this benchmark starts; a --url server's "
+     "settings cannot be changed"),
+    ({"preset": "tiny", "baseline": "one-process"},
+     "--baseline one-process compares front ends with one process: --front-ends must be >= 1, "
+     "got 0"),
+    ({"preset": "tiny", "front_ends": -1}, "--front-ends must be >= 0, got -1"),
     ({"preset": "tiny", "max_batch": 1, "baseline": "no-batching"},
      "--baseline no-batching compares against a server with max batch 1: --max-batch must be "
      ">= 2, got 1"),
@@ -105,7 +139,8 @@ def test_a_running_server_goes_through_hey(ckpt_dir, store, bundles):
     ({"url": "http://127.0.0.1:8000", "preset": "tiny"},
      "--url measures a server that is already running; --backbone and --checkpoint choose what "
      "a started server serves: give one or the other"),
-    ({"baseline": "threads"}, "--baseline must be one of none, no-batching, got 'threads'"),
+    ({"baseline": "threads"}, "--baseline must be one of none, no-batching, one-process, got "
+                              "'threads'"),
     ({"clients": 0}, "--tasks, --clients, --requests, --rounds and --max-batch need positive "
                      "integers, got 4, 0, 2000, 1 and 16"),
 ])
