@@ -1,6 +1,6 @@
 """Process-wide choices of a serving process (the one-process service, the model process, each
 front end): its event loop, and its start-up heap kept out of the garbage collector's walks.
-Kept apart from ``service.runtime`` so a front-end process need not import the model."""
+Choices of any process that serves HTTP, not of the model's runtime (``service.runtime``)."""
 
 from __future__ import annotations
 
