@@ -26,14 +26,20 @@ def _ordered(r: dict) -> bool:
     return 0 < r["p50_ms"] <= r["p95_ms"] <= r["p99_ms"]
 
 
-@needs_hey
-def test_no_batching_baseline(capsys):
+def _bench_tiny(capsys, rounds: int, *flags: str) -> dict:
+    """``aat bench serve --json`` on the tiny backbone, 2 tasks, 8 connections, 48 requests per
+    scenario and round, no engine-only run; the report."""
     code = aat(["bench", "serve", "--backbone", "tiny", "--tasks", "2", "--clients", "8",
-                "--requests", "48", "--rounds", "2", "--clip-s", "0.5", "--max-batch", "8",
-                "--max-wait-ms", "20", "--max-seconds", "120", "--baseline", "no-batching",
-                "--engine-seconds", "0", "--json"])
+                "--requests", "48", "--rounds", str(rounds), "--clip-s", "0.5", "--max-batch",
+                "8", "--max-seconds", "120", "--engine-seconds", "0", "--json", *flags])
     report = json.loads(capsys.readouterr().out)
     assert code == 0
+    return report
+
+
+@needs_hey
+def test_no_batching_baseline(capsys):
+    report = _bench_tiny(capsys, 2, "--max-wait-ms", "20", "--baseline", "no-batching")
     c = report["config"]
     assert (c["baseline"], c["max_batch"], c["rounds"], c["backbone"]) == (
         "no-batching", 8, 2, "tiny")
@@ -66,12 +72,7 @@ def test_no_batching_baseline(capsys):
 def test_front_ends_against_one_process(capsys):
     """The same store and settings served with one front-end process and in one process, in
     the same rounds; each server says how many front ends it has (the pair: 1 and 0)."""
-    code = aat(["bench", "serve", "--backbone", "tiny", "--tasks", "2", "--clients", "8",
-                "--requests", "48", "--rounds", "1", "--clip-s", "0.5", "--max-batch", "8",
-                "--max-seconds", "120", "--front-ends", "1", "--baseline", "one-process",
-                "--engine-seconds", "0", "--json"])
-    report = json.loads(capsys.readouterr().out)
-    assert code == 0
+    report = _bench_tiny(capsys, 1, "--front-ends", "1", "--baseline", "one-process")
     assert (report["config"]["front_ends"], report["config"]["baseline"]) == (1, "one-process")
     assert report["front_ends_connected"] == {"main": 1, "one_process": 0}
     results = report["results"]

@@ -38,16 +38,29 @@ def store(tmp_path):
     return d
 
 
+def test_settings(ckpt_dir, store, **overrides) -> Settings:
+    """The tiny checkpoint, the test's store, short batching waits and rescans; ``overrides``."""
+    base = dict(checkpoint=ckpt_dir, bundle_dir=store, max_wait_ms=2.0, refresh_s=0.2)
+    base.update(overrides)
+    return Settings(**base)
+
+
+test_settings.__test__ = False  # a helper, not a test
+
+
 @pytest.fixture
 def make_app(ckpt_dir, store):
     """``make_app(**settings)``: an app on the tiny checkpoint and the test's store."""
+    return lambda **overrides: create_app(test_settings(ckpt_dir, store, **overrides))
 
-    def factory(**overrides):
-        base = dict(checkpoint=ckpt_dir, bundle_dir=store, max_wait_ms=2.0, refresh_s=0.2)
-        base.update(overrides)
-        return create_app(Settings(**base))
 
-    return factory
+@pytest.fixture
+def make_pair(ckpt_dir, store):
+    """``make_pair(**settings)``: a front end and its model process (tests/service/
+    front_end_pair.py), as ``make_app`` configures one process."""
+    from tests.service.front_end_pair import FrontEndPair
+
+    return lambda **overrides: FrontEndPair(test_settings(ckpt_dir, store, **overrides))
 
 
 @pytest.fixture

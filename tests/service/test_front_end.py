@@ -16,7 +16,6 @@ from fastapi.testclient import TestClient
 from aat_serve.service.frontend.app import FrontEnd
 from aat_serve.service.frontend.forward import forward_limit
 from aat_serve.service.settings import Settings
-from tests.service.front_end_pair import FrontEndPair
 from tests.service.helpers import (
     ADMIN,
     API,
@@ -29,18 +28,6 @@ from tests.service.helpers import (
 from tests.service.test_fast_path import classify_requests, counted, send_all, store_with
 
 WAV = {"Content-Type": "audio/wav"}
-
-
-@pytest.fixture
-def make_pair(ckpt_dir, store):
-    """``make_pair(**settings)``: a front end and its model process on the test's store."""
-
-    def factory(**overrides):
-        base = dict(checkpoint=ckpt_dir, bundle_dir=store, max_wait_ms=2.0, refresh_s=0.2)
-        base.update(overrides)
-        return FrontEndPair(Settings(**base))
-
-    return factory
 
 
 def _settled(client, want: list[str], timeout_s: float = 10.0) -> list[str]:
