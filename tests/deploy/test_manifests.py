@@ -289,6 +289,9 @@ def test_nginx_limits_equal_the_service_defaults():
     # POST is retried only where it is safe: classification
     assert "non_idempotent" in classify and "non_idempotent" not in tasks
     assert conf.count("non_idempotent") == 1
+    # a 503 (not_ready: a replica starting, stopping, or a front end whose model process is
+    # gone, tests/service/test_front_end.py) is retried on another replica, classify included
+    assert re.search(r"proxy_next_upstream error timeout http_503 non_idempotent;", classify)
     # nginx waits longer than the service's own timeout, so a slow request gets the service's 504
     (read,) = re.findall(r"proxy_read_timeout (\d+)s;", conf)
     assert int(read) > s.request_timeout_s

@@ -239,3 +239,36 @@ def test_observations_count_known_outcomes_only(make_app, store, bundles):
     assert got == ['aat_rejections_total{reason="unknown_task"} 1.0',
                    'aat_requests_total{outcome="ok",task="birds"} 2.0',
                    'aat_requests_total{outcome="unknown_task",task="_unknown"} 1.0']
+
+
+def test_a_model_process_gone_mid_request_is_a_503_that_nginx_retries(make_pair, store,
+                                                                      bundles, monkeypatch):
+    """The model process dies while a front end waits for it: the request gets 503
+    ``not_ready`` with Retry-After (deploy/nginx.conf retries a 503 on another replica,
+    classify included: tests/deploy/test_manifests.py), and the front end is told to exit."""
+    from aat_serve.service import engine_server
+
+    store_with(store, bundles)
+    real = engine_server.EngineServer.classify
+
+    async def dies(self, header, payload):
+        if payload:  # with the clip in hand, every connection to a front end breaks
+            for writer in self._connections.values():
+                writer.transport.abort()
+            await asyncio.Event().wait()
+        return await real(self, header, payload)
+
+    monkeypatch.setattr(engine_server.EngineServer, "classify", dies)
+    pair = make_pair()
+    lost = []
+    pair.front.on_lost = lambda: lost.append(True)
+    with served(pair) as client:
+        r = client.post("/classify/birds", content=wav_bytes(0.5), headers=WAV)
+        deadline = time.monotonic() + 10
+        while not lost and time.monotonic() < deadline:
+            time.sleep(0.01)
+        health = client.get("/healthz")
+    assert (r.status_code, r.json()["error"], r.headers["retry-after"]) == (503, {
+        "type": "not_ready", "message": "the model process closed the connection; retry"}, "1")
+    assert lost == [True]
+    assert health.status_code == 503  # the pair: not connected any more (200 before)
