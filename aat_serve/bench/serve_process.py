@@ -16,7 +16,9 @@ runs of a round go in an order that rotates by one each round, so a change in th
 background load hits both servers alike (the server not being measured idles).
 
 Reported per scenario: req/s, p50/p95/p99, errors, mean clips and tasks per batch (the server's
-``aat_batch_size``/``aat_batch_tasks`` histograms before and after), and the ratios classify /
+``aat_batch_size``/``aat_batch_tasks`` histograms before and after), the CPU time per request
+of the server's event loops and other threads (``aat_serve.bench.process_cpu``; servers this
+run started), and the ratios classify /
 healthz, service clips/s / engine-only clips/s and, with a baseline, batching / none or
 front ends / one process.
 """
@@ -40,6 +42,7 @@ from aat_serve.bench.common import machine
 from aat_serve.bench.engine_only import engine_only
 from aat_serve.bench.fixtures import random_task_bundles, synth_wav, write_random_checkpoint
 from aat_serve.bench.hey import HeyRun, ServeProcess, hey_load, hey_path
+from aat_serve.bench.process_cpu import GROUPS, cpu_seconds, per_request_us
 from aat_serve.bench.serve_targets import format_verdicts, serve_verdicts
 
 BASELINES = ("none", "no-batching", "one-process")
@@ -199,12 +202,15 @@ def _plan(urls: dict[str, str], names: list[str]) -> dict[str, tuple[str, list[s
 
 
 def _measure(cfg: ProcessBenchConfig, urls: dict[str, str], clip: Path, names: list[str],
-             engine_env: dict[str, str] | None, say: Callable[[str], None]
-             ) -> tuple[dict, dict]:
+             engine_env: dict[str, str] | None, say: Callable[[str], None],
+             pids: dict[str, int] | None = None) -> tuple[dict, dict]:
     """Every scenario once per round (order rotating by one each round), then the engine
-    alone; the summaries and the engine-only medians."""
+    alone; the summaries (with the CPU per request of the servers in ``pids``, by URL) and
+    the engine-only medians."""
     plan = _plan(urls, names)
     runs: dict[str, list[HeyRun]] = {k: [] for k in plan}
+    cpu: dict[str, list] = {k: [] for k in plan}
+    pids = pids or {}
     engine_runs: list[dict[str, Any]] = []
     for url in urls.values():  # warm up every task and connection of every server
         hey_load(url, [f"/classify/{n}" for n in names], 4 * cfg.clients, cfg.clients, clip,
@@ -216,13 +222,20 @@ def _measure(cfg: ProcessBenchConfig, urls: dict[str, str], clip: Path, names: l
                 f"{cfg.clients} connections")
             url, paths = plan[key]
             body = None if key == "healthz" else clip
+            pid = pids.get(url)
+            before = cpu_seconds(pid) if pid else None
             runs[key].append(hey_load(url, paths, cfg.requests, cfg.clients, body,
                                       cfg.max_seconds))
+            if pid:
+                cpu[key].append((before, cpu_seconds(pid)))
         if engine_env is not None:
             say(f"round {r + 1}/{cfg.rounds}: the engine alone")
             engine_runs.append(engine_only(engine_env, tasks=names, clip=clip,
                                            clients=cfg.clients, seconds=cfg.engine_seconds))
     results = {k: _summary(v) for k, v in runs.items()}
+    for k, spent in cpu.items():
+        if spent:
+            results[k]["cpu_us_per_request"] = per_request_us(spent, results[k]["requests"])
     eng = ({k: round(statistics.median(r[k] for r in engine_runs), 2)
             for k in ("single", "mix")} if engine_runs else {})
     if engine_runs:
@@ -232,9 +245,10 @@ def _measure(cfg: ProcessBenchConfig, urls: dict[str, str], clip: Path, names: l
 
 
 def _start_servers(cfg: ProcessBenchConfig, work: Path, stack: contextlib.ExitStack,
-                   say: Callable[[str], None]) -> tuple[dict[str, str], dict[str, str]]:
+                   say: Callable[[str], None]
+                   ) -> tuple[dict[str, str], dict[str, str], dict[str, int]]:
     """The servers' URLs (``main``, and the baseline's by its prefix), all started at once,
-    and the main server's environment (for the engine-only run)."""
+    the main server's environment (for the engine-only run) and each server's pid by URL."""
     checkpoint, bundle_dir = _model_source(cfg, work)
     env = {"AAT_MAX_BATCH": str(cfg.max_batch), "AAT_MAX_WAIT_MS": str(cfg.max_wait_ms),
            "AAT_DEVICE": cfg.device, "AAT_DTYPE": cfg.dtype, "AAT_FRONT_ENDS": str(cfg.front_ends),
@@ -253,8 +267,9 @@ def _start_servers(cfg: ProcessBenchConfig, work: Path, stack: contextlib.ExitSt
         servers[name].start()
     urls = {name: s.wait_ready().url for name, s in servers.items()}
     # the engine-only run: the main server's settings and store, no HTTP
+    pids = {s.url: s.proc.pid for s in servers.values()}
     return urls, {**env, "AAT_CHECKPOINT": checkpoint, "AAT_BUNDLE_DIR": bundle_dir,
-                  "AAT_LOG_LEVEL": "warning", "AAT_REFRESH_S": "3600"}
+                  "AAT_LOG_LEVEL": "warning", "AAT_REFRESH_S": "3600"}, pids
 
 
 def _ratios(results: dict[str, Any], eng: dict[str, Any], mix: str, baseline: str
@@ -284,15 +299,15 @@ def bench_serve_process(cfg: ProcessBenchConfig,
         clip = work / "clip.wav"
         clip.write_bytes(synth_wav(cfg.clip_s, seed=0))
         with contextlib.ExitStack() as stack:
-            env = None
+            env, pids = None, {}
             if cfg.url:
                 urls = {"main": cfg.url.rstrip("/")}
             else:
-                urls, env = _start_servers(cfg, work, stack, say)
+                urls, env, pids = _start_servers(cfg, work, stack, say)
             names = _task_names(urls["main"], cfg.tasks)
             connected = {name: _front_ends(url) for name, url in urls.items()}
             engine_env = env if cfg.engine_seconds > 0 else None
-            results, eng = _measure(cfg, urls, clip, names, engine_env, say)
+            results, eng = _measure(cfg, urls, clip, names, engine_env, say, pids)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     config = asdict(cfg)
@@ -321,6 +336,12 @@ def format_process_report(report: dict[str, Any]) -> str:
              f"scenario; {machine_summary(m)}; load average {m.get('load_average')}",
              table(rows, ["scenario", "req/s", "clips/s", "p50 ms", "p95 ms", "p99 ms",
                           "clips/batch", "tasks/batch", "n", "errors"])]
+    cpu_rows = [[name, *(f"{r['cpu_us_per_request'][g]:.0f}" for g in GROUPS)]
+                for name, r in report["results"].items() if "cpu_us_per_request" in r]
+    if cpu_rows:
+        lines += ["CPU per request, microseconds (from /proc; a loop is one core's work):",
+                  table(cpu_rows, ["scenario", "model loop", "model threads",
+                                   "front-end loops", "front-end threads"])]
     connected = report.get("front_ends_connected") or {}
     if any(connected.values()):
         lines.append("front-end processes connected: " + ", ".join(

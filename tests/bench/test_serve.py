@@ -82,6 +82,18 @@ def test_front_ends_against_one_process(capsys):
         assert r["requests"] == 48 and r["errors"] == {} and _ordered(r), name
     for name in ("single", "mix2", "one_process/single", "one_process/mix2"):
         assert results[name]["mean_batch"] >= 1.0, name  # computed: both served the tasks
+    # CPU per request from /proc (10-ms ticks: summed over both scenarios of a server): the
+    # front end works where there is one, and only there
+    cpu = {k: v["cpu_us_per_request"] for k, v in results.items()}
+    assert set(cpu["single"]) == {"model_loop", "model_threads", "front_end_loops",
+                                  "front_end_threads"}
+    front = sum(cpu[k]["front_end_loops"] + cpu[k]["front_end_threads"] for k in ("single",
+                                                                              "mix2"))
+    assert front > 0
+    for k in ("one_process/single", "one_process/mix2"):
+        assert cpu[k]["front_end_loops"] == cpu[k]["front_end_threads"] == 0
+    assert sum(cpu[k]["model_loop"] + cpu[k]["model_threads"]
+               for k in ("one_process/single", "one_process/mix2")) > 0
     rps = {k: v["throughput_rps"] for k, v in results.items()}
     assert report["ratios"] == {
         "single_vs_healthz": round(rps["single"] / rps["healthz"], 3),
