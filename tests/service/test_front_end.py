@@ -272,3 +272,15 @@ def test_a_model_process_gone_mid_request_is_a_503_that_nginx_retries(make_pair,
         "type": "not_ready", "message": "the model process closed the connection; retry"}, "1")
     assert lost == [True]
     assert health.status_code == 503  # the pair: not connected any more (200 before)
+
+
+def test_the_decode_threads_are_shared_out_among_the_front_ends(monkeypatch):
+    from aat_serve.service.frontend import supervisor
+
+    monkeypatch.setattr(supervisor, "usable_cores", lambda: 16)
+    assert supervisor.front_end_settings(Settings(front_ends=4)).decode_workers == 4
+    assert supervisor.front_end_settings(Settings(front_ends=32)).decode_workers == 1
+    # the pair: a count the operator set is kept, and one process is left as it is
+    assert supervisor.front_end_settings(
+        Settings(front_ends=4, decode_workers=3)).decode_workers == 3
+    assert supervisor.front_end_settings(Settings()).decode_workers is None

@@ -1,9 +1,11 @@
 """``aat serve --front-ends N`` as real processes: N front ends accept on the one port and
-answer as the model computes; a front end that dies is replaced; SIGTERM stops them all; a
+answer as the model computes; a front end that dies is replaced; SIGTERM stops them all after
+the request in flight is answered; a
 model process killed outright takes its front ends with it; a port in use stops start-up."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -78,6 +80,14 @@ def split_server(tmp_path, ckpt_dir, ckpt):
         server.stop()
 
 
+def _read_all(conn: socket.socket) -> bytes:
+    chunks = []
+    with conn:
+        while chunk := conn.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def _classify(server: Server, clip: bytes) -> torch.Tensor:
     r = httpx.post(server.url + "/classify/birds?top_k=4", content=clip, headers=WAV,
                    timeout=30)
@@ -103,7 +113,22 @@ def test_front_ends_answer_replace_the_dead_and_stop_on_sigterm(split_server, ck
     for _ in range(8):  # every request still answered, by either front end
         assert torch.allclose(_classify(server, clip), want, atol=1e-5)
     fronts = children(server.proc.pid)
+    # a request whose body is half sent at SIGTERM: its front end finishes it (the model
+    # process serves until the front ends are gone)
+    body = wav_bytes(0.5, seed=5)
+    conn = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+    conn.sendall(b"POST /classify/birds?top_k=4 HTTP/1.1\r\nHost: t\r\nContent-Type: audio/wav"
+                 b"\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % len(body)
+                 + body[:len(body) // 2])
+    time.sleep(0.5)
     server.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    conn.sendall(body[len(body) // 2:])
+    answer = _read_all(conn)
+    assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
+    got = json.loads(answer.split(b"\r\n\r\n", 1)[1])["predictions"]
+    scores = torch.tensor([p["score"] for p in sorted(got, key=lambda p: p["label"])])
+    assert torch.allclose(scores, reference_scores(ckpt, bundle, body), atol=1e-5)
     # uvicorn shuts down gracefully, then re-raises the signal it caught
     assert server.proc.wait(60) in (0, -signal.SIGTERM)
     wait_until(lambda: not any(alive(p) for p in fronts), what="front ends stopped")
