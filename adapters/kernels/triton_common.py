@@ -8,6 +8,7 @@ tiles before ``tl.dot`` because the interpreter multiplies bf16 bit patterns (tr
 from __future__ import annotations
 
 import functools
+from dataclasses import asdict, dataclass, fields
 
 import torch
 import triton
@@ -150,3 +151,31 @@ def _check(x: torch.Tensor, h: torch.Tensor, mlp: MlpWeights | None, pool: Adapt
     if row_slot.shape != (x.shape[0],) or row_slot.dtype != torch.int32:
         raise ConfigError(f"row_slot must be int32 of shape ({x.shape[0]},), got "
                           f"{row_slot.dtype} {tuple(row_slot.shape)}")
+
+
+_NAME_FIELDS = (("block_m", "m"), ("block_n", "n"), ("block_r", "r"), ("block_k", "k"),
+                ("num_warps", "w"), ("num_stages", "s"))
+"""The tile fields a configuration's name spells, in order, each as letter and value."""
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """Base of each kernel's tile configuration (one candidate of the dispatcher): its name,
+    e.g. ``sgmv-m64n128r64k64w4s3-persist2``, spells the tiles it has, then the launch
+    variants in use (``-split``, ``-persist``, ``-tma``); ``as_dict`` for reports."""
+
+    KERNEL = ""
+    """The kernel's name, the first word of every configuration's (not a field)."""
+
+    @property
+    def name(self) -> str:
+        have = {f.name for f in fields(self)}
+        tiles = "".join(f"{letter}{getattr(self, f)}" for f, letter in _NAME_FIELDS if f in have)
+        split = getattr(self, "split_k", 1)
+        per_sm = getattr(self, "per_sm", 0)
+        return (f"{self.KERNEL}-{tiles}" + (f"-split{split}" if split > 1 else "")
+                + (f"-persist{per_sm}" if per_sm else "")
+                + ("-tma" if getattr(self, "tma", False) else ""))
+
+    def as_dict(self) -> dict:
+        return asdict(self)

@@ -15,7 +15,7 @@ row tiles times D / BLOCK_N column tiles.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -25,6 +25,7 @@ from aat_serve.adapters.errors import ConfigError
 from aat_serve.adapters.kernels.layout import AdapterPool, MlpWeights
 from aat_serve.adapters.kernels.plan import Plans
 from aat_serve.adapters.kernels.triton_common import (
+    TileConfig,
     dot_options,
     dot_tile,
     gelu,
@@ -38,8 +39,10 @@ from aat_serve.adapters.kernels.triton_common import (
 
 
 @dataclass(frozen=True)
-class FusedConfig:
+class FusedConfig(TileConfig):
     """Tiles and launch options of K1/K2 (one candidate of the dispatcher)."""
+
+    KERNEL = "fused"
 
     block_m: int = 128
     block_n: int = 128
@@ -51,16 +54,6 @@ class FusedConfig:
     split_k: int = 1
     per_sm: int = 0
     tma: bool = False
-
-    @property
-    def name(self) -> str:
-        c = self
-        return (f"fused-m{c.block_m}n{c.block_n}r{c.block_r}k{c.block_k}w{c.num_warps}"
-                f"s{c.num_stages}" + (f"-split{c.split_k}" if c.split_k > 1 else "")
-                + (f"-persist{c.per_sm}" if c.per_sm else "") + ("-tma" if c.tma else ""))
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 @triton.jit

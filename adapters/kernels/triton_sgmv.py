@@ -13,7 +13,7 @@ MLP the same kernels compute ``x + A_s(h)``.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -23,6 +23,7 @@ from torch.nn import functional as F
 from aat_serve.adapters.kernels.layout import AdapterPool, MlpWeights
 from aat_serve.adapters.kernels.plan import Plans
 from aat_serve.adapters.kernels.triton_common import (
+    TileConfig,
     dot_options,
     dot_tile,
     gelu,
@@ -34,8 +35,10 @@ from aat_serve.adapters.kernels.triton_common import (
 
 
 @dataclass(frozen=True)
-class SgmvConfig:
+class SgmvConfig(TileConfig):
     """Tiles of the shrink (``block_r`` adapter columns) and expand (``block_n``) kernels."""
+
+    KERNEL = "sgmv"
 
     block_m: int = 64
     block_n: int = 128
@@ -45,15 +48,6 @@ class SgmvConfig:
     num_warps: int = 4
     num_stages: int = 3
     per_sm: int = 0
-
-    @property
-    def name(self) -> str:
-        c = self
-        return (f"sgmv-m{c.block_m}n{c.block_n}r{c.block_r}k{c.block_k}w{c.num_warps}"
-                f"s{c.num_stages}" + (f"-persist{c.per_sm}" if c.per_sm else ""))
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 @triton.jit

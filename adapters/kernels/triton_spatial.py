@@ -11,7 +11,7 @@ kernel instead of two generic MLP kernels with H = 0 plus a torch add.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -20,6 +20,7 @@ import triton.language as tl
 from aat_serve.adapters.kernels.layout import AdapterPool
 from aat_serve.adapters.kernels.plan import Plans
 from aat_serve.adapters.kernels.triton_common import (
+    TileConfig,
     dot_options,
     dot_tile,
     gelu,
@@ -30,22 +31,17 @@ from aat_serve.adapters.kernels.triton_common import (
 
 
 @dataclass(frozen=True)
-class SpatialConfig:
+class SpatialConfig(TileConfig):
+    """Tiles of the spatial adapter's kernel."""
+
+    KERNEL = "spatial"
+
     block_m: int = 64
     block_n: int = 64
     block_k: int = 64
     num_warps: int = 8
     num_stages: int = 2
     per_sm: int = 0
-
-    @property
-    def name(self) -> str:
-        c = self
-        return (f"spatial-m{c.block_m}n{c.block_n}k{c.block_k}w{c.num_warps}s{c.num_stages}"
-                + (f"-persist{c.per_sm}" if c.per_sm else ""))
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 @triton.jit

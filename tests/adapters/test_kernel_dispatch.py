@@ -235,3 +235,24 @@ def test_operands_are_checked_once_per_signature(monkeypatch):
     assert len(calls) == 2
     with pytest.raises(ConfigError, match=r"row_slot must be int32"):  # a bad one never sticks
         tc.check_operands(x, x, None, pool, rows.long())
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
+def test_configuration_names_spell_their_tiles_and_variants():
+    """The names the dispatcher's tables and reports key on (one rule for all three kernels:
+    ``triton_common.TileConfig``)."""
+    from aat_serve.adapters.kernels.triton_fused import FusedConfig
+    from aat_serve.adapters.kernels.triton_sgmv import SgmvConfig
+    from aat_serve.adapters.kernels.triton_spatial import SpatialConfig
+
+    assert [c.name for c in (FusedConfig(), FusedConfig(split_k=2, per_sm=2, tma=True),
+                             SgmvConfig(), SgmvConfig(per_sm=3), SpatialConfig(),
+                             SpatialConfig(block_m=32, per_sm=1))] == [
+        "fused-m128n128r64k64w8s3", "fused-m128n128r64k64w8s3-split2-persist2-tma",
+        "sgmv-m64n128r64k64w4s3", "sgmv-m64n128r64k64w4s3-persist3",
+        "spatial-m64n64k64w8s2", "spatial-m32n64k64w8s2-persist1"]
+    # group_m is no part of a name; every field is part of the dict
+    assert FusedConfig(group_m=4).name == FusedConfig().name
+    assert FusedConfig(group_m=4).as_dict() != FusedConfig().as_dict()
+    assert set(SpatialConfig().as_dict()) == {"block_m", "block_n", "block_k", "num_warps",
+                                              "num_stages", "per_sm"}
