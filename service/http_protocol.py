@@ -27,10 +27,11 @@ import json
 import re
 import sys
 from http import HTTPStatus
-from typing import Any
+from typing import Any, get_args
 
 from aat_serve.adapters.errors import ConfigError
 from aat_serve.service.errors import ErrorType
+from aat_serve.service.settings import HttpParser
 
 GENERIC_PARSE_ERROR = ("the request line, a header, Content-Length or the chunked encoding "
                        "could not be parsed")
@@ -40,7 +41,8 @@ MAX_HEAD_BYTES = 16 * 1024
 with 431: h11's default receive-buffer limit, which uvicorn keeps, applied to httptools too."""
 HEAD_TOO_LARGE_REASON = "Receive buffer too long"
 """h11's reason for that refusal; the httptools subclass gives the same, so the 431 body is one."""
-PARSERS = ("auto", "httptools", "h11")
+PARSERS: tuple[str, ...] = get_args(HttpParser)
+"""``AAT_HTTP_PARSER``'s values, from the setting's own type."""
 
 
 def error_bytes(kind: ErrorType, message: str,

@@ -24,6 +24,10 @@ PLACEHOLDER_SECRETS = frozenset({
 MIN_TOKEN_LENGTH = 16
 
 
+HttpParser = Literal["auto", "httptools", "h11"]
+"""``AAT_HTTP_PARSER``'s values (``service.http_protocol`` resolves them)."""
+
+
 class Settings(BaseSettings):
     """Everything the service can be told; the docstring of each field is its documentation."""
 
@@ -73,7 +77,7 @@ class Settings(BaseSettings):
     header_timeout_s: float = Field(10.0, gt=0, le=3600)
     """A connection whose request head (request line and headers) is not complete this long
     after it opened, or after its previous response, is closed (408 if part of a head came)."""
-    http_parser: Literal["auto", "httptools", "h11"] = "auto"
+    http_parser: HttpParser = "auto"
     """The HTTP/1.1 parser under uvicorn: auto is httptools (C) when installed, else h11
     (Python); either one forced. Both give the same guards (head timeout and 16-KiB head
     limit, JSON 400/431 answers; service/http_protocol.py); httptools costs the event loop
