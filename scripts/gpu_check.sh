@@ -30,6 +30,10 @@ step() {  # step NAME SECONDS CMD...: run CMD bounded by SECONDS, note the outco
   else echo "FAIL  $name: exit $rc (${took}s)" >> "$SUMMARY"; status=1; fi
   return 0
 }
+pytest_step() {  # pytest_step NAME SECONDS TESTFILE OUTFILE: a test file as a bounded step
+  step "$1" "$2" bash -c "\"$PY\" -m pytest -q -p no:cacheprovider \"$3\" 2>&1 \
+    | tee \"$OUTDIR/$4\"; exit \${PIPESTATUS[0]}"
+}
 
 echo "== device =="
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null \
@@ -56,9 +60,7 @@ if [ -n "$missing" ]; then
 fi
 
 echo "== 1. kernel tests: real sizes, bf16 (every candidate, dispatcher, CUDA graphs) =="
-step "kernel tests" 150 bash -c "\"$PY\" -m pytest -q -p no:cacheprovider \
-  tests/adapters/test_kernels_gpu.py 2>&1 | tee \"$OUTDIR/kernel_tests.txt\"; \
-  exit \${PIPESTATUS[0]}"
+pytest_step "kernel tests" 150 tests/adapters/test_kernels_gpu.py kernel_tests.txt
 
 echo "== 2. aat bench kernel (ranks 64 and 192; without the torch.compile baseline) =="
 step "aat bench kernel" 130 bash -c "\"$PY\" -m aat_serve.cli.bench kernel --no-compile \
@@ -72,9 +74,7 @@ json_report aat_serve.bench.kernel_report format_report "$OUTDIR/bench_kernel.js
 # `aat bench model --serving-only`: the bf16 4-task mix at 10 s, batch 32 vs transformers bf16
 # without adapters, one 1-s clip's wall time vs GPU busy time, and the stream agreement.
 echo "== 3. model tests: CUDA graphs per bucket, hot swap, bf16 residual stream (ViT-B) =="
-step "model tests" 60 bash -c "\"$PY\" -m pytest -q -p no:cacheprovider \
-  tests/adapters/test_model_gpu.py 2>&1 | tee \"$OUTDIR/model_tests.txt\"; \
-  exit \${PIPESTATUS[0]}"
+pytest_step "model tests" 60 tests/adapters/test_model_gpu.py model_tests.txt
 echo "== 4. aat bench model --serving-only (CUDA) =="
 step "aat bench model" 110 bash -c "\"$PY\" -m aat_serve.cli.bench model --serving-only \
   --device cuda --agreement-clips 32 --json > \"$OUTDIR/bench_model.json\""
