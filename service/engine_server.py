@@ -136,13 +136,14 @@ class EngineServer:
     # -- classify ------------------------------------------------------------------------------
     async def classify(self, h: dict[str, Any], payload: bytes) -> Frame:
         """The body of one classify request, or the task's decode settings when the call's
-        are not those (or it carries no clip); ``loaded`` says a cold task was loaded."""
+        are not those (or it carries no clip); ``loaded`` says a cold task was loaded. A call
+        marked ``again`` is the same request's second (its lookup was counted once)."""
         svc = self.svc
         task = valid_task(h["task"])
         if not svc.ready:
             raise not_ready(svc.startup_error or not_ready().message)
         with svc.pager.in_flight(task):
-            info, loaded = await svc.registry.resolve(task)
+            info, loaded = await svc.registry.resolve(task, again=bool(h.get("again")))
             cfg = svc.task_feature_config(info)
             reply: dict[str, Any] = {}
             if loaded is not None:

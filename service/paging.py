@@ -95,10 +95,12 @@ class Pager:
         """No request in flight and no running batch holding its slot."""
         return task not in self._inflight and not self.model.slots.busy(task)
 
-    def hit(self, task: str) -> None:
-        """A request found ``task`` resident."""
+    def hit(self, task: str, counted: bool = True) -> None:
+        """A request found ``task`` resident (``counted``: its first lookup of the task; a
+        front end's second call for the same request only keeps the task recent)."""
         self.lru.touch(task)
-        self.metrics.cache_hits.labels("device").inc()
+        if counted:
+            self.metrics.cache_hits.labels("device").inc()
 
     # -- room on the device ---------------------------------------------------------------
     def has_place(self) -> bool:

@@ -176,14 +176,16 @@ class Registry:
         return version
 
     # -- lookups --------------------------------------------------------------------------
-    async def resolve(self, task: str) -> tuple[TaskInfo, Loaded | None]:
+    async def resolve(self, task: str, *, again: bool = False) -> tuple[TaskInfo, Loaded | None]:
         """The resident task and how this request got it: None (it was resident), or the load
         it waited for (from ``host`` or ``disk``, and its seconds). ``UnknownTaskError`` for a
         task the store lacks, 500 ``task_failed`` for a refused file, 503 when no task can make
-        room. The caller counts the request in flight (``Pager.in_flight``) while this runs."""
+        room. The caller counts the request in flight (``Pager.in_flight``) while this runs.
+        ``again``: the request already looked the task up (a front end's second call), so
+        finding it resident is no new cache hit."""
         info = self.engine.tasks.get(task)
         if info is not None:
-            self.pager.hit(task)
+            self.pager.hit(task, counted=not again)
             return info, None
         self.metrics.cache_misses.labels("device").inc()
         if self.store is None:

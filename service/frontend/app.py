@@ -202,6 +202,7 @@ class FrontEnd:
             reply, _ = await call_engine(caller, call, deadline=time.monotonic()
                                          + s.request_timeout_s, timeout_s=s.request_timeout_s)
             params, loaded = self._learn(task, reply, loaded)
+            call["again"] = True
         audio = await read_payload(request, kind, s.max_audio_bytes, "audio", "AAT_MAX_AUDIO_MB")
         deadline = time.monotonic() + s.request_timeout_s
         with self._admission():
@@ -216,6 +217,7 @@ class FrontEnd:
                 if "decode" not in reply:
                     break
                 params, loaded = self._learn(task, reply, loaded)
+                call["again"] = True
             else:
                 raise ServiceError(ErrorType.TASK_CHANGED, f"task {task!r} kept changing its "
                                    "feature settings while this request waited; retry",

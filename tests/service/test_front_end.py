@@ -284,3 +284,29 @@ def test_the_decode_threads_are_shared_out_among_the_front_ends(monkeypatch):
     assert supervisor.front_end_settings(
         Settings(front_ends=4, decode_workers=3)).decode_workers == 3
     assert supervisor.front_end_settings(Settings()).decode_workers is None
+
+
+def _paging(client) -> tuple[list, list[str]]:
+    """max_tasks=1: birds (disk), birds (hit), words (disk, evicts birds), birds (host): the
+    load headers and the cache counters."""
+    loads = [client.post(f"/classify/{t}", content=wav_bytes(0.5, seed=7), headers=WAV
+                         ).headers.get("x-aat-task-load")
+             for t in ("birds", "birds", "words", "birds")]
+    lines = [line for line in client.get("/metrics").text.splitlines()
+             if line.startswith(("aat_task_cache_hits_total{", "aat_task_cache_misses_total{",
+                                 "aat_task_loads_total{"))]
+    return loads, sorted(lines)
+
+
+def test_cold_tasks_load_and_count_as_in_one_process(make_app, make_pair, store, bundles):
+    """A front end's first request for a task asks the model process for the task's decode
+    settings (which loads a cold task) and then sends the clip: the load is reported on that
+    request, and the task's lookup counted once, as in one process."""
+    store_with(store, {k: bundles[k] for k in ("birds", "words")})
+    with served(make_app(preload="lazy", max_tasks=1)) as client:
+        want = _paging(client)
+    with served(make_pair(preload="lazy", max_tasks=1)) as client:
+        got = _paging(client)
+    assert got == want
+    assert want[0] == ["disk", None, "disk", "host"]
+    assert 'aat_task_cache_hits_total{tier="device"} 1.0' in want[1]
