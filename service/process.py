@@ -1,10 +1,19 @@
 """Process-wide choices of a serving process (the one-process service, the model process, each
-front end): its event loop, and its start-up heap kept out of the garbage collector's walks.
+front end): its event loop and uvicorn's options, and its start-up heap kept out of the garbage
+collector's walks.
 Choices of any process that serves HTTP, not of the model's runtime (``service.runtime``)."""
 
 from __future__ import annotations
 
 import gc
+from typing import Any
+
+from aat_serve.service.http_protocol import http_protocol
+from aat_serve.service.one_write import one_write_protocol
+from aat_serve.service.settings import Settings
+
+GRACEFUL_SHUTDOWN_S = 30
+"""How long a stopping process may take to finish the requests it holds."""
 
 
 def event_loop() -> str:
@@ -14,6 +23,21 @@ def event_loop() -> str:
     except ImportError:
         return "asyncio"
     return "uvloop"
+
+
+def server_options(settings: Settings, parser: str | None = None) -> dict[str, Any]:
+    """uvicorn's options for a serving process: our JSON logs (uvicorn's logging config and
+    access log off), the graceful shutdown, the event loop and, for a process that takes HTTP
+    (``parser``: ``resolve_parser``'s choice), the guarded protocol: the request-head timeout
+    and JSON bodies for parser errors (service/http_protocol.py), one write per response so a
+    replica killed mid-response never leaves a head without its body that nginx could not
+    retry (service/one_write.py)."""
+    options: dict[str, Any] = dict(log_config=None, log_level=settings.log_level,
+                                   access_log=False, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+                                   loop=event_loop())
+    if parser is not None:
+        options["http"] = one_write_protocol(http_protocol(settings.header_timeout_s, parser))
+    return options
 
 
 def freeze_heap() -> None:

@@ -6,8 +6,6 @@ import argparse
 import logging
 from pathlib import Path
 
-from aat_serve.service.process import event_loop
-
 log = logging.getLogger(__name__)
 
 
@@ -15,9 +13,9 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from aat_serve.service.app import create_app
-    from aat_serve.service.http_protocol import http_protocol, resolve_parser
+    from aat_serve.service.http_protocol import resolve_parser
     from aat_serve.service.logs import configure_logging
-    from aat_serve.service.one_write import one_write_protocol
+    from aat_serve.service.process import server_options
     from aat_serve.service.runtime import (
         freeze_heap,
         load_backbone,
@@ -51,15 +49,9 @@ def run(args: argparse.Namespace) -> int:
                                "http_parser": parser,
                                "keep_freed_memory": malloc_tuned,
                                "api_token": settings.api_token is not None})
-    # The guarded protocol adds the request-head timeout and JSON bodies for parser errors
-    # (service/http_protocol.py); one write per response means a replica killed mid-response
-    # never leaves a head without its body that nginx could not retry (service/one_write.py).
     # uvloop and httptools (dependencies but on Windows) make the event loop's share of each
     # request cheaper; the guards and JSON answers are the same with h11 (AAT_HTTP_PARSER).
-    uvicorn.run(app, host=settings.host, port=settings.port, log_config=None,
-                log_level=settings.log_level, access_log=False, timeout_graceful_shutdown=30,
-                http=one_write_protocol(http_protocol(settings.header_timeout_s, parser)),
-                loop=event_loop())
+    uvicorn.run(app, host=settings.host, port=settings.port, **server_options(settings, parser))
     return 0
 
 

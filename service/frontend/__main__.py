@@ -16,11 +16,10 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     from aat_serve.service.frontend.app import FrontEnd
-    from aat_serve.service.frontend.supervisor import GRACE_S, SETTINGS_ENV
-    from aat_serve.service.http_protocol import http_protocol, resolve_parser
+    from aat_serve.service.frontend.supervisor import SETTINGS_ENV
+    from aat_serve.service.http_protocol import resolve_parser
     from aat_serve.service.logs import configure_logging
-    from aat_serve.service.one_write import one_write_protocol
-    from aat_serve.service.process import event_loop, freeze_heap
+    from aat_serve.service.process import freeze_heap, server_options
     from aat_serve.service.settings import Settings
 
     p = argparse.ArgumentParser(prog="python -m aat_serve.service.frontend")
@@ -32,11 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     listener = socket.socket(fileno=args.fd)
     servers: list[uvicorn.Server] = []
     app = FrontEnd(settings, args.engine, on_lost=lambda: _exit(servers))
-    config = uvicorn.Config(
-        app, log_config=None, log_level=settings.log_level, access_log=False,
-        timeout_graceful_shutdown=int(GRACE_S), lifespan="on", loop=event_loop(),
-        http=one_write_protocol(http_protocol(settings.header_timeout_s,
-                                              resolve_parser(settings.http_parser))))
+    config = uvicorn.Config(app, lifespan="on",
+                            **server_options(settings, resolve_parser(settings.http_parser)))
     server = uvicorn.Server(config)
     servers.append(server)
     freeze_heap()

@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 from aat_serve.adapters.errors import ConfigError
+from aat_serve.service.process import GRACEFUL_SHUTDOWN_S
 from aat_serve.service.settings import Settings
 from aat_serve.service.threads import usable_cores
 
@@ -33,9 +34,9 @@ log = logging.getLogger(__name__)
 
 SETTINGS_ENV = "AAT_FRONT_END_SETTINGS"
 """The front end's settings (the model process's, resolved), as JSON, in its environment."""
-GRACE_S = 30.0
-"""How long a stopping front end may take to finish its requests (as uvicorn's graceful
-shutdown in one process)."""
+GRACE_S = float(GRACEFUL_SHUTDOWN_S)
+"""How long a stopping front end may take to finish its requests (its uvicorn's graceful
+shutdown, as in one process)."""
 MAX_BACKOFF_S = 30.0
 WATCH_S = 0.25
 
@@ -161,7 +162,7 @@ def serve_split(settings: Settings, checkpoint: object) -> int:
     import uvicorn
 
     from aat_serve.service.app import create_app
-    from aat_serve.service.process import event_loop, freeze_heap
+    from aat_serve.service.process import freeze_heap, server_options
 
     try:
         listener = bind(settings.host, settings.port)
@@ -174,8 +175,6 @@ def serve_split(settings: Settings, checkpoint: object) -> int:
         app = create_app(settings, checkpoint=checkpoint, engine_socket=engine_socket,
                          front_ends=front_ends)
         freeze_heap()
-        config = uvicorn.Config(app, log_config=None, log_level=settings.log_level,
-                                lifespan="on", loop=event_loop(),
-                                timeout_graceful_shutdown=int(GRACE_S))
+        config = uvicorn.Config(app, lifespan="on", **server_options(settings))
         uvicorn.Server(config).run(sockets=[])  # no HTTP here: the front ends take it
     return 0

@@ -81,7 +81,7 @@ def test_single_threaded_torch_changes_only_the_calling_thread():
 
 def test_aat_serve_runs_uvloop_when_installed():
     pytest.importorskip("uvloop")
-    from aat_serve.cli.serve import event_loop
+    from aat_serve.service.process import event_loop
 
     assert event_loop() == "uvloop"
 
