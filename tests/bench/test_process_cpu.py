@@ -10,12 +10,12 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
 
 from aat_serve.bench.process_cpu import GROUPS, children, cpu_seconds, per_request_us
+from tests.service.helpers import wait_until
 
 pytestmark = pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="needs /proc")
 
@@ -28,16 +28,6 @@ def _burn(seconds: float) -> None:
 
 def _grew(before: dict, after: dict) -> set[str]:
     return {g for g in GROUPS if after[g] - before[g] >= 0.1}
-
-
-def _until(check, timeout_s: float = 60.0):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        got = check()
-        if got:
-            return got
-        time.sleep(0.05)
-    return check()
 
 
 def test_the_main_thread_and_the_others_count_apart():
@@ -74,7 +64,7 @@ def test_a_childs_main_thread_is_a_front_end_loop_and_a_grandchild_is_nothing():
     child = _spawn(BURN.format(s=0.4) + "time.sleep(60)")
     try:
         assert child.pid in children(me)
-        assert _until(lambda: _own_cpu(child.pid) >= 0.4)
+        wait_until(lambda: _own_cpu(child.pid) >= 0.4, 60)
         assert _grew(before, cpu_seconds(me)) == {"front_end_loops"}
     finally:
         child.kill()
@@ -86,8 +76,8 @@ def test_a_childs_main_thread_is_a_front_end_loop_and_a_grandchild_is_nothing():
     parent = _spawn(f"import subprocess, sys\nsubprocess.run([sys.executable, '-c', "
                     f"{grandchild_code!r}])")
     try:
-        (grandchild,) = _until(lambda: children(parent.pid))
-        assert _until(lambda: _own_cpu(grandchild) >= 0.4)  # it burnt ...
+        (grandchild,) = wait_until(lambda: children(parent.pid), 60)
+        wait_until(lambda: _own_cpu(grandchild) >= 0.4, 60)  # it burnt ...
         assert _grew(before, cpu_seconds(me)) == set()  # ... and is not counted here
     finally:
         for p in (grandchild, parent.pid):

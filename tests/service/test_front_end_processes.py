@@ -17,26 +17,11 @@ import httpx
 import pytest
 import torch
 
+from aat_serve.bench.process_cpu import children
 from tests.server_process import Server, aat_command
-from tests.service.helpers import make_bundle, reference_scores, wav_bytes
+from tests.service.helpers import make_bundle, reference_scores, wait_until, wav_bytes
 
 WAV = {"Content-Type": "audio/wav"}
-
-
-def children(pid: int) -> set[int]:
-    """Live processes whose parent is ``pid`` (from /proc)."""
-    out = set()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat.rsplit(")", 1)[1].split()
-        if int(fields[1]) == pid and fields[0] != "Z":
-            out.add(int(entry.name))
-    return out
 
 
 def alive(pid: int) -> bool:
@@ -45,15 +30,6 @@ def alive(pid: int) -> bool:
     except OSError:
         return False
     return state != "Z"
-
-
-def wait_until(check, timeout_s: float = 60.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"not within {timeout_s} s: {what}")
 
 
 def connected(server: Server) -> int:
@@ -74,7 +50,7 @@ def split_server(tmp_path, ckpt_dir, ckpt):
                     env={"AAT_FRONT_ENDS": "2", "AAT_MAX_WAIT_MS": "2"})
     try:
         server.wait_ready()
-        wait_until(lambda: connected(server) == 2, what="two front ends connected")
+        wait_until(lambda: connected(server) == 2, 60)  # two front ends connected
         yield server, bundle
     finally:
         server.stop()
@@ -107,8 +83,8 @@ def test_front_ends_answer_replace_the_dead_and_stop_on_sigterm(split_server, ck
     assert len(first) == 2
     victim = min(first)
     os.kill(victim, signal.SIGKILL)
-    wait_until(lambda: len(children(server.proc.pid) - {victim}) == 2 and connected(server) == 2,
-               what="the dead front end replaced")
+    wait_until(lambda: len(set(children(server.proc.pid)) - {victim}) == 2  # replaced
+               and connected(server) == 2, 60)
     assert victim not in children(server.proc.pid)
     for _ in range(8):  # every request still answered, by either front end
         assert torch.allclose(_classify(server, clip), want, atol=1e-5)
@@ -131,7 +107,7 @@ def test_front_ends_answer_replace_the_dead_and_stop_on_sigterm(split_server, ck
     assert torch.allclose(scores, reference_scores(ckpt, bundle, body), atol=1e-5)
     # uvicorn shuts down gracefully, then re-raises the signal it caught
     assert server.proc.wait(60) in (0, -signal.SIGTERM)
-    wait_until(lambda: not any(alive(p) for p in fronts), what="front ends stopped")
+    wait_until(lambda: not any(alive(p) for p in fronts), 60)  # front ends stopped
     log = server.log.read_text()
     assert "front end exited; starting another" in log
     assert log.count("Application shutdown complete") == 3  # both front ends, then the model
@@ -143,7 +119,7 @@ def test_front_ends_exit_when_their_model_process_is_killed(split_server):
     assert len(fronts) == 2
     server.proc.kill()
     server.proc.wait(30)
-    wait_until(lambda: not any(alive(p) for p in fronts), what="orphaned front ends exiting")
+    wait_until(lambda: not any(alive(p) for p in fronts), 60)  # orphaned front ends exiting
 
 
 def test_a_port_in_use_stops_start_up_with_its_reason(tmp_path, ckpt_dir):
